@@ -1,0 +1,198 @@
+"""The `fmnist` command: a thin shell that parses options, builds a config, calls the library and reports.
+
+Bad values are rejected by Click types before any work (exit 2); library errors become one readable
+line (exit 1); Ctrl-C and SIGTERM end the open MLflow run KILLED and exit 130.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import signal
+import sys
+from typing import Optional
+
+import click
+
+from . import config as cfg
+from . import data as data_mod
+
+EXIT_INTERRUPTED = 130
+
+
+class AutoOr(click.ParamType):
+    """A float in a range, or the word `auto` (meaning the config's per-model/optimizer default)."""
+
+    def __init__(self, low: float, high: Optional[float], low_open: bool, high_open: bool, auto_help: str):
+        self.inner = click.FloatRange(low, high, min_open=low_open, max_open=high_open)
+        self.name = f"{self.inner.name}|auto"
+        self.auto_help = auto_help
+
+    def convert(self, value, param, ctx):
+        if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+            return None
+        return self.inner.convert(value, param, ctx)
+
+    def get_metavar(self, param, ctx=None):
+        return "FLOAT|auto"
+
+
+def data_dir_option(fn):
+    return click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Folder with the Fashion-MNIST IDX files (default: $FMNIST_DATA_DIR, else a per-user cache dir; "
+        "then Debian's dataset-fashion-mnist, then torchvision's download).",
+    )(fn)
+
+
+def tracking_options(fn):
+    """Options every tracked command shares."""
+    fn = click.option(
+        "--experiment", default="fmnist", show_default=True, help="MLflow experiment name (inside `mlflow run`, "
+        "the run's own experiment is used)."
+    )(fn)
+    fn = click.option(
+        "--subset", type=click.IntRange(min=0), default=0, show_default=True,
+        help="Train on the first N training and N//5 validation images (0: all; for smoke runs)."
+    )(fn)
+    fn = click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs per run.")(fn)
+    return data_dir_option(fn)
+
+
+def config_options(fn):
+    """The options that make up one RunConfig."""
+    options = [
+        click.option("--model", type=click.Choice(cfg.MODELS), default="model1", show_default=True, help="Network."),
+        click.option("--loss", type=click.Choice(cfg.LOSSES), default="ce", show_default=True,
+                     help="ce: CrossEntropyLoss; bce: BCEWithLogitsLoss on one-hot targets."),
+        click.option("--optimizer", type=click.Choice(cfg.OPTIMIZERS), default="adam", show_default=True),
+        click.option("--lr", type=AutoOr(0, None, True, False, ""), default="auto", show_default=True,
+                     help=f"Learning rate > 0; auto: {cfg.DEFAULT_LR}."),
+        click.option("--dropout", type=AutoOr(0, 1, False, True, ""), default="auto", show_default=True,
+                     help=f"Dropout rate in [0, 1); auto: {cfg.DEFAULT_DROPOUT}."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same metrics on CPU."),
+        click.option("--device", type=click.Choice(cfg.DEVICES), default="auto", show_default=True,
+                     help="auto: CUDA when available."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def build_config(**values) -> cfg.RunConfig:
+    """A validated RunConfig; a ConfigError (e.g. cuda absent) becomes a usage error, exit 2."""
+    try:
+        return cfg.RunConfig(**values)
+    except cfg.ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def reported(fn):
+    """Turn library errors into one readable line (exit 1) and interrupts into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .tracking import TrackingError
+        from .train import DivergedError
+
+        try:
+            with sigterm_as_interrupt():
+                return fn(*args, **kwargs)
+        except (data_mod.DataError, TrackingError, DivergedError) as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted: the run was marked KILLED", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt, so runs end KILLED instead of being left RUNNING."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class EpochProgress:
+    """A progress bar per epoch (on a terminal) and one summary line per epoch."""
+
+    def __init__(self, config: cfg.RunConfig, prefix: str = ""):
+        self.config = config
+        self.prefix = prefix
+        self.bar = None
+        self.epoch = 1
+
+    def on_batch(self, done: int, total: int) -> None:
+        if self.bar is None:
+            label = f"{self.prefix}{self.config.run_name} epoch {self.epoch}/{self.config.epochs}"
+            self.bar = click.progressbar(length=total, label=label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(1)
+        if done == total:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    def on_epoch_end(self, m: dict) -> None:
+        click.echo(
+            f"{self.prefix}{self.config.run_name} epoch {m['epoch']:>2}/{self.config.epochs}  "
+            f"train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  val_nll {m['val_nll']:.4f}  "
+            f"val_acc {100 * m['val_accuracy']:.2f}%  {m['epoch_seconds']:.1f}s"
+        )
+        self.epoch = m["epoch"] + 1
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Train, sweep, search and register Fashion-MNIST CNNs, tracked with MLflow.
+
+    Runs go to $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the current folder; browse them with
+    `mlflow ui --backend-store-uri sqlite:///mlflow.db`.
+    """
+
+
+@main.command()
+@data_dir_option
+@reported
+def data(data_dir: Optional[str]) -> None:
+    """Locate Fashion-MNIST, verify its four files, and show the train/validation split."""
+    for name, path in data_mod.verify(data_dir).items():
+        click.echo(f"ok  {name:<26} {path}")
+    dataset = data_mod.load(data_dir)
+    click.echo(
+        f"split: {len(dataset.train):,} train / {len(dataset.val):,} validation (seed {cfg.SPLIT_SEED}); "
+        "10,000 test images held out for the final evaluation"
+    )
+
+
+@main.command()
+@config_options
+@tracking_options
+@reported
+def train(experiment: str, data_dir: Optional[str], **values) -> None:
+    """Train one configuration as one MLflow run (params, per-epoch metrics, curves, model)."""
+    from . import runs, tracking
+
+    config = build_config(**values)
+    uri = tracking.check_reachable()
+    dataset = data_mod.load(data_dir, subset=config.subset)
+    tracking.use_experiment(experiment)
+    click.echo(f"{config.run_name}: {dataset.sizes['train_size']:,} train / {dataset.sizes['val_size']:,} val "
+               f"images on {config.device}; tracking to {uri}")
+    progress = EpochProgress(config)
+    result = runs.tracked_fit(config, dataset, on_epoch_end=progress.on_epoch_end, on_batch=progress.on_batch)
+    click.echo(f"run {result.run_id} FINISHED; model: {result.model_uri}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The one module that talks to MLflow: reachability, runs and their end states, params, metrics, models.
+
+The tracking URI comes from `MLFLOW_TRACKING_URI`, else MLflow's default (`sqlite:///mlflow.db` in the
+working directory). Inside `mlflow run`, the run MLflow created (`MLFLOW_RUN_ID`) is the one we log to.
+Every run we open ends in a terminal state: FINISHED, FAILED (with a `fmnist.failure_reason` tag) or
+KILLED (Ctrl-C, SIGTERM, or a pruned trial); none is left RUNNING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional
+from urllib.parse import urlparse
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+from . import plots
+from .config import SPLIT_SEED, RunConfig
+from .data import CLASS_NAMES, FILES, Dataset
+
+TAG_FAILURE = "fmnist.failure_reason"
+TAG_KIND = "fmnist.kind"  # "train" (one config), "sweep" (a grid's parent), "trial", "search"
+TAG_CONFIG_HASH = "fmnist.config_hash"
+EPOCH_METRICS = ("train_loss", "val_loss", "val_nll", "val_accuracy", "epoch_seconds")
+REACH_TIMEOUT_S = 15.0  # give up on an unreachable tracking server after this long
+MODEL_ARTIFACT = "model"
+INPUT_EXAMPLE_BATCH = 4  # > 1 so that torch.export keeps the batch dimension dynamic
+
+
+class TrackingError(RuntimeError):
+    """The tracking server could not be used; the message names the URI."""
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def check_reachable(uri: Optional[str] = None, timeout: float = REACH_TIMEOUT_S) -> str:
+    """Fail within `timeout` seconds, naming the URI, if the tracking store cannot be used."""
+    uri = uri or tracking_uri()
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        import requests
+
+        deadline = time.monotonic() + timeout
+        error: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                response = requests.get(uri.rstrip("/") + "/health", timeout=min(5.0, timeout))
+                if response.ok:
+                    return uri
+                error = RuntimeError(f"HTTP {response.status_code}")
+            except requests.RequestException as exc:
+                error = exc
+            time.sleep(1.0)
+        raise TrackingError(
+            f"MLflow tracking server {uri} did not answer within {timeout:.0f} s ({type(error).__name__}). "
+            "Start it (mlflow server --host 127.0.0.1 --port PORT) or set MLFLOW_TRACKING_URI."
+        )
+    if scheme == "sqlite":
+        path = uri[len("sqlite:///") :]
+        folder = Path(path).parent if path else Path(".")
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingError(f"tracking store {uri}: folder {folder} does not exist or is not writable")
+    return uri
+
+
+def use_experiment(name: str) -> str:
+    """Select (creating if needed) the experiment; inside `mlflow run` keep the one it chose."""
+    if os.environ.get("MLFLOW_RUN_ID") and os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    return mlflow.set_experiment(name).experiment_id
+
+
+def _end(status: str, reason: Optional[str] = None) -> None:
+    if reason:
+        mlflow.set_tag(TAG_FAILURE, reason[:5000])
+    mlflow.end_run(status)
+
+
+@contextlib.contextmanager
+def run(
+    run_name: str,
+    *,
+    kind: str,
+    parent_run_id: Optional[str] = None,
+    run_id: Optional[str] = None,
+    tags: Optional[dict] = None,
+    killed_on: tuple = (),
+) -> Iterator[mlflow.ActiveRun]:
+    """Open a run (or resume `run_id`, or adopt `mlflow run`'s) and always end it in a terminal state.
+
+    Ends FINISHED on success; KILLED on KeyboardInterrupt (the CLI turns SIGTERM into one) or on an
+    exception in `killed_on` (e.g. a pruned trial), tagging the reason; FAILED with the reason otherwise.
+    The exception is re-raised.
+    """
+    adopt = run_id is None and parent_run_id is None and os.environ.get("MLFLOW_RUN_ID")
+    active = mlflow.start_run(
+        run_id=run_id or (os.environ["MLFLOW_RUN_ID"] if adopt else None),
+        run_name=None if (run_id or adopt) else run_name,
+        parent_run_id=parent_run_id,
+        nested=parent_run_id is not None,
+        tags={TAG_KIND: kind, **(tags or {})},
+    )
+    if adopt:
+        mlflow.set_tags({"mlflow.runName": run_name, TAG_KIND: kind, **(tags or {})})
+    try:
+        yield active
+    except KeyboardInterrupt as exc:
+        _end("KILLED", f"interrupted ({exc or 'Ctrl-C'})")
+        raise
+    except killed_on as exc:
+        _end("KILLED", f"{type(exc).__name__}: {exc}")
+        raise
+    except BaseException as exc:
+        _end("FAILED", f"{type(exc).__name__}: {exc}")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def environment_tags(device: str) -> dict:
+    tags = {"torch_version": torch.__version__, "device_name": device_name(device)}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def log_config(config: RunConfig, data: Dataset) -> None:
+    """The whole config once, as params, plus the split sizes and the datasets as run inputs."""
+    params = {**config.to_params(), **data.sizes}
+    # `mlflow run` has already logged the MLproject parameters it passed, as strings; MLflow refuses to
+    # log a key twice, so skip those that hold the same value (e.g. "64" and 64).
+    logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if not _same_value(logged.get(k), v)})
+    mlflow.set_tags({TAG_CONFIG_HASH: config.digest(), **environment_tags(config.device)})
+    for context, split in (("training", data.train), ("validation", data.val)):
+        with warnings.catch_warnings():
+            # MLflow registers local folders under two equivalent source schemes and warns about it.
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_numpy(
+                features=split.x.cpu().numpy(),
+                targets=split.y.cpu().numpy(),
+                source=data.source,
+                name=f"fashion-mnist-{context}",
+                digest=split_digest(context, data.subset),
+            )
+        mlflow.log_input(dataset, context=context)
+
+
+def _same_value(logged: Optional[str], value) -> bool:
+    if logged is None:
+        return False
+    try:
+        return float(logged) == float(value)
+    except (TypeError, ValueError):
+        return logged == str(value)
+
+
+def split_digest(context: str, subset: int) -> str:
+    """What identifies a split: the verified source files, the split seed, which part and the subset."""
+    files = ",".join(sha for sha, _ in FILES.values())
+    key = f"{files}|{SPLIT_SEED}|{context}|{subset}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def log_epoch(metrics: dict) -> None:
+    mlflow.log_metrics({k: metrics[k] for k in EPOCH_METRICS}, step=metrics["epoch"])
+
+
+def log_figure(fig, artifact_file: str) -> None:
+    mlflow.log_figure(fig, artifact_file)
+    plots.close(fig)
+
+
+def log_model(model: torch.nn.Module, extra_metadata: Optional[dict] = None) -> str:
+    """Log the model in MLflow's default pt2 (torch.export) format; returns its `runs:/` URI.
+
+    Input: uint8 images (N, 1, 28, 28), any N. Output: float32 logits (N, 10) in `class_names` order.
+    """
+    model = _cpu_copy(model)
+    example = np.zeros((INPUT_EXAMPLE_BATCH, 1, 28, 28), dtype=np.uint8)
+    metadata = {
+        "class_names": list(CLASS_NAMES),
+        "input": "uint8 images (N, 1, 28, 28), raw pixels 0-255; normalised inside the model",
+        "output": "float32 logits (N, 10); softmax gives probabilities, index = class_names position",
+        **(extra_metadata or {}),
+    }
+    info = mlflow.pytorch.log_model(
+        model,
+        name=MODEL_ARTIFACT,
+        input_example=example,
+        # Explicit requirements: inferring them would load the model again in a subprocess.
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+        metadata=metadata,
+    )
+    return f"runs:/{mlflow.active_run().info.run_id}/{MODEL_ARTIFACT}" if info else ""
+
+
+def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    copied = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
+    return copied
+
+
+def client() -> MlflowClient:
+    return MlflowClient()
+
+
+def run_status(run_id: str) -> str:
+    return client().get_run(run_id).info.status
+
+
+__all__ = ["RunStatus", "TrackingError", "check_reachable", "run", "log_config", "log_epoch", "log_model"]

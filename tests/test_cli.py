@@ -1,0 +1,157 @@
+"""The `fmnist` CLI against real tracking stores: sqlite, a real `mlflow server`, and `mlflow run`."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import cli_env, free_port
+from fmnist_mlflow import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_ARGS = ["train", "--epochs", "1", "--subset", "600"]
+
+
+def runs(experiment="fmnist"):
+    exp = mlflow.get_experiment_by_name(experiment)
+    return [] if exp is None else mlflow.search_runs([exp.experiment_id], output_format="list")
+
+
+def invoke(args):
+    return CliRunner().invoke(cli.main, args, catch_exceptions=False)
+
+
+def test_every_command_has_help():
+    assert invoke(["--help"]).exit_code == 0
+    for name, command in cli.main.commands.items():
+        result = invoke([name, "--help"])
+        assert result.exit_code == 0 and command.help, name
+        assert len(result.output) > 100
+
+
+def test_mlproject_and_cli_are_in_step():
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())
+    for entry, point in spec["entry_points"].items():
+        command = point["command"]
+        command_name = command.split()[3]
+        assert command.startswith(f"python -m fmnist_mlflow {command_name}")
+        assert entry == command_name or entry == "main"
+        options = {opt for p in cli.main.commands[command_name].params for opt in p.opts}
+        tokens = command.split()
+        for name in point["parameters"]:
+            assert f"{{{name}}}" in command, f"{entry}: parameter {name} is never passed"
+            flag = tokens[tokens.index(f"{{{name}}}") - 1]
+            assert flag in options, f"{entry}: {flag} is not an option of `fmnist {command_name}`"
+        # every placeholder is a declared parameter
+        for token in tokens:
+            if token.startswith("{"):
+                assert token.strip("{}") in point["parameters"]
+
+
+def test_train_logs_everything_to_sqlite(store, monkeypatch):
+    result = invoke(TRAIN_ARGS + ["--epochs", "2", "--model", "model3", "--dropout", "0.1"])
+    assert result.exit_code == 0, result.output
+    (run,) = runs()
+    assert run.info.status == "FINISHED" and run.info.run_name == "model3-ce-adam"
+    params = run.data.params
+    assert params["model"] == "model3" and params["lr"] == "0.001" and params["dropout"] == "0.1"
+    assert params["train_size"] == "600" and params["val_size"] == "120" and params["device"] == "cpu"
+    client = mlflow.MlflowClient()
+    for key in ("train_loss", "val_loss", "val_nll", "val_accuracy", "epoch_seconds"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2]
+    assert run.data.tags["torch_version"] and run.data.tags["fmnist.config_hash"]
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"fashion-mnist-training", "fashion-mnist-validation"}
+    assert "loss_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    for n in (1, 5, 64):
+        assert model.predict(np.zeros((n, 1, 28, 28), dtype=np.uint8)).shape == (n, 10)
+    assert len(model.metadata.metadata["class_names"]) == 10
+
+
+def test_same_seed_same_logged_metrics(store):
+    for _ in range(2):
+        assert invoke(TRAIN_ARGS + ["--seed", "7"]).exit_code == 0
+    a, b = runs()
+    assert a.data.metrics["val_nll"] == b.data.metrics["val_nll"]
+    assert a.data.metrics["train_loss"] == b.data.metrics["train_loss"]
+
+
+@pytest.mark.parametrize("bad", [
+    ["--model", "model9"], ["--loss", "mse"], ["--optimizer", "lbfgs"], ["--lr", "0"], ["--lr", "-1"],
+    ["--dropout", "1"], ["--dropout", "-0.1"], ["--epochs", "0"], ["--batch-size", "0"], ["--device", "tpu"],
+    ["--model", "model1", "--dropout", "0.3"],
+])
+def test_bad_inputs_exit_2_and_create_no_run(store, bad):
+    result = CliRunner().invoke(cli.main, TRAIN_ARGS + bad)
+    assert result.exit_code == 2, result.output
+    assert "Error" in result.output
+    assert runs() == []
+
+
+def test_diverging_run_ends_failed_with_reason(store):
+    result = CliRunner().invoke(cli.main, TRAIN_ARGS + ["--optimizer", "sgd", "--lr", "1e12"])
+    assert result.exit_code == 1 and "training loss became" in result.output
+    (run,) = runs()
+    assert run.info.status == "FAILED"
+    assert "training loss became" in run.data.tags["fmnist.failure_reason"]
+
+
+def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"http://127.0.0.1:{free_port()}"
+    proc = subprocess.run([sys.executable, "-m", "fmnist_mlflow", *TRAIN_ARGS], env=cli_env(MLFLOW_TRACKING_URI=uri),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert uri in proc.stderr and "did not answer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_against_a_real_mlflow_server(mlflow_server):
+    result = invoke(TRAIN_ARGS + ["--experiment", "over-http"])
+    assert result.exit_code == 0, result.output
+    (run,) = runs("over-http")
+    assert run.info.status == "FINISHED" and "val_accuracy" in run.data.metrics
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    assert model.predict(np.zeros((3, 1, 28, 28), dtype=np.uint8)).shape == (3, 10)
+
+
+def test_sigterm_marks_the_run_killed(store, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "fmnist_mlflow", "train", "--epochs", "50", "--subset", "2000"],
+                            env=cli_env(MLFLOW_TRACKING_URI=store), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # wait until an epoch has been logged, then terminate
+        lines.append(line)
+        if "epoch  1/50" in line:
+            proc.terminate()
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == 130, "".join(lines)
+    (run,) = runs()
+    assert run.info.status == "KILLED"
+
+
+def test_mlflow_run_train_entry_point(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run(
+        [f"{Path(sys.executable).parent}/mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local",
+         "-P", "model=model1", "-P", "epochs=1", "-P", "subset=600", "-P", "lr=0.002"],
+        env=cli_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mlflow.set_tracking_uri(uri)
+    try:
+        (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        assert run.info.status == "FINISHED"
+        assert run.data.params["lr"] == "0.002" and run.data.params["model"] == "model1"
+        assert run.data.tags["mlflow.runName"] == "model1-ce-adam"
+        assert "val_accuracy" in run.data.metrics
+    finally:
+        mlflow.set_tracking_uri(None)
