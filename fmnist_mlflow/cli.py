@@ -16,6 +16,7 @@ import click
 
 from . import config as cfg
 from . import data as data_mod
+from .summary import SELECT as SELECT_METRICS
 
 EXIT_INTERRUPTED = 130
 
@@ -192,6 +193,63 @@ def train(experiment: str, data_dir: Optional[str], **values) -> None:
     progress = EpochProgress(config)
     result = runs.tracked_fit(config, dataset, on_epoch_end=progress.on_epoch_end, on_batch=progress.on_batch)
     click.echo(f"run {result.run_id} FINISHED; model: {result.model_uri}")
+
+
+@main.command()
+@click.option("--grid", "grid_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Grid file (default: experiments/grid.yaml, the report's 18 configs).")
+@click.option("--select", type=click.Choice(list(SELECT_METRICS)), default="val_accuracy", show_default=True,
+              help="Validation metric that picks the best config (never training loss).")
+@click.option("--device", type=click.Choice(cfg.DEVICES), default="auto", show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the grid's epochs.")
+@click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Train on the first N training and N//5 validation images (0: all; for smoke runs).")
+@click.option("--experiment", default="fmnist", show_default=True, help="MLflow experiment name.")
+@data_dir_option
+@reported
+def sweep(grid_file, select, device, epochs, subset, experiment, data_dir) -> None:
+    """Run every config of a grid as nested runs under one parent; resumable (finished configs are skipped)."""
+    import time
+
+    from . import grid as grid_mod
+    from . import sweep as sweep_mod
+    from . import tracking
+
+    try:
+        grid = grid_mod.load_grid(grid_file or grid_mod.DEFAULT_GRID)
+        configs = grid.configs(epochs=epochs, subset=subset, device=device)
+    except (grid_mod.SpecError, cfg.ConfigError) as exc:
+        raise click.UsageError(str(exc)) from None
+    uri = tracking.check_reachable()
+    dataset = data_mod.load(data_dir, subset=subset)
+    experiment_id = tracking.use_experiment(experiment)
+    click.echo(f"sweep {grid.name}: {len(configs)} configs x {configs[0].epochs} epochs on {configs[0].device}, "
+               f"{dataset.sizes['train_size']:,} train / {dataset.sizes['val_size']:,} val images; tracking to {uri}")
+    started = time.monotonic()
+
+    def on_start(k, n, config, elapsed, eta):
+        left = "" if eta is None else f", ~{_duration(eta)} left"
+        click.echo(f"[{k + 1}/{n}] {config.run_name} (elapsed {_duration(elapsed)}{left})")
+
+    def progress(config):
+        bar = EpochProgress(config, prefix="  ")
+        return bar.on_epoch_end, bar.on_batch
+
+    result = sweep_mod.run_sweep(grid, configs, dataset, experiment_id=experiment_id, select=select,
+                                 on_start=on_start, progress=progress)
+    click.echo("")
+    click.echo(result.markdown)
+    if result.skipped:
+        click.echo(f"{result.skipped} config(s) had already finished in an earlier attempt and were skipped.")
+    if result.failed:
+        names = ", ".join(f"{r['model']}-{r['loss']}-{r['optimizer']} ({r['status']})" for r in result.failed)
+        click.echo(f"did not finish: {names}", err=True)
+    click.echo(f"parent run {result.parent_run_id}, {_duration(time.monotonic() - started)} wall time")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 if __name__ == "__main__":

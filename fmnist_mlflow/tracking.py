@@ -156,11 +156,8 @@ def git_commit() -> Optional[str]:
 
 def log_config(config: RunConfig, data: Dataset) -> None:
     """The whole config once, as params, plus the split sizes and the datasets as run inputs."""
-    params = {**config.to_params(), **data.sizes}
-    # `mlflow run` has already logged the MLproject parameters it passed, as strings; MLflow refuses to
-    # log a key twice, so skip those that hold the same value (e.g. "64" and 64).
-    logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
-    mlflow.log_params({k: v for k, v in params.items() if not _same_value(logged.get(k), v)})
+    # `mlflow run` has already logged the MLproject parameters it passed, as strings.
+    log_params_once({**config.to_params(), **data.sizes})
     mlflow.set_tags({TAG_CONFIG_HASH: config.digest(), **environment_tags(config.device)})
     for context, split in (("training", data.train), ("validation", data.val)):
         with warnings.catch_warnings():
@@ -241,3 +238,55 @@ def run_status(run_id: str) -> str:
 
 
 __all__ = ["RunStatus", "TrackingError", "check_reachable", "run", "log_config", "log_epoch", "log_model"]
+
+
+# --- reading runs back (sweeps, searches, registry) -------------------------------------------------
+
+
+def experiment_id(name: str) -> Optional[str]:
+    experiment = mlflow.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else None
+
+
+def find_runs(experiment_ids: list, tags: dict, status: Optional[str] = None) -> list:
+    """Runs carrying all `tags` (and `status`, if given), newest first."""
+    filters = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    if status:
+        filters.append(f"attributes.status = '{status}'")
+    return mlflow.search_runs(
+        experiment_ids, filter_string=" and ".join(filters), order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+
+
+def child_runs(parent_run_id: str) -> list:
+    parent = client().get_run(parent_run_id)
+    return find_runs([parent.info.experiment_id], {"mlflow.parentRunId": parent_run_id})
+
+
+def history(run_id: str) -> list:
+    """The per-epoch metrics of a finished run, as `fit` returned them."""
+    by_step: dict = {}
+    for key in EPOCH_METRICS:
+        for metric in client().get_metric_history(run_id, key):
+            by_step.setdefault(metric.step, {"epoch": metric.step})[key] = metric.value
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    mlflow.log_text(text, artifact_file)
+
+
+def log_params_once(params: dict) -> None:
+    """Log params on the active run, skipping those it already holds with the same value (e.g. "64" and
+    64): MLflow refuses to log a key twice, and `mlflow run` or a resumed run may have logged them."""
+    logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if not _same_value(logged.get(k), v)})
+
+
+def set_tags(tags: dict) -> None:
+    mlflow.set_tags(tags)
+
+
+def log_metrics(metrics: dict) -> None:
+    mlflow.log_metrics(metrics)

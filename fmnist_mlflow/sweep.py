@@ -1,0 +1,129 @@
+"""The fixed grid as nested MLflow runs: one parent per sweep, one child per config; resumable.
+
+A sweep is identified by the digest of its configs (tag `fmnist.sweep`). Running the same sweep again in
+the same experiment resumes its parent and skips the configs whose child FINISHED; FAILED and KILLED ones
+run again. A config that diverges fails alone; the others go on. When the configs are done, the parent
+gets the summary table (CSV, Markdown), the loss curves per loss function, the accuracy chart, and the
+best config by the selection metric (as tags and metrics: a resumed sweep may change its best, and
+MLflow params cannot change).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from . import plots, runs, summary, tracking, train
+from .data import Dataset
+from .grid import Grid, sweep_digest
+
+TAG_SWEEP = "fmnist.sweep"
+TAG_BEST_RUN = "fmnist.best_run_id"
+
+# (index among configs to run, how many to run, config, seconds elapsed, estimated seconds left or None)
+StartCallback = Callable[[int, int, object, float, Optional[float]], None]
+# config -> (on_epoch_end, on_batch) for that config's run
+ProgressFactory = Callable[[object], tuple]
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    rows: list  # summary rows, in grid order
+    best: Optional[dict]
+    skipped: int  # configs already FINISHED in an earlier attempt
+    failed: list = field(default_factory=list)  # rows of configs that did not finish
+    markdown: str = ""
+    histories: dict = field(default_factory=dict)  # (model, loss, optimizer) -> per-epoch metrics
+
+
+def run_sweep(
+    grid: Grid,
+    configs: list,
+    data: Dataset,
+    *,
+    experiment_id: str,
+    select: str = "val_accuracy",
+    on_start: Optional[StartCallback] = None,
+    progress: Optional[ProgressFactory] = None,
+) -> SweepResult:
+    digest = sweep_digest(configs)
+    parent_id = None
+    if not os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run` the parent is the run it created
+        earlier = tracking.find_runs([experiment_id], {TAG_SWEEP: digest, tracking.TAG_KIND: "sweep"})
+        parent_id = earlier[0].info.run_id if earlier else None
+    with tracking.run(grid.name, kind="sweep", run_id=parent_id, tags={TAG_SWEEP: digest}) as parent:
+        parent_id = parent.info.run_id
+        tracking.log_params_once(sweep_params(grid, configs))
+        finished = {
+            child.data.tags.get(tracking.TAG_CONFIG_HASH)
+            for child in tracking.child_runs(parent_id)
+            if child.info.status == "FINISHED"
+        }
+        todo = [c for c in configs if c.digest() not in finished]
+        started = time.monotonic()
+        for k, config in enumerate(todo):
+            elapsed = time.monotonic() - started
+            if on_start is not None:
+                on_start(k, len(todo), config, elapsed, elapsed / k * (len(todo) - k) if k else None)
+            on_epoch_end, on_batch = progress(config) if progress else (None, None)
+            try:
+                runs.tracked_fit(config, data, kind="sweep-child", parent_run_id=parent_id,
+                                 on_epoch_end=on_epoch_end, on_batch=on_batch)
+            except (train.DivergedError, RuntimeError):
+                pass  # the child ended FAILED with its reason; the summary reports it
+        result = summarize(parent_id, configs, select)
+        result.skipped = len(configs) - len(todo)
+        log_summary(result, select)
+    return result
+
+
+def sweep_params(grid: Grid, configs: list) -> dict:
+    first = configs[0]
+    return {
+        "grid": grid.name, "grid_file": os.path.basename(grid.source), "configs": len(configs),
+        "epochs": first.epochs, "batch_size": first.batch_size, "seed": first.seed, "subset": first.subset,
+        "device": first.device,
+    }  # fmt: skip
+
+
+def summarize(parent_id: str, configs: list, select: str) -> SweepResult:
+    """One row per config from its newest child (a FINISHED one if any), in grid order."""
+    by_hash: dict = {}
+    for child in tracking.child_runs(parent_id):  # newest first
+        key = child.data.tags.get(tracking.TAG_CONFIG_HASH)
+        if key not in by_hash or (by_hash[key].info.status != "FINISHED" and child.info.status == "FINISHED"):
+            by_hash[key] = child
+    rows, histories = [], {}
+    for config in configs:
+        child = by_hash.get(config.digest())
+        if child is None:
+            rows.append(summary.row(config, "NOT RUN", [], ""))
+            continue
+        history = tracking.history(child.info.run_id)
+        histories[(config.model, config.loss, config.optimizer)] = history
+        rows.append(summary.row(config, child.info.status, history, child.info.run_id))
+    return SweepResult(parent_run_id=parent_id, rows=rows, best=summary.best(rows, select), skipped=0,
+                       failed=[r for r in rows if r["status"] != "FINISHED"],
+                       markdown=summary.to_markdown(rows, select), histories=histories)
+
+
+def log_summary(result: SweepResult, select: str) -> None:
+    tracking.log_text(summary.to_csv(result.rows), "summary.csv")
+    tracking.log_text(result.markdown, "summary.md")
+    if result.histories:
+        tracking.log_figure(plots.sweep_curves(result.histories), "loss_curves.png")
+    done = [{"name": f"{r['model']}-{r['loss']}-{r['optimizer']}", **r} for r in result.rows
+            if r["val_accuracy"] is not None]
+    if done:
+        tracking.log_figure(plots.accuracy_bars(done), "val_accuracy.png")
+    tags = {"fmnist.failed_configs": ", ".join(f"{r['model']}-{r['loss']}-{r['optimizer']}" for r in result.failed)
+            or "none", "fmnist.select": select}
+    if result.best:
+        b = result.best
+        tags.update({TAG_BEST_RUN: b["run_id"], "best_model": b["model"], "best_loss": b["loss"],
+                     "best_optimizer": b["optimizer"], "best_lr": str(b["lr"])})
+        tracking.log_metrics({"best_val_accuracy": b["val_accuracy"], "best_val_nll": b["val_nll"]})
+    tracking.set_tags(tags)
