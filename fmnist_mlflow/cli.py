@@ -201,7 +201,8 @@ def train(experiment: str, data_dir: Optional[str], **values) -> None:
 @click.option("--select", type=click.Choice(list(SELECT_METRICS)), default="val_accuracy", show_default=True,
               help="Validation metric that picks the best config (never training loss).")
 @click.option("--device", type=click.Choice(cfg.DEVICES), default="auto", show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the grid's epochs.")
+@click.option("--epochs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Epochs per config (0: the grid's own, 10 for the report's grid).")
 @click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
               help="Train on the first N training and N//5 validation images (0: all; for smoke runs).")
 @click.option("--experiment", default="fmnist", show_default=True, help="MLflow experiment name.")

@@ -83,7 +83,7 @@ def run_sweep(
 def sweep_params(grid: Grid, configs: list) -> dict:
     first = configs[0]
     return {
-        "grid": grid.name, "grid_file": os.path.basename(grid.source), "configs": len(configs),
+        "grid_name": grid.name, "grid_file": os.path.basename(grid.source), "configs": len(configs),
         "epochs": first.epochs, "batch_size": first.batch_size, "seed": first.seed, "subset": first.subset,
         "device": first.device,
     }  # fmt: skip

@@ -105,9 +105,10 @@ def run(
     exception in `killed_on` (e.g. a pruned trial), tagging the reason; FAILED with the reason otherwise.
     The exception is re-raised.
     """
-    adopt = run_id is None and parent_run_id is None and os.environ.get("MLFLOW_RUN_ID")
+    # With no run_id, MLflow adopts $MLFLOW_RUN_ID (and unsets it, so that nested runs are new runs).
+    adopt = run_id is None and parent_run_id is None and bool(os.environ.get("MLFLOW_RUN_ID"))
     active = mlflow.start_run(
-        run_id=run_id or (os.environ["MLFLOW_RUN_ID"] if adopt else None),
+        run_id=run_id,
         run_name=None if (run_id or adopt) else run_name,
         parent_run_id=parent_run_id,
         nested=parent_run_id is not None,

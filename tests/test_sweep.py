@@ -1,0 +1,172 @@
+"""`fmnist sweep`: nested runs, summary artifacts, resumption, local failures, bad grid files."""
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import cli_env
+from fmnist_mlflow import cli, grid, sweep, tracking
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {
+    "name": "small", "models": ["model1"], "losses": ["ce", "bce"], "optimizers": ["adam"],
+    "lr": {"adam": 0.001}, "batch_size": 64, "epochs": 1, "seed": 0,
+}  # fmt: skip
+
+
+def write_grid(tmp_path, name="grid.yaml", **changes):
+    spec = {**SMALL, **changes}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def sweep_cli(*args):
+    return CliRunner().invoke(cli.main, ["sweep", "--subset", "300", *args], catch_exceptions=False)
+
+
+def all_runs():
+    return mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def parents_and_children():
+    runs = all_runs()
+    parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "sweep"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def test_small_grid_makes_one_parent_with_finished_children_and_artifacts(store, tmp_path):
+    path = write_grid(tmp_path, optimizers=["adam", "rmsprop"], lr={"adam": 0.001, "rmsprop": 0.001})
+    result = sweep_cli("--grid", str(path))
+    assert result.exit_code == 0, result.output
+    (parent,), children = parents_and_children()
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "small"
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert {c.info.run_name for c in children} == {"model1-ce-adam", "model1-bce-adam", "model1-ce-rmsprop",
+                                                   "model1-bce-rmsprop"}
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"summary.csv", "summary.md", "loss_curves.png", "val_accuracy.png"} <= artifacts
+    best_id = parent.data.tags[sweep.TAG_BEST_RUN]
+    best = max((c for c in children), key=lambda c: c.data.metrics["val_accuracy"])
+    assert best_id == best.info.run_id
+    assert parent.data.metrics["best_val_accuracy"] == best.data.metrics["val_accuracy"]
+    assert "[4/4]" in result.output and "| model1 | CrossEntropyLoss |" in result.output
+
+
+def test_report_grid_on_a_tiny_subset_covers_every_combination(store):
+    result = sweep_cli("--epochs", "1")
+    assert result.exit_code == 0, result.output
+    (parent,), children = parents_and_children()
+    combos = {(c.data.params["model"], c.data.params["loss"], c.data.params["optimizer"]) for c in children}
+    assert combos == set(itertools.product(["model1", "model2", "model3"], ["ce", "bce"], ["adam", "sgd", "rmsprop"]))
+    assert len(children) == 18 and {c.info.status for c in children} == {"FINISHED"}
+    assert parent.data.params["configs"] == "18"
+
+
+def test_interrupted_sweep_resumes_under_the_same_parent(store, tmp_path, tiny_data):
+    g = grid.load_grid(write_grid(tmp_path, optimizers=["adam", "sgd"], lr={"adam": 0.001, "sgd": 0.05}))
+    configs = g.configs(subset=600)
+    experiment_id = tracking.use_experiment("fmnist")
+
+    def interrupt_second(config):
+        def on_epoch_end(metrics):
+            if config == configs[1]:
+                raise KeyboardInterrupt("simulated Ctrl-C")
+        return on_epoch_end, None
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(g, configs, tiny_data, experiment_id=experiment_id, progress=interrupt_second)
+    (parent,), children = parents_and_children()
+    assert parent.info.status == "KILLED"
+    assert sorted(c.info.status for c in children) == ["FINISHED", "KILLED"]
+
+    started = []
+    result = sweep.run_sweep(g, configs, tiny_data, experiment_id=experiment_id,
+                             on_start=lambda k, n, config, *_: started.append(config))
+    assert result.parent_run_id == parent.info.run_id and result.skipped == 1
+    assert started == configs[1:]  # the finished config is not redone
+    (parent,), children = parents_and_children()
+    assert parent.info.status == "FINISHED"
+    assert sorted(c.info.status for c in children) == ["FINISHED"] * 4 + ["KILLED"]
+    assert [r["status"] for r in result.rows] == ["FINISHED"] * 4
+
+    again = sweep.run_sweep(g, configs, tiny_data, experiment_id=experiment_id)
+    assert again.skipped == 4 and len(parents_and_children()[1]) == 5  # idempotent
+
+
+def test_diverging_config_fails_alone(store, tmp_path):
+    path = write_grid(tmp_path, optimizers=["adam", "sgd"], lr={"adam": 0.001, "sgd": 1e12})
+    result = sweep_cli("--grid", str(path))
+    assert result.exit_code == 0, result.output
+    (parent,), children = parents_and_children()
+    status = {c.info.run_name: c.info.status for c in children}
+    assert status == {"model1-ce-adam": "FINISHED", "model1-bce-adam": "FINISHED",
+                      "model1-ce-sgd": "FAILED", "model1-bce-sgd": "FAILED"}
+    failed = [c for c in children if c.info.status == "FAILED"]
+    assert all("training loss became" in c.data.tags[tracking.TAG_FAILURE] for c in failed)
+    assert parent.info.status == "FINISHED"
+    assert "model1-ce-sgd" in parent.data.tags["fmnist.failed_configs"]
+    assert parent.data.tags["best_optimizer"] == "adam"
+    assert "did not finish: model1-ce-sgd (FAILED)" in result.output
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"models": ["model1", "model7"]}, "unknown model 'model7'"),
+    ({"losses": ["ce", "hinge"]}, "unknown loss 'hinge'"),
+    ({"optimizers": ["adamw"]}, "unknown optimizer 'adamw'"),
+    ({"epochs": "ten"}, "epochs must be a int"),
+    ({"lr": {"adam": "fast"}}, "lr.adam must be a number"),
+    ({"lr": {"sgd": 0.1}}, "lr has no value for optimizer 'adam'"),
+    ({"colour": "blue"}, "unknown key(s) colour"),
+    ({"lr": {"adam": -1.0}}, "lr must be > 0"),
+])
+def test_bad_grid_files_fail_before_any_run(store, tmp_path, change, message):
+    path = write_grid(tmp_path, **change)
+    result = CliRunner().invoke(cli.main, ["sweep", "--grid", str(path)])
+    assert result.exit_code == 2 and message in result.output and str(path) in result.output
+    assert all_runs() == []
+
+
+def test_broken_and_incomplete_grid_files(store, tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\nmodels: [model1\n")
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump({k: v for k, v in SMALL.items() if k != "losses"}))
+    for path, message in ((broken, "broken YAML"), (missing, "missing key 'losses'")):
+        result = CliRunner().invoke(cli.main, ["sweep", "--grid", str(path)])
+        assert result.exit_code == 2 and message in result.output and str(path) in result.output
+    assert all_runs() == []
+
+
+def test_unknown_select_metric_is_a_usage_error(store):
+    result = CliRunner().invoke(cli.main, ["sweep", "--select", "train_loss"])
+    assert result.exit_code == 2 and "train_loss" in result.output
+    assert all_runs() == []
+
+
+def test_mlflow_run_main_entry_point_is_the_sweep(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    small = write_grid(tmp_path)
+    proc = subprocess.run(
+        [f"{Path(sys.executable).parent}/mlflow", "run", str(ROOT), "--env-manager", "local",
+         "-P", f"grid={small}", "-P", "epochs=1", "-P", "subset=300"],
+        env=cli_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mlflow.set_tracking_uri(uri)
+    try:
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        (parent,) = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "sweep"]
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert parent.info.status == "FINISHED" and len(children) == 2
+        assert parent.data.params["epochs"] == "1"  # logged by `mlflow run` and by the sweep, same value
+    finally:
+        mlflow.set_tracking_uri(None)
