@@ -16,6 +16,7 @@ import click
 
 from . import config as cfg
 from . import data as data_mod
+from .search import PRUNERS, SAMPLERS
 from .summary import SELECT as SELECT_METRICS
 
 EXIT_INTERRUPTED = 130
@@ -96,13 +97,14 @@ def reported(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .search import SearchError
         from .tracking import TrackingError
         from .train import DivergedError
 
         try:
             with sigterm_as_interrupt():
                 return fn(*args, **kwargs)
-        except (data_mod.DataError, TrackingError, DivergedError) as exc:
+        except (data_mod.DataError, TrackingError, DivergedError, SearchError) as exc:
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
             click.echo("interrupted: the run was marked KILLED", err=True)
@@ -246,6 +248,76 @@ def sweep(grid_file, select, device, epochs, subset, experiment, data_dir) -> No
         names = ", ".join(f"{r['model']}-{r['loss']}-{r['optimizer']} ({r['status']})" for r in result.failed)
         click.echo(f"did not finish: {names}", err=True)
     click.echo(f"parent run {result.parent_run_id}, {_duration(time.monotonic() - started)} wall time")
+
+
+@main.command()
+@click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Trials this command runs (split over --jobs workers).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop starting new trials after this many seconds.")
+@click.option("--storage", default="sqlite:///optuna.db", show_default=True,
+              help="Optuna storage: sqlite:///FILE, postgresql://USER@HOST:PORT/DB (several machines), or journal:FILE.")
+@click.option("--study", "study_name", default=None, help="Study name (default: the space's name). Same "
+              "storage and study: resume it.")
+@click.option("--space", "space_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Search space file (default: experiments/search.yaml).")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="tpe", show_default=True)
+@click.option("--pruner", type=click.Choice(PRUNERS), default="median", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed (worker i uses seed + i).")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes on this machine, sharing the study (CPU threads divided between them).")
+@click.option("--device", type=click.Choice(cfg.DEVICES), default="auto", show_default=True)
+@tracking_options
+@reported
+def search(trials, timeout, storage, study_name, space_file, sampler, pruner, seed, jobs, device, epochs, subset,
+           experiment, data_dir) -> None:
+    """Search dropout and learning rate with Optuna; each trial a nested run under the study's parent run."""
+    from . import parallel, search as search_mod, tracking
+    from .grid import SpecError
+    from .space import DEFAULT_SPACE, load_space
+
+    space_file = space_file or str(DEFAULT_SPACE)
+    try:
+        space = load_space(space_file)
+        settings = search_mod.SearchSettings(epochs=epochs, subset=subset, device=build_config(device=device).device)
+    except SpecError as exc:
+        raise click.UsageError(str(exc)) from None
+    study_name = study_name or space.name
+    uri = tracking.check_reachable()
+    dataset = data_mod.load(data_dir, subset=subset)
+    experiment_id = tracking.use_experiment(experiment)
+    study, parent_id, key, warm = search_mod.prepare(
+        space, storage, study_name, experiment_id=experiment_id, settings=settings,
+        sampler=search_mod.make_sampler(sampler, seed), pruner=search_mod.make_pruner(pruner, epochs))
+    click.echo(f"study {study_name} ({space.direction} {space.metric}) in {search_mod.redact(storage)}: "
+               f"{len(study.trials)} earlier trial(s); parent run {parent_id}; tracking to {uri}")
+    if warm:
+        click.echo(f"warm start: the grid's best config enqueued as the first trial: {warm}")
+    if jobs == 1:
+        def progress(trial, config):
+            bar = EpochProgress(config, prefix=f"  [trial {trial.number}] ")
+            return bar.on_epoch_end, bar.on_batch
+
+        def on_trial_end(t):
+            value = "-" if t.value is None else f"{t.value:.4f}"
+            click.echo(f"trial {t.number} {t.state.name}: {space.metric} {value}  {t.params}")
+
+        search_mod.run_trials(study, parent_id, key, space, dataset, settings, trials=trials, timeout=timeout,
+                              progress=progress, on_trial_end=on_trial_end)
+    else:
+        jobs_list = [search_mod.WorkerJob(space_file, storage, study_name, parent_id, key, settings, n, timeout,
+                                          sampler, pruner, seed + i, data_dir)
+                     for i, n in enumerate(parallel.split(trials, jobs)) if n]
+        click.echo(f"{len(jobs_list)} workers, {parallel.threads_per_worker(len(jobs_list))} CPU thread(s) each")
+        codes = parallel.run_workers(search_mod.worker, [(job,) for job in jobs_list], tracking.tracking_uri())
+        if any(codes):
+            raise click.ClickException(f"worker exit codes {codes}; see the trials' runs for reasons")
+    summary = search_mod.finish(study, parent_id, space, settings)
+    click.echo(f"{summary.trials} trials in the study: {summary.states}; epochs run {summary.epochs_run}, "
+               f"saved by pruning {summary.epochs_saved}")
+    if summary.best:
+        b = summary.best
+        click.echo(f"best: trial {b['number']} {space.metric} {b['value']:.4f} {b['params']} (run {b['run_id']})")
 
 
 def _duration(seconds: float) -> str:

@@ -7,7 +7,7 @@ log the same params, metrics, figure and model, and end in the same terminal sta
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from . import plots, tracking, train
 from .config import RunConfig
@@ -35,11 +35,13 @@ def tracked_fit(
     on_epoch_end: Optional[train.EpochCallback] = None,
     on_batch: Optional[train.BatchCallback] = None,
     killed_on: tuple = (),
+    on_start: Optional[Callable[[str], None]] = None,
 ) -> TrackedResult:
     """Train `config` on `data` inside a run; log config, per-epoch metrics, loss curves and the model.
 
     `on_epoch_end` runs after each epoch's metrics are logged (a pruner raises from it); the run ends
-    FAILED if training diverges, KILLED on interrupt or on an exception in `killed_on`.
+    FAILED if training diverges, KILLED on interrupt or on an exception in `killed_on`. `on_start` gets
+    the run id as soon as the run exists.
     """
     history: list = []
 
@@ -52,6 +54,8 @@ def tracked_fit(
     with tracking.run(
         config.run_name, kind=kind, parent_run_id=parent_run_id, tags=tags, killed_on=killed_on
     ) as active:
+        if on_start is not None:
+            on_start(active.info.run_id)
         tracking.log_config(config, data)
         try:
             result = train.fit(config, data, on_epoch_end=epoch_end, on_batch=on_batch)

@@ -51,7 +51,7 @@ def run_sweep(
 ) -> SweepResult:
     digest = sweep_digest(configs)
     parent_id = None
-    if not os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run` the parent is the run it created
+    if not tracking.inside_mlflow_run():  # inside `mlflow run` the parent is the run it created
         earlier = tracking.find_runs([experiment_id], {TAG_SWEEP: digest, tracking.TAG_KIND: "sweep"})
         parent_id = earlier[0].info.run_id if earlier else None
     with tracking.run(grid.name, kind="sweep", run_id=parent_id, tags={TAG_SWEEP: digest}) as parent:

@@ -76,11 +76,23 @@ def check_reachable(uri: Optional[str] = None, timeout: float = REACH_TIMEOUT_S)
     return uri
 
 
+def inside_mlflow_run() -> bool:
+    """True until the run `mlflow run` created has been adopted by `run()`."""
+    return bool(os.environ.get("MLFLOW_RUN_ID"))
+
+
+def use_uri(uri: str) -> None:
+    mlflow.set_tracking_uri(uri)
+
+
 def use_experiment(name: str) -> str:
     """Select (creating if needed) the experiment; inside `mlflow run` keep the one it chose."""
-    if os.environ.get("MLFLOW_RUN_ID") and os.environ.get("MLFLOW_EXPERIMENT_ID"):
+    if inside_mlflow_run() and os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return os.environ["MLFLOW_EXPERIMENT_ID"]
-    return mlflow.set_experiment(name).experiment_id
+    try:
+        return mlflow.set_experiment(name).experiment_id
+    except mlflow.exceptions.MlflowException:
+        return mlflow.set_experiment(name).experiment_id  # another worker created it at the same moment
 
 
 def _end(status: str, reason: Optional[str] = None) -> None:
@@ -106,16 +118,19 @@ def run(
     The exception is re-raised.
     """
     # With no run_id, MLflow adopts $MLFLOW_RUN_ID (and unsets it, so that nested runs are new runs).
-    adopt = run_id is None and parent_run_id is None and bool(os.environ.get("MLFLOW_RUN_ID"))
+    adopt = run_id is None and parent_run_id is None and inside_mlflow_run()
+    tags = {TAG_KIND: kind, **{k: str(v) for k, v in (tags or {}).items()}}  # the REST API takes strings only
     active = mlflow.start_run(
         run_id=run_id,
+        # a child goes where its parent is, whatever experiment this process has selected
+        experiment_id=client().get_run(parent_run_id).info.experiment_id if parent_run_id else None,
         run_name=None if (run_id or adopt) else run_name,
         parent_run_id=parent_run_id,
         nested=parent_run_id is not None,
-        tags={TAG_KIND: kind, **(tags or {})},
+        tags=tags,
     )
     if adopt:
-        mlflow.set_tags({"mlflow.runName": run_name, TAG_KIND: kind, **(tags or {})})
+        mlflow.set_tags({"mlflow.runName": run_name, **tags})
     try:
         yield active
     except KeyboardInterrupt as exc:
@@ -291,3 +306,20 @@ def set_tags(tags: dict) -> None:
 
 def log_metrics(metrics: dict) -> None:
     mlflow.log_metrics(metrics)
+
+
+def set_run_tags(run_id: str, tags: dict) -> None:
+    """Tag any run, open or ended (e.g. a trial's final Optuna state)."""
+    for key, value in tags.items():
+        client().set_tag(run_id, key, str(value))
+
+
+def create_run(run_name: str, *, kind: str, tags: dict, params: dict) -> str:
+    """A run opened and ended at once (FINISHED): a parent that later commands resume and fill."""
+    with run(run_name, kind=kind, tags=tags) as active:
+        log_params_once(params)
+    return active.info.run_id
+
+
+def delete_run(run_id: str) -> None:
+    client().delete_run(run_id)

@@ -112,3 +112,35 @@ def cli_env(**extra) -> dict:
     for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
         env.pop(key, None)
     return env
+
+
+@pytest.fixture
+def postgres_url():
+    """A real PostgreSQL server (Debian's) in a temp dir on a free 127.0.0.1 port, run as `postgres`."""
+    import glob
+    import pwd
+    import shutil
+    import tempfile
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        pytest.fail("PostgreSQL is not installed: run scripts/setup.sh (apt-get install postgresql)")
+    bin_dir = Path(found[-1]).parent
+    user = pwd.getpwnam("postgres")
+    root = Path(tempfile.mkdtemp(prefix="fmnist-pg-", dir="/tmp"))
+    os.chown(root, user.pw_uid, user.pw_gid)
+    port = free_port()
+
+    def as_postgres(*cmd):
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*prefix, *map(str, cmd)], check=True, capture_output=True, timeout=120)
+
+    as_postgres(bin_dir / "initdb", "-D", root / "data", "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    as_postgres(bin_dir / "pg_ctl", "-D", root / "data", "-l", root / "log", "-w", "-o",
+                f"-p {port} -h 127.0.0.1 -k {root}", "start")
+    try:
+        as_postgres(bin_dir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "optuna")
+        yield f"postgresql://postgres@127.0.0.1:{port}/optuna"
+    finally:
+        as_postgres(bin_dir / "pg_ctl", "-D", root / "data", "-m", "fast", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,112 @@
+"""What a search's parent run holds: the trials as CSV, Optuna's figures, the best trial, pruning savings.
+
+Figures come from `optuna.visualization.matplotlib` (optimization history, parameter importances, and
+dropout x learning rate as a contour, or slices when a contour cannot be drawn yet).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import optuna
+from optuna.trial import TrialState
+
+from . import tracking
+from .sweep import TAG_BEST_RUN
+
+ATTR_RUN = "mlflow_run_id"  # the trial's user attribute holding its MLflow run id
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    parent_run_id: str
+    trials: int  # all trials of the study
+    states: dict  # Optuna state name -> count
+    best: Optional[dict]  # number, value, params, run_id
+    epochs_run: int  # epochs trained over all finished and pruned trials
+    epochs_saved: int  # epochs pruning skipped: what pruned trials would have run to the end
+
+
+def summarize(study: optuna.Study, parent_run_id: str, epochs: int) -> SearchSummary:
+    trials = study.get_trials(deepcopy=False)
+    states: dict = {}
+    for t in trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    ran = {t.number: max(t.intermediate_values, default=0) for t in trials}
+    saved = sum(epochs - ran[t.number] for t in trials if t.state == TrialState.PRUNED)
+    best = None
+    if any(t.state == TrialState.COMPLETE for t in trials):
+        b = study.best_trial
+        best = {"number": b.number, "value": b.value, "params": b.params, "run_id": b.user_attrs.get(ATTR_RUN)}
+    return SearchSummary(parent_run_id, len(trials), states, best, sum(ran.values()), saved)
+
+
+def trials_csv(study: optuna.Study) -> str:
+    trials = study.get_trials(deepcopy=False)
+    names = sorted({name for t in trials for name in t.params})
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["number", "state", "value", *names, "epochs_run", "seconds", "mlflow_run_id"])
+    for t in trials:
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else ""
+        writer.writerow([t.number, t.state.name, "" if t.value is None else t.value,
+                         *[t.params.get(n, "") for n in names], max(t.intermediate_values, default=0),
+                         seconds, t.user_attrs.get(ATTR_RUN, "")])
+    return out.getvalue()
+
+
+def figures(study: optuna.Study) -> dict:
+    """{artifact name: Figure} for what can be drawn with the trials so far."""
+    from optuna.visualization import matplotlib as ovm
+
+    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
+        if completed:
+            out["optimization_history.png"] = ovm.plot_optimization_history(study).figure
+        if len(completed) >= 2:
+            try:
+                out["param_importances.png"] = ovm.plot_param_importances(study).figure
+            except (RuntimeError, ValueError, ZeroDivisionError):
+                pass  # importances need variation in the completed trials
+            best_lr = next((p for p in study.best_trial.params if p.startswith("lr_")), None)
+            pair = [p for p in ("dropout", best_lr) if p]
+            try:
+                if len(pair) == 2:
+                    out["dropout_lr_contour.png"] = _figure(ovm.plot_contour(study, params=pair))
+                else:
+                    raise ValueError("nothing to contour")
+            except (RuntimeError, ValueError, IndexError):
+                out["dropout_lr_slice.png"] = _figure(ovm.plot_slice(study))
+    return out
+
+
+def _figure(axes):
+    import numpy as np
+
+    first = np.asarray(axes).flat[0] if not hasattr(axes, "figure") else axes
+    return first.figure
+
+
+def log(study: optuna.Study, summary: SearchSummary, metric: str) -> None:
+    """Log the summary on the active (parent) run and tag the best trial's run."""
+    tracking.log_text(trials_csv(study), "trials.csv")
+    for name, fig in figures(study).items():
+        tracking.log_figure(fig, name)
+    tags = {"fmnist.trials": summary.trials, **{f"fmnist.trials_{k.lower()}": v for k, v in summary.states.items()}}
+    metrics = {"epochs_run": summary.epochs_run, "pruned_epochs_saved": summary.epochs_saved}
+    if summary.best:
+        b = summary.best
+        tags.update({TAG_BEST_RUN: b["run_id"] or "", "best_trial": b["number"],
+                     **{f"best_{k}": v for k, v in b["params"].items()}})
+        metrics[f"best_{metric}"] = b["value"]
+        if b["run_id"]:
+            tracking.set_run_tags(b["run_id"], {"fmnist.best_trial": "true"})
+    tracking.set_tags({k: str(v) for k, v in tags.items()})
+    tracking.log_metrics(metrics)
+

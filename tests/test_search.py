@@ -1,0 +1,176 @@
+"""`fmnist search`: trials as nested runs, resumption, pruning, concurrent workers, PostgreSQL, bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import cli_env, free_port
+from fmnist_mlflow import cli, search, tracking
+from fmnist_mlflow.space import load_space
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = {
+    "name": "tiny", "metric": "val_accuracy",
+    "fixed": {"model": "model2", "loss": "ce", "batch_size": 64, "seed": 0},
+    "search": {"optimizer": {"choices": ["adam", "rmsprop"]}, "dropout": {"low": 0.0, "high": 0.6},
+               "lr": {"adam": {"low": 1e-4, "high": 1e-2, "log": True}, "rmsprop": {"low": 1e-4, "high": 1e-2, "log": True}}},
+}  # fmt: skip
+
+
+def write_space(tmp_path, name="space.yaml", **changes):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({**SPACE, **changes}))
+    return path
+
+
+def search_args(tmp_path, *extra, trials=3):
+    """CLI args of a tiny search; `write_space` is called so the file exists."""
+    return ["search", "--space", str(write_space(tmp_path)), "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
+            "--trials", str(trials), "--epochs", "1", "--subset", "300", "--pruner", "none", *extra]
+
+
+def study_runs():
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"]
+    trials = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    return parents, trials
+
+
+def test_tiny_search_end_to_end_then_resume(store, tmp_path):
+    result = CliRunner().invoke(cli.main, search_args(tmp_path), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (parent,), trials = study_runs()
+    assert len(trials) == 3 and {t.info.status for t in trials} == {"FINISHED"}
+    assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parent.info.run_id}
+    assert sorted(int(t.data.tags[search.TAG_TRIAL]) for t in trials) == [0, 1, 2]
+    for t in trials:
+        assert t.data.params["model"] == "model2" and t.data.tags[search.TAG_STATE] == "COMPLETE"
+        assert 0 <= float(t.data.params["dropout"]) <= 0.6 and "val_accuracy" in t.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "optimization_history.png"} <= artifacts
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert study.user_attrs[search.ATTR_PARENT] == parent.info.run_id
+    best_run = parent.data.tags["fmnist.best_run_id"]
+    assert best_run == study.best_trial.user_attrs["mlflow_run_id"]
+    assert parent.data.metrics["best_val_accuracy"] == study.best_value
+
+    result = CliRunner().invoke(cli.main, search_args(tmp_path, trials=2), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (again,), trials = study_runs()
+    assert again.info.run_id == parent.info.run_id and len(trials) == 5
+    assert sorted(int(t.data.tags[search.TAG_TRIAL]) for t in trials) == [0, 1, 2, 3, 4]
+
+
+def test_pruned_trials_end_killed_tagged_pruned_without_a_model(store, tmp_path, tiny_data):
+    space = load_space(write_space(tmp_path))
+    settings = search.SearchSettings(epochs=3, subset=600, device="cpu")
+    always = optuna.pruners.ThresholdPruner(lower=0.999)  # no tiny run reaches 99.9%: every trial is pruned
+    study, parent, key, _ = search.prepare(space, f"sqlite:///{tmp_path / 'o.db'}", "pruned",
+                                           experiment_id=tracking.use_experiment("fmnist"), settings=settings,
+                                           sampler=optuna.samplers.RandomSampler(seed=0), pruner=always)
+    search.run_trials(study, parent, key, space, tiny_data, settings, trials=2, timeout=None)
+    summary = search.finish(study, parent, space, settings)
+    assert summary.states == {"PRUNED": 2} and summary.epochs_saved == 4 and summary.best is None
+    _, trials = study_runs()
+    assert len(trials) == 2
+    for t in trials:
+        assert t.info.status == "KILLED" and t.data.tags[search.TAG_STATE] == "PRUNED"
+        assert "pruned after epoch 1" in t.data.tags[tracking.TAG_FAILURE]
+        assert mlflow.search_logged_models(filter_string=f"source_run_id = '{t.info.run_id}'",
+                                           output_format="list") == []
+
+
+def _assert_one_parent_and_whole_trials(storage, study_name, expected):
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == expected and len(set(numbers)) == expected
+    parents, trials = study_runs()
+    assert len(parents) == 1
+    assert len(trials) == expected
+    assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parents[0].info.run_id}
+    assert sorted(int(t.data.tags[search.TAG_TRIAL]) for t in trials) == sorted(numbers)
+    assert study.user_attrs[search.ATTR_PARENT] == parents[0].info.run_id
+
+
+def test_two_concurrent_workers_share_one_study_and_parent(mlflow_server, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = [sys.executable, "-m", "fmnist_mlflow", *search_args(tmp_path, "--study", "shared", trials=2)]
+    args[args.index("--storage") + 1] = storage
+    env = cli_env(MLFLOW_TRACKING_URI=mlflow_server)
+    workers = [subprocess.Popen(args + ["--seed", str(i)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n=====\n".join(o[-4000:] for o in outputs)
+    _assert_one_parent_and_whole_trials(storage, "shared", 4)
+
+
+def test_postgresql_storage_with_jobs_2(mlflow_server, postgres_url, tmp_path):
+    result = CliRunner().invoke(cli.main, [*search_args(tmp_path, "--jobs", "2", "--study", "pg", trials=4)[:4],
+                                           postgres_url, *search_args(tmp_path, "--jobs", "2", "--study", "pg", trials=4)[5:]],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "2 workers" in result.output
+    _assert_one_parent_and_whole_trials(postgres_url, "pg", 4)
+
+
+def test_warm_start_from_the_grid_best(store, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"name": "g", "models": ["model2"], "losses": ["ce"], "optimizers": ["adam", "rmsprop"],
+                                    "lr": {"adam": 0.002, "rmsprop": 0.0005}, "dropout": {"model2": 0.5},
+                                    "batch_size": 64, "epochs": 1}))
+    assert CliRunner().invoke(cli.main, ["sweep", "--grid", str(grid), "--subset", "300"]).exit_code == 0
+    sweep_parent = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+                    if r.data.tags.get(tracking.TAG_KIND) == "sweep"][0]
+    best = mlflow.get_run(sweep_parent.data.tags["fmnist.best_run_id"]).data.params
+    result = CliRunner().invoke(cli.main, search_args(tmp_path, trials=1), catch_exceptions=False)
+    assert result.exit_code == 0 and "warm start" in result.output
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    first = study.trials[0].params
+    assert first["optimizer"] == best["optimizer"] and first["dropout"] == 0.5
+    assert first[f"lr_{best['optimizer']}"] == float(best["lr"])
+
+
+@pytest.mark.parametrize("storage, message", [
+    ("not-a-url", "is not a storage URL"),
+    ("journal:/nonexistent/dir/log", "does not exist"),
+])
+def test_bad_storage_fails_before_any_run(store, tmp_path, storage, message):
+    args = search_args(tmp_path)
+    args[args.index("--storage") + 1] = storage
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 1 and message in result.output
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_unreachable_postgres_fails_fast_hiding_the_password(store, tmp_path):
+    args = search_args(tmp_path)
+    args[args.index("--storage") + 1] = f"postgresql://me:secret@127.0.0.1:{free_port()}/x"
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 1 and "cannot open Optuna storage" in result.output
+    assert "secret" not in result.output
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"search": {"momentum": {"low": 0, "high": 1}}}, "unknown search parameter 'momentum'"),
+    ({"search": {"dropout": {"low": 0.5, "high": 0.1}}}, "low 0.5 > high 0.1"),
+    ({"search": {"lr": {"adam": {"low": 0.0, "high": 0.1, "log": True}}}}, "must be > 0"),
+    ({"search": {"lr": {"adam": {"low": -1e-3, "high": 0.1, "log": True}}}}, "must be > 0"),
+    ({"search": {"optimizer": {"choices": ["adam", "lion"]}}}, "search.optimizer"),
+    ({"metric": "train_loss"}, "metric 'train_loss'"),
+    ({"fixed": {"model": "model1"}}, "model1 has no dropout"),
+])
+def test_bad_space_files_fail_before_any_run(store, tmp_path, change, message):
+    path = write_space(tmp_path, "bad-space.yaml", **change)
+    args = search_args(tmp_path)
+    args[args.index("--space") + 1] = str(path)
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 2 and message in result.output and str(path) in result.output, result.output
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+    assert not (tmp_path / "optuna.db").exists()
