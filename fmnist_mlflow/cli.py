@@ -320,6 +320,84 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
         click.echo(f"best: trial {b['number']} {space.metric} {b['value']:.4f} {b['params']} (run {b['run_id']})")
 
 
+@main.command()
+@click.option("--experiment", default="fmnist", show_default=True,
+              help="Choose among all finished runs of this experiment.")
+@click.option("--parent-run-id", default="", help="Choose among the children of one sweep or search instead.")
+@click.option("--run-id", default="", help="Register this one run instead.")
+@click.option("--select", type=click.Choice(list(SELECT_METRICS)), default="val_accuracy", show_default=True,
+              help="Validation metric that picks the run and decides whether the alias moves.")
+@click.option("--name", default="fmnist-cnn", show_default=True, help="Registered model name.")
+@click.option("--alias", default="champion", show_default=True, help="Alias to point at the new version.")
+@click.option("--force", is_flag=True, help="Move the alias even to a version worse on --select.")
+@data_dir_option
+@reported
+def register(experiment, parent_run_id, run_id, select, name, alias, force, data_dir) -> None:
+    """Pick the best finished run, evaluate it once on the test set, register it and move the alias."""
+    from . import registry, tracking
+
+    tracking.check_reachable()
+    try:  # the narrowest scope given wins: one run, then one sweep/search, then the experiment
+        runs = registry.candidates(experiment=experiment or "fmnist", parent_run_id=parent_run_id or None,
+                                   run_id=run_id or None)
+        run = registry.choose(runs, select)
+        click.echo(f"selected {run.info.run_name} ({run.info.run_id}) among {len(runs)} run(s): "
+                   f"{select} {run.data.metrics[select]:.4f}")
+        result = registry.register(run, data_mod.load_test(data_dir), name=name, alias=alias, select=select,
+                                   force=force)
+    except registry.RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    test = result.test
+    click.echo(f"test set: accuracy {100 * test['test_accuracy']:.2f}%, loss {test['test_loss']:.4f}, "
+               f"nll {test['test_nll']:.4f} (metrics and test_evaluation/ on run {result.run_id})")
+    moved = f"moved to version {result.version}" if result.alias_moved else "not moved"
+    click.echo(f"registered {name} version {result.version}; alias {alias} {moved} ({result.reason})")
+    for entry in registry.alias_history(name, alias):
+        click.echo(f"  history: {entry['time']} version {entry['version']} (previous {entry['previous']}): "
+                   f"{entry['reason']}")
+
+
+@main.command()
+@click.option("--model-uri", required=True, help="runs:/RUN/model, models:/NAME@ALIAS, models:/NAME/VERSION, a path...")
+@click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+def predict(model_uri, top_k, as_json, inputs) -> None:
+    """Classify PNG/JPEG images and .npy arrays with a logged or registered model (via mlflow.pyfunc).
+
+    Output: class names with probabilities (softmax of the model's logits). An unreadable input is
+    reported and skipped; the exit code is 1 if any input failed.
+    """
+    import json
+
+    from . import predict as predict_mod, tracking
+
+    try:
+        model = tracking.load_pyfunc(model_uri)
+    except Exception as exc:  # MLflow raises several kinds for a bad URI
+        raise click.ClickException(f"cannot load model {model_uri}: {str(exc).splitlines()[0]}") from None
+    names = (model.metadata.metadata or {}).get("class_names", list(data_mod.CLASS_NAMES))
+    results, failed = [], 0
+    for path in inputs:
+        try:
+            batch = predict_mod.read_input(path)
+            probabilities = predict_mod.softmax(model.predict(batch.images))
+        except predict_mod.InputError as exc:
+            failed += 1
+            click.echo(f"error: {exc}", err=True)
+            continue
+        for i, top in enumerate(predict_mod.top_k(probabilities, top_k, names)):
+            label = path if len(batch.images) == 1 else f"{path}[{i}]"
+            results.append({"input": label, "note": batch.note, "top_k": top})
+            if not as_json:
+                note = f"  ({batch.note})" if batch.note else ""
+                click.echo(f"{label}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in top) + note)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    if failed:
+        sys.exit(1)
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

@@ -1,4 +1,5 @@
-"""Matplotlib figures: one run's loss curves, a sweep's curves per loss function, accuracy per config.
+"""Matplotlib figures: one run's loss curves, a sweep's curves per loss function, accuracy per config,
+and a test evaluation's confusion matrix and misclassified examples.
 
 Functions return `Figure`s; the caller saves or logs them (and closes them). The Agg backend is forced so
 that figures render on machines without a display.
@@ -7,13 +8,17 @@ that figures render on machines without a display.
 from __future__ import annotations
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 
 from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from .data import CLASS_NAMES  # noqa: E402
+
 LOSS_TITLES = {"ce": "CrossEntropyLoss", "bce": "BCEWithLogitsLoss"}
+MISCLASSIFIED_SIDE = 6  # a 6 x 6 grid of the most confidently wrong test images
 
 
 def run_curves(history: list, title: str) -> Figure:
@@ -68,6 +73,39 @@ def accuracy_bars(rows: list) -> Figure:
     ax.set_xlim(max(0, low - 5), 100)
     ax.set(xlabel="validation accuracy (%)", title="final validation accuracy per config")
     ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig
+
+
+def confusion(matrix: np.ndarray, title: str) -> Figure:
+    """A confusion matrix with counts: rows are true classes, columns predicted ones."""
+    fig, ax = plt.subplots(figsize=(8, 7))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=45, ha="right")
+    ax.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES)
+    threshold = matrix.max() / 2
+    for i in range(len(CLASS_NAMES)):
+        for j in range(len(CLASS_NAMES)):
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if matrix[i, j] > threshold else "black")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def misclassified(test, result: dict, title: str) -> Figure:
+    """The most confidently wrong test images, with true and predicted class."""
+    pred, probs = result["predictions"], result["probabilities"]
+    wrong = np.flatnonzero(pred != test.y.numpy())
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][: MISCLASSIFIED_SIDE**2]
+    fig, axes = plt.subplots(MISCLASSIFIED_SIDE, MISCLASSIFIED_SIDE, figsize=(10, 11))
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, index in zip(axes.flat, wrong):
+        ax.imshow(test.x[index, 0].numpy(), cmap="gray")
+        ax.set_title(f"{CLASS_NAMES[test.y[index]]}\n-> {CLASS_NAMES[pred[index]]} {probs[index, pred[index]]:.0%}",
+                     fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 

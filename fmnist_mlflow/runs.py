@@ -18,7 +18,8 @@ from .data import Dataset
 class TrackedResult:
     run_id: str
     history: list  # one metrics dict per epoch
-    model_uri: str
+    model_uri: str  # models:/m-... of the logged model
+    model: object  # the trained torch module, in eval mode
 
     @property
     def final(self) -> dict:
@@ -63,4 +64,4 @@ def tracked_fit(
             if history:  # the curves so far help explain a failed or stopped run too
                 tracking.log_figure(plots.run_curves(history, config.run_name), "loss_curves.png")
         model_uri = tracking.log_model(result.model, {"config": config.to_params()})
-    return TrackedResult(run_id=active.info.run_id, history=history, model_uri=model_uri)
+    return TrackedResult(run_id=active.info.run_id, history=history, model_uri=model_uri, model=result.model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -215,7 +216,7 @@ def log_figure(fig, artifact_file: str) -> None:
 
 
 def log_model(model: torch.nn.Module, extra_metadata: Optional[dict] = None) -> str:
-    """Log the model in MLflow's default pt2 (torch.export) format; returns its `runs:/` URI.
+    """Log the model in MLflow's default pt2 (torch.export) format; returns its `models:/m-...` URI.
 
     Input: uint8 images (N, 1, 28, 28), any N. Output: float32 logits (N, 10) in `class_names` order.
     """
@@ -235,7 +236,7 @@ def log_model(model: torch.nn.Module, extra_metadata: Optional[dict] = None) -> 
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
         metadata=metadata,
     )
-    return f"runs:/{mlflow.active_run().info.run_id}/{MODEL_ARTIFACT}" if info else ""
+    return info.model_uri
 
 
 def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -323,3 +324,69 @@ def create_run(run_name: str, *, kind: str, tags: dict, params: dict) -> str:
 
 def delete_run(run_id: str) -> None:
     client().delete_run(run_id)
+
+
+# --- models and the registry ------------------------------------------------------------------------
+
+
+def model_uri(run_id: str) -> str:
+    """The URI of the model a run logged (MLflow 3 keeps it as a logged model with its own id)."""
+    experiment = client().get_run(run_id).info.experiment_id
+    models = mlflow.search_logged_models(experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'",
+                                         output_format="list")
+    return f"models:/{models[0].model_id}" if models else f"runs:/{run_id}/{MODEL_ARTIFACT}"
+
+
+def load_pyfunc(uri: str):
+    return mlflow.pyfunc.load_model(uri)
+
+
+def log_to_run(run_id: str, *, metrics: dict, texts: dict, figures: dict) -> None:
+    """Add metrics and artifacts to a run that may have ended (its status does not change)."""
+    c = client()
+    for key, value in metrics.items():
+        c.log_metric(run_id, key, value)
+    for path, text in texts.items():
+        c.log_text(run_id, text, path)
+    for path, fig in figures.items():
+        c.log_figure(run_id, fig, path)
+        plots.close(fig)
+
+
+def register_model_version(run_id: str, name: str, tags: dict) -> str:
+    """The version of `name` holding this run's model: the existing one if registered before, else new."""
+    c = client()
+    existing = c.search_model_versions(f"name = '{name}'") if _registered(name) else []
+    for version in existing:
+        if version.tags.get("source_run_id") == run_id:
+            return str(version.version)
+    return str(mlflow.register_model(model_uri(run_id), name, tags=tags).version)
+
+
+def _registered(name: str) -> bool:
+    try:
+        client().get_registered_model(name)
+        return True
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
+def alias_version(name: str, alias: str):
+    try:
+        return client().get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def move_alias(name: str, alias: str, version: str) -> None:
+    client().set_registered_model_alias(name, alias, version)
+
+
+def model_tag_json(name: str, key: str) -> list:
+    if not _registered(name):
+        return []
+    return json.loads(client().get_registered_model(name).tags.get(key, "[]"))
+
+
+def append_model_tag_json(name: str, key: str, entry: dict) -> None:
+    client().set_registered_model_tag(name, key, json.dumps(model_tag_json(name, key) + [entry]))

@@ -35,6 +35,11 @@ def search_args(tmp_path, *extra, trials=3):
             "--trials", str(trials), "--epochs", "1", "--subset", "300", "--pruner", "none", *extra]
 
 
+def logged_models(run):
+    return mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                       filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list")
+
+
 def study_runs():
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"]
@@ -52,6 +57,7 @@ def test_tiny_search_end_to_end_then_resume(store, tmp_path):
     for t in trials:
         assert t.data.params["model"] == "model2" and t.data.tags[search.TAG_STATE] == "COMPLETE"
         assert 0 <= float(t.data.params["dropout"]) <= 0.6 and "val_accuracy" in t.data.metrics
+        assert len(logged_models(t)) == 1
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "optimization_history.png"} <= artifacts
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -82,8 +88,7 @@ def test_pruned_trials_end_killed_tagged_pruned_without_a_model(store, tmp_path,
     for t in trials:
         assert t.info.status == "KILLED" and t.data.tags[search.TAG_STATE] == "PRUNED"
         assert "pruned after epoch 1" in t.data.tags[tracking.TAG_FAILURE]
-        assert mlflow.search_logged_models(filter_string=f"source_run_id = '{t.info.run_id}'",
-                                           output_format="list") == []
+        assert logged_models(t) == []
 
 
 def _assert_one_parent_and_whole_trials(storage, study_name, expected):

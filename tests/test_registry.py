@@ -1,0 +1,141 @@
+"""`fmnist register` and `fmnist predict`, loading a registered model elsewhere, and serving it over REST."""
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import VENV_BIN, cli_env, free_port, stop, wait_http
+from fmnist_mlflow import cli, data, registry, runs, tracking
+from fmnist_mlflow.config import RunConfig
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli.main, list(args), catch_exceptions=False)
+
+
+@pytest.fixture
+def two_runs(store, tiny_data):
+    """Two real tracked runs, the first clearly better on validation (more epochs, sensible lr)."""
+    tracking.use_experiment("fmnist")
+    good = runs.tracked_fit(RunConfig(epochs=3, subset=600), tiny_data)
+    bad = runs.tracked_fit(RunConfig(optimizer="sgd", lr=1e-5, epochs=1, subset=600), tiny_data)
+    assert good.final["val_accuracy"] > bad.final["val_accuracy"]
+    return good, bad
+
+
+def test_register_picks_best_by_validation_and_logs_the_test_evaluation(two_runs):
+    good, bad = two_runs
+    result = invoke("register")
+    assert result.exit_code == 0, result.output
+    version = mlflow.MlflowClient().get_model_version_by_alias("fmnist-cnn", "champion")
+    assert version.tags["source_run_id"] == good.run_id
+    run = mlflow.get_run(good.run_id)
+    assert {"test_accuracy", "test_loss", "test_nll", "test_accuracy.Trouser"} <= set(run.data.metrics)
+    assert 0.1 < run.data.metrics["test_accuracy"] < 1
+    assert float(version.tags["test_accuracy"]) == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6)
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(good.run_id, "test_evaluation")}
+    assert artifacts == {"test_evaluation/confusion_matrix.png", "test_evaluation/misclassified.png",
+                         "test_evaluation/per_class.csv"}
+    assert run.info.status == "FINISHED"  # evaluating did not reopen the run
+    assert f"{100 * run.data.metrics['test_accuracy']:.2f}%" in result.output
+
+
+def test_alias_does_not_move_to_a_worse_version_without_force(two_runs):
+    good, bad = two_runs
+    assert invoke("register").exit_code == 0
+    result = invoke("register", "--run-id", bad.run_id)
+    assert result.exit_code == 0 and "not moved" in result.output
+    client = mlflow.MlflowClient()
+    assert client.get_model_version_by_alias("fmnist-cnn", "champion").tags["source_run_id"] == good.run_id
+    result = invoke("register", "--run-id", bad.run_id, "--force")
+    assert result.exit_code == 0 and "(forced)" in result.output
+    assert client.get_model_version_by_alias("fmnist-cnn", "champion").tags["source_run_id"] == bad.run_id
+    history = registry.alias_history("fmnist-cnn", "champion")
+    assert [(h["version"], h["previous"]) for h in history] == [("1", None), ("2", "1")]
+    assert "forced" in history[1]["reason"]
+    # registering the same run again reuses its version and does not evaluate twice
+    assert invoke("register", "--run-id", bad.run_id).exit_code == 0
+    assert len(client.search_model_versions("name = 'fmnist-cnn'")) == 2
+
+
+def test_predict_png_and_npy_and_its_errors(two_runs, tmp_path):
+    good, _ = two_runs
+    test = data.load_test()
+    Image.fromarray(test.x[0, 0].numpy()).save(tmp_path / "a.png")
+    Image.fromarray(test.x[1, 0].numpy()).resize((56, 56)).save(tmp_path / "big.jpg")
+    np.save(tmp_path / "batch.npy", test.x[:3].numpy())
+    np.save(tmp_path / "wrong.npy", np.zeros((3, 32, 32), dtype=np.uint8))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    result = CliRunner().invoke(cli.main, ["predict", "--model-uri", good.model_uri, "--top-k", "2",
+                                           str(tmp_path / "a.png"), str(tmp_path / "big.jpg"), str(tmp_path / "batch.npy")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 5 and lines[0].startswith(f"{tmp_path / 'a.png'}: ")
+    assert "resized from 56x56 to 28x28" in lines[1] and lines[4].startswith(f"{tmp_path / 'batch.npy'}[2]: ")
+
+    result = CliRunner().invoke(cli.main, ["predict", "--model-uri", good.model_uri, "--json", str(tmp_path / "a.png"),
+                                           str(tmp_path / "wrong.npy"), str(tmp_path / "broken.png"),
+                                           str(tmp_path / "missing.png")])
+    assert result.exit_code == 1
+    assert "wrong.npy: shape (3, 32, 32)" in result.output and "broken.png: not a readable image" in result.output
+    assert "missing.png: no such file" in result.output and "Traceback" not in result.output
+    payload = json.loads(result.output[result.output.index("["): result.output.rindex("]") + 1])
+    assert len(payload) == 1 and len(payload[0]["top_k"]) == 3 and payload[0]["top_k"][0]["class"] in data.CLASS_NAMES
+
+    result = CliRunner().invoke(cli.main, ["predict", "--model-uri", "models:/no-such-model/1", str(tmp_path / "a.png")])
+    assert result.exit_code == 1 and "cannot load model models:/no-such-model/1" in result.output
+
+
+LOAD_ELSEWHERE = """
+import sys
+sys.modules["fmnist_mlflow"] = None  # the training package must not be needed
+import json, mlflow, numpy as np
+model = mlflow.pyfunc.load_model("models:/fmnist-cnn@champion")
+x = np.load(sys.argv[1])
+print(json.dumps({"logits": model.predict(x).tolist(), "classes": model.metadata.metadata["class_names"]}))
+"""
+
+
+def test_champion_loads_in_a_fresh_process_without_the_package_or_pickle(two_runs, store, tmp_path):
+    good, _ = two_runs
+    assert invoke("register").exit_code == 0
+    x = data.load_test().x[:8]
+    np.save(tmp_path / "x.npy", x.numpy())
+    with torch.inference_mode():
+        expected = good.model(x).numpy()  # the model as it left training
+    proc = subprocess.run([sys.executable, "-c", LOAD_ELSEWHERE, str(tmp_path / "x.npy")], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path,
+                          env=cli_env(MLFLOW_TRACKING_URI=store, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(np.array(out["logits"]), expected, rtol=1e-4, atol=1e-4)
+    assert out["classes"] == list(data.CLASS_NAMES)
+
+
+def test_serve_the_champion_over_rest(two_runs, store, tmp_path):
+    good, _ = two_runs
+    assert invoke("register").exit_code == 0
+    port = free_port()
+    proc = subprocess.Popen([f"{VENV_BIN}/mlflow", "models", "serve", "-m", "models:/fmnist-cnn@champion",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                            env=cli_env(MLFLOW_TRACKING_URI=store), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc, timeout=120)
+        x = data.load_test().x[:5].numpy()
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": x.tolist()}, timeout=60)
+        assert response.status_code == 200, response.text
+        logits = np.array(response.json()["predictions"])
+        assert logits.shape == (5, 10)
+        with torch.inference_mode():
+            np.testing.assert_allclose(logits, good.model(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-4)
+    finally:
+        stop(proc)
