@@ -63,6 +63,20 @@ def tracking_options(fn):
     return data_dir_option(fn)
 
 
+def device_options(fn):
+    """Where and how a run computes: shared by train, sweep and search."""
+    fn = click.option("--precision", type=click.Choice(cfg.PRECISIONS), default="fp32", show_default=True,
+                      help="bf16: autocast the forward pass (pays on GPUs).")(fn)
+    return click.option("--device", type=click.Choice(cfg.DEVICES), default="auto", show_default=True,
+                        help="auto: CUDA when available.")(fn)
+
+
+def jobs_option(fn):
+    return click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+                        help="Configs run at once in worker processes (CPU threads divided between them; "
+                        "on CUDA they share the GPU).")(fn)
+
+
 def config_options(fn):
     """The options that make up one RunConfig."""
     options = [
@@ -76,8 +90,6 @@ def config_options(fn):
                      help=f"Dropout rate in [0, 1); auto: {cfg.DEFAULT_DROPOUT}."),
         click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same metrics on CPU."),
-        click.option("--device", type=click.Choice(cfg.DEVICES), default="auto", show_default=True,
-                     help="auto: CUDA when available."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -180,6 +192,7 @@ def data(data_dir: Optional[str]) -> None:
 
 @main.command()
 @config_options
+@device_options
 @tracking_options
 @reported
 def train(experiment: str, data_dir: Optional[str], **values) -> None:
@@ -202,7 +215,8 @@ def train(experiment: str, data_dir: Optional[str], **values) -> None:
               help="Grid file (default: experiments/grid.yaml, the report's 18 configs).")
 @click.option("--select", type=click.Choice(list(SELECT_METRICS)), default="val_accuracy", show_default=True,
               help="Validation metric that picks the best config (never training loss).")
-@click.option("--device", type=click.Choice(cfg.DEVICES), default="auto", show_default=True)
+@device_options
+@jobs_option
 @click.option("--epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Epochs per config (0: the grid's own, 10 for the report's grid).")
 @click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
@@ -210,17 +224,17 @@ def train(experiment: str, data_dir: Optional[str], **values) -> None:
 @click.option("--experiment", default="fmnist", show_default=True, help="MLflow experiment name.")
 @data_dir_option
 @reported
-def sweep(grid_file, select, device, epochs, subset, experiment, data_dir) -> None:
+def sweep(grid_file, select, device, precision, jobs, epochs, subset, experiment, data_dir) -> None:
     """Run every config of a grid as nested runs under one parent; resumable (finished configs are skipped)."""
     import time
 
     from . import grid as grid_mod
+    from . import parallel, tracking
     from . import sweep as sweep_mod
-    from . import tracking
 
     try:
         grid = grid_mod.load_grid(grid_file or grid_mod.DEFAULT_GRID)
-        configs = grid.configs(epochs=epochs, subset=subset, device=device)
+        configs = grid.configs(epochs=epochs, subset=subset, device=device, precision=precision)
     except (grid_mod.SpecError, cfg.ConfigError) as exc:
         raise click.UsageError(str(exc)) from None
     uri = tracking.check_reachable()
@@ -238,8 +252,10 @@ def sweep(grid_file, select, device, epochs, subset, experiment, data_dir) -> No
         bar = EpochProgress(config, prefix="  ")
         return bar.on_epoch_end, bar.on_batch
 
+    if jobs > 1:
+        click.echo(f"{jobs} workers, {parallel.threads_per_worker(jobs)} CPU thread(s) each")
     result = sweep_mod.run_sweep(grid, configs, dataset, experiment_id=experiment_id, select=select,
-                                 on_start=on_start, progress=progress)
+                                 on_start=on_start, progress=progress, jobs=jobs, data_dir=data_dir)
     click.echo("")
     click.echo(result.markdown)
     if result.skipped:
@@ -264,13 +280,12 @@ def sweep(grid_file, select, device, epochs, subset, experiment, data_dir) -> No
 @click.option("--sampler", type=click.Choice(SAMPLERS), default="tpe", show_default=True)
 @click.option("--pruner", type=click.Choice(PRUNERS), default="median", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed (worker i uses seed + i).")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes on this machine, sharing the study (CPU threads divided between them).")
-@click.option("--device", type=click.Choice(cfg.DEVICES), default="auto", show_default=True)
+@jobs_option
+@device_options
 @tracking_options
 @reported
-def search(trials, timeout, storage, study_name, space_file, sampler, pruner, seed, jobs, device, epochs, subset,
-           experiment, data_dir) -> None:
+def search(trials, timeout, storage, study_name, space_file, sampler, pruner, seed, jobs, device, precision, epochs,
+           subset, experiment, data_dir) -> None:
     """Search dropout and learning rate with Optuna; each trial a nested run under the study's parent run."""
     from . import parallel, search as search_mod, tracking
     from .grid import SpecError
@@ -279,7 +294,8 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
     space_file = space_file or str(DEFAULT_SPACE)
     try:
         space = load_space(space_file)
-        settings = search_mod.SearchSettings(epochs=epochs, subset=subset, device=build_config(device=device).device)
+        settings = search_mod.SearchSettings(epochs=epochs, subset=subset, device=build_config(device=device).device,
+                                             precision=precision)
     except SpecError as exc:
         raise click.UsageError(str(exc)) from None
     study_name = study_name or space.name
@@ -396,6 +412,25 @@ def predict(model_uri, top_k, as_json, inputs) -> None:
         click.echo(json.dumps(results, indent=2))
     if failed:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="Smaller passes and fewer rounds: about two minutes on a 2-core CPU.")
+@click.option("--device", type=click.Choice(cfg.DEVICES), default="auto", show_default=True)
+@reported
+def bench(quick, device) -> None:
+    """Measure our trainer against the classic DataLoader loop, tracking overhead and --jobs scaling.
+
+    Prints a line per measurement and, last, one JSON object (speedup, speedup_model3, tracking_overhead,
+    jobs_speedup, machine, ...).
+    """
+    import json
+
+    from . import bench as bench_mod
+
+    plan = bench_mod.QUICK if quick else bench_mod.FULL
+    result = bench_mod.run(plan, build_config(device=device).device, report=click.echo)
+    click.echo(json.dumps(result))
 
 
 def _duration(seconds: float) -> str:

@@ -17,6 +17,7 @@ MODELS = ("model1", "model2", "model3")
 LOSSES = ("ce", "bce")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")  # bf16: autocast of the forward pass; pays on GPUs (and CPUs with AMX)
 
 # Per-optimizer defaults; the report states none.
 #  adam 1e-3: the paper's and PyTorch's default, robust for small CNNs.
@@ -53,12 +54,14 @@ class RunConfig:
     seed: int = 0  # weights init, batch order, dropout masks
     device: str = "auto"  # "auto" resolves to "cuda" when available, else "cpu"
     subset: int = 0  # 0: full split; N: first N training and N // 5 validation images (smoke runs)
+    precision: str = "fp32"  # one of PRECISIONS
 
     def __post_init__(self) -> None:
         _check_choice("model", self.model, MODELS)
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("device", self.device, DEVICES)
+        _check_choice("precision", self.precision, PRECISIONS)
         # Fill the per-optimizer / per-model defaults so the frozen value is complete and loggable.
         if self.lr is None:
             object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])

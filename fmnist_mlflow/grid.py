@@ -36,13 +36,13 @@ class Grid:
     seed: int
     source: str  # the file it was read from
 
-    def configs(self, epochs: int | None = None, subset: int = 0, device: str = "auto") -> list:
+    def configs(self, epochs: int | None = None, subset: int = 0, device: str = "auto", precision: str = "fp32") -> list:
         """One RunConfig per model x loss x optimizer, in the report's table order."""
         return [
             RunConfig(
                 model=m, loss=l, optimizer=o, lr=self.lr[o], momentum=self.momentum.get(o, 0.0),
                 dropout=self.dropout.get(m, 0.0), batch_size=self.batch_size, epochs=epochs or self.epochs,
-                seed=self.seed, device=device, subset=subset,
+                seed=self.seed, device=device, subset=subset, precision=precision,
             )
             for m, l, o in itertools.product(self.models, self.losses, self.optimizers)
         ]

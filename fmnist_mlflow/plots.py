@@ -52,8 +52,8 @@ def sweep_curves(histories: dict) -> Figure:
             history = histories[key]
             epochs = [m["epoch"] for m in history]
             label = f"{key[0]} {key[2]}"
-            ax.plot(epochs, [m["train_loss"] for m in history], "-", color=colours(i % 10), label=label)
-            ax.plot(epochs, [m["val_loss"] for m in history], "--", color=colours(i % 10))
+            ax.plot(epochs, [m["train_loss"] for m in history], "o-", ms=3, color=colours(i % 10), label=label)
+            ax.plot(epochs, [m["val_loss"] for m in history], "s--", ms=3, color=colours(i % 10))
         ax.set(xlabel="epoch", ylabel="loss (per-example mean)", title=f"{LOSS_TITLES[loss]} (solid: train, dashed: val)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")

@@ -42,6 +42,7 @@ class SearchSettings:
     epochs: int = 10
     subset: int = 0
     device: str = "auto"
+    precision: str = "fp32"
 
 
 def redact(url: str) -> str:
@@ -154,7 +155,8 @@ def warm_start(study: optuna.Study, space: Space, experiment_id: str) -> Optiona
 def objective_for(space: Space, data: Dataset, settings: SearchSettings, parent_id: str, key: str,
                   progress: Optional[Callable] = None) -> Callable:
     def objective(trial: optuna.Trial) -> float:
-        config = space.suggest(trial, epochs=settings.epochs, subset=settings.subset, device=settings.device)
+        config = space.suggest(trial, epochs=settings.epochs, subset=settings.subset, device=settings.device,
+                               precision=settings.precision)
         on_epoch, on_batch = progress(trial, config) if progress else (None, None)
 
         def on_epoch_end(metrics: dict) -> None:

@@ -42,7 +42,7 @@ class Space:
     def direction(self) -> str:
         return "maximize" if SELECT[self.metric] else "minimize"
 
-    def suggest(self, trial, *, epochs: int, subset: int = 0, device: str = "auto") -> RunConfig:
+    def suggest(self, trial, *, epochs: int, subset: int = 0, device: str = "auto", precision: str = "fp32") -> RunConfig:
         """The trial's RunConfig: fixed values, plus what the trial samples."""
         values = dict(self.fixed)
         for name, options in self.choices.items():
@@ -53,7 +53,7 @@ class Space:
         if optimizer in self.lr:
             r = self.lr[optimizer]
             values["lr"] = trial.suggest_float(f"lr_{optimizer}", r.low, r.high, log=r.log)
-        return RunConfig(**values, epochs=epochs, subset=subset, device=device)
+        return RunConfig(**values, epochs=epochs, subset=subset, device=device, precision=precision)
 
     def params_for(self, config: dict) -> dict:
         """Optuna params that reproduce a config (e.g. the grid's best), keeping what this space holds."""

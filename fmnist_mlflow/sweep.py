@@ -48,7 +48,14 @@ def run_sweep(
     select: str = "val_accuracy",
     on_start: Optional[StartCallback] = None,
     progress: Optional[ProgressFactory] = None,
+    jobs: int = 1,
+    data_dir: Optional[str] = None,
 ) -> SweepResult:
+    """Run `configs` under the grid's parent run (resumed if it exists) and summarize them on it.
+
+    With `jobs > 1` the configs still to run go to that many worker processes (each loads the data
+    itself, from `data_dir`), which take the next config from a shared queue when one finishes.
+    """
     digest = sweep_digest(configs)
     parent_id = None
     if not tracking.inside_mlflow_run():  # inside `mlflow run` the parent is the run it created
@@ -63,21 +70,59 @@ def run_sweep(
             if child.info.status == "FINISHED"
         }
         todo = [c for c in configs if c.digest() not in finished]
-        started = time.monotonic()
-        for k, config in enumerate(todo):
-            elapsed = time.monotonic() - started
-            if on_start is not None:
-                on_start(k, len(todo), config, elapsed, elapsed / k * (len(todo) - k) if k else None)
-            on_epoch_end, on_batch = progress(config) if progress else (None, None)
-            try:
-                runs.tracked_fit(config, data, kind="sweep-child", parent_run_id=parent_id,
-                                 on_epoch_end=on_epoch_end, on_batch=on_batch)
-            except (train.DivergedError, RuntimeError):
-                pass  # the child ended FAILED with its reason; the summary reports it
+        if jobs > 1 and len(todo) > 1:
+            run_parallel(todo, parent_id, min(jobs, len(todo)), data_dir, data.subset)
+        else:
+            run_serial(todo, parent_id, data, on_start, progress)
         result = summarize(parent_id, configs, select)
         result.skipped = len(configs) - len(todo)
         log_summary(result, select)
     return result
+
+
+def _fit_child(config, data: Dataset, parent_id: str, on_epoch_end=None, on_batch=None) -> None:
+    try:
+        runs.tracked_fit(config, data, kind="sweep-child", parent_run_id=parent_id,
+                         on_epoch_end=on_epoch_end, on_batch=on_batch)
+    except (train.DivergedError, RuntimeError):
+        pass  # the child ended FAILED with its reason; the summary reports it
+
+
+def run_serial(todo: list, parent_id: str, data: Dataset, on_start, progress) -> None:
+    started = time.monotonic()
+    for k, config in enumerate(todo):
+        elapsed = time.monotonic() - started
+        if on_start is not None:
+            on_start(k, len(todo), config, elapsed, elapsed / k * (len(todo) - k) if k else None)
+        on_epoch_end, on_batch = progress(config) if progress else (None, None)
+        _fit_child(config, data, parent_id, on_epoch_end, on_batch)
+
+
+def run_parallel(todo: list, parent_id: str, jobs: int, data_dir: Optional[str], subset: int) -> None:
+    import multiprocessing
+
+    from . import parallel
+
+    queue = multiprocessing.get_context("spawn").Queue()
+    for config in sorted(todo, key=lambda c: c.model != "model3"):  # the slow model3 configs first
+        queue.put(config)
+    parallel.run_workers(worker, [(queue, parent_id, data_dir, subset)] * jobs, tracking.tracking_uri())
+
+
+def worker(queue, parent_id: str, data_dir: Optional[str], subset: int) -> None:
+    """A `--jobs` worker process: take configs from the queue until it is empty."""
+    import queue as queue_mod
+
+    from .data import load
+
+    data = load(data_dir, subset=subset)
+    while True:
+        try:
+            config = queue.get(timeout=1)
+        except queue_mod.Empty:
+            return
+        _fit_child(config, data, parent_id)
+        print(f"done: {config.run_name}", flush=True)
 
 
 def sweep_params(grid: Grid, configs: list) -> dict:
