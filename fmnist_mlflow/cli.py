@@ -306,7 +306,8 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
         space, storage, study_name, experiment_id=experiment_id, settings=settings,
         sampler=search_mod.make_sampler(sampler, seed), pruner=search_mod.make_pruner(pruner, epochs))
     click.echo(f"study {study_name} ({space.direction} {space.metric}) in {search_mod.redact(storage)}: "
-               f"{len(study.trials)} earlier trial(s); parent run {parent_id}; tracking to {uri}")
+               f"{sum(t.state.is_finished() for t in study.trials)} finished trial(s) so far; parent run {parent_id}; "
+               f"tracking to {uri}")
     if warm:
         click.echo(f"warm start: the grid's best config enqueued as the first trial: {warm}")
     if jobs == 1:

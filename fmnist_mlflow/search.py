@@ -127,7 +127,8 @@ def ensure_parent(study: optuna.Study, key: str, space: Space, experiment_id: st
         return parent
     params = {"study": study.study_name, "space_name": space.name, "metric": space.metric, "direction": space.direction,
               "epochs": settings.epochs, "subset": settings.subset}
-    mine = tracking.create_run(study.study_name, kind="search", tags={TAG_STUDY: key}, params=params)
+    tags = {TAG_STUDY: key, **tracking.environment_tags(settings.device)}
+    mine = tracking.create_run(study.study_name, kind="search", tags=tags, params=params)
     rivals = tracking.find_runs([experiment_id], {TAG_STUDY: key, tracking.TAG_KIND: "search"})
     winner = min(rivals, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
     if winner != mine:

@@ -64,6 +64,7 @@ def run_sweep(
     with tracking.run(grid.name, kind="sweep", run_id=parent_id, tags={TAG_SWEEP: digest}) as parent:
         parent_id = parent.info.run_id
         tracking.log_params_once(sweep_params(grid, configs))
+        tracking.set_tags(tracking.environment_tags(configs[0].device))
         finished = {
             child.data.tags.get(tracking.TAG_CONFIG_HASH)
             for child in tracking.child_runs(parent_id)

@@ -9,6 +9,7 @@ KILLED (Ctrl-C, SIGTERM, or a pruned trial); none is left RUNNING.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -161,7 +162,9 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> Optional[str]:
+    """The commit of the code this process runs: read once, so a long sweep does not pick up later commits."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
