@@ -16,7 +16,7 @@ import click
 
 from . import config as cfg
 from . import data as data_mod
-from .search import PRUNERS, SAMPLERS
+from .space import PRUNERS, SAMPLERS
 from .summary import SELECT as SELECT_METRICS
 
 EXIT_INTERRUPTED = 130
@@ -25,10 +25,9 @@ EXIT_INTERRUPTED = 130
 class AutoOr(click.ParamType):
     """A float in a range, or the word `auto` (meaning the config's per-model/optimizer default)."""
 
-    def __init__(self, low: float, high: Optional[float], low_open: bool, high_open: bool, auto_help: str):
+    def __init__(self, low: float, high: Optional[float], low_open: bool, high_open: bool):
         self.inner = click.FloatRange(low, high, min_open=low_open, max_open=high_open)
         self.name = f"{self.inner.name}|auto"
-        self.auto_help = auto_help
 
     def convert(self, value, param, ctx):
         if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
@@ -84,9 +83,9 @@ def config_options(fn):
         click.option("--loss", type=click.Choice(cfg.LOSSES), default="ce", show_default=True,
                      help="ce: CrossEntropyLoss; bce: BCEWithLogitsLoss on one-hot targets."),
         click.option("--optimizer", type=click.Choice(cfg.OPTIMIZERS), default="adam", show_default=True),
-        click.option("--lr", type=AutoOr(0, None, True, False, ""), default="auto", show_default=True,
+        click.option("--lr", type=AutoOr(0, None, True, False), default="auto", show_default=True,
                      help=f"Learning rate > 0; auto: {cfg.DEFAULT_LR}."),
-        click.option("--dropout", type=AutoOr(0, 1, False, True, ""), default="auto", show_default=True,
+        click.option("--dropout", type=AutoOr(0, 1, False, True), default="auto", show_default=True,
                      help=f"Dropout rate in [0, 1); auto: {cfg.DEFAULT_DROPOUT}."),
         click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same metrics on CPU."),

@@ -20,15 +20,13 @@ import optuna
 from . import runs, train, tracking
 from .data import Dataset
 from .search_report import ATTR_RUN
-from .space import Space
+from .space import PRUNERS, SAMPLERS, Space  # noqa: F401 (re-exported for callers of this module)
 from .sweep import TAG_BEST_RUN, TAG_SWEEP
 
 ATTR_PARENT = "mlflow_parent_run_id"
 TAG_STUDY = "fmnist.study"
 TAG_TRIAL = "fmnist.trial"
 TAG_STATE = "fmnist.trial_state"
-PRUNERS = ("median", "hyperband", "none")
-SAMPLERS = ("tpe", "random")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -16,6 +16,8 @@ from .config import LOSSES, MODELS, OPTIMIZERS, ConfigError, RunConfig
 from .grid import SpecError, read_yaml
 from .summary import SELECT
 
+PRUNERS = ("median", "hyperband", "none")
+SAMPLERS = ("tpe", "random")
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "experiments" / "search.yaml"
 FIXABLE = {"model": str, "loss": str, "optimizer": str, "batch_size": int, "seed": int, "dropout": float, "lr": float}
 CHOICES = {"model": MODELS, "loss": LOSSES, "optimizer": OPTIMIZERS}
