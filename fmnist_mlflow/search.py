@@ -162,7 +162,8 @@ def objective_for(space: Space, data: Dataset, settings: SearchSettings, parent_
             trial.report(metrics[space.metric], metrics["epoch"])
             if on_epoch is not None:
                 on_epoch(metrics)
-            if trial.should_prune():
+            # never prune after the last epoch: the trial has done all its work and completes with its value
+            if metrics["epoch"] < settings.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {metrics['epoch']} ({space.metric} "
                                          f"{metrics[space.metric]:.4f})")
 

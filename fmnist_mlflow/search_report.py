@@ -74,14 +74,16 @@ def figures(study: optuna.Study) -> dict:
                 out["param_importances.png"] = ovm.plot_param_importances(study).figure
             except (RuntimeError, ValueError, ZeroDivisionError):
                 pass  # importances need variation in the completed trials
-            best_lr = next((p for p in study.best_trial.params if p.startswith("lr_")), None)
-            pair = [p for p in ("dropout", best_lr) if p]
-            try:
-                if len(pair) == 2:
-                    out["dropout_lr_contour.png"] = _figure(ovm.plot_contour(study, params=pair))
-                else:
-                    raise ValueError("nothing to contour")
-            except (RuntimeError, ValueError, IndexError):
+            # Each optimizer has its own lr parameter: contour dropout against the one with most completed trials.
+            counts: dict = {}
+            for t in completed:
+                for name in t.params:
+                    if name.startswith("lr_") and "dropout" in t.params:
+                        counts[name] = counts.get(name, 0) + 1
+            lr = max(counts, key=counts.get) if counts else None
+            if lr and counts[lr] >= 3:  # a contour needs a few points to interpolate between
+                out["dropout_lr_contour.png"] = _figure(ovm.plot_contour(study, params=["dropout", lr]))
+            else:
                 out["dropout_lr_slice.png"] = _figure(ovm.plot_slice(study))
     return out
 

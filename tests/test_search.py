@@ -179,3 +179,16 @@ def test_bad_space_files_fail_before_any_run(store, tmp_path, change, message):
     assert result.exit_code == 2 and message in result.output and str(path) in result.output, result.output
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
     assert not (tmp_path / "optuna.db").exists()
+
+
+def test_a_trial_is_never_pruned_after_its_last_epoch(store, tmp_path, tiny_data):
+    space = load_space(write_space(tmp_path))
+    settings = search.SearchSettings(epochs=1, subset=600, device="cpu")
+    always = optuna.pruners.ThresholdPruner(lower=0.999)
+    study, parent, key, _ = search.prepare(space, f"sqlite:///{tmp_path / 'o.db'}", "last", settings=settings,
+                                           experiment_id=tracking.use_experiment("fmnist"),
+                                           sampler=optuna.samplers.RandomSampler(seed=0), pruner=always)
+    search.run_trials(study, parent, key, space, tiny_data, settings, trials=1, timeout=None)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
+    (_, (trial,)) = study_runs()
+    assert trial.info.status == "FINISHED" and trial.data.tags[search.TAG_STATE] == "COMPLETE"
