@@ -190,7 +190,7 @@ def log_config(config: RunConfig, data: Dataset) -> None:
                 name=f"fashion-mnist-{context}",
                 digest=split_digest(context, data.subset),
             )
-        mlflow.log_input(dataset, context=context)
+        _log_input(dataset, context)
 
 
 def _same_value(logged: Optional[str], value) -> bool:
@@ -200,6 +200,20 @@ def _same_value(logged: Optional[str], value) -> bool:
         return float(logged) == float(value)
     except (TypeError, ValueError):
         return logged == str(value)
+
+
+def _log_input(dataset, context: str) -> None:
+    """Log a run input. Runs that start together (--jobs, several workers) may race to create the same
+    dataset record; the server's insert then fails on a UNIQUE constraint and a second try links the
+    record the other run created."""
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except mlflow.exceptions.MlflowException as exc:
+            if attempt == 2 or ("UNIQUE" not in str(exc) and "already exists" not in str(exc)):
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def split_digest(context: str, subset: int) -> str:
