@@ -20,7 +20,7 @@ import optuna
 from . import runs, train, tracking
 from .data import Dataset
 from .search_report import ATTR_RUN
-from .space import PRUNERS, SAMPLERS, Space  # noqa: F401 (re-exported for callers of this module)
+from .space import Space
 from .sweep import TAG_BEST_RUN, TAG_SWEEP
 
 ATTR_PARENT = "mlflow_parent_run_id"

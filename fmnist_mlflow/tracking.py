@@ -24,7 +24,6 @@ from urllib.parse import urlparse
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from . import plots
@@ -269,9 +268,6 @@ def client() -> MlflowClient:
 
 def run_status(run_id: str) -> str:
     return client().get_run(run_id).info.status
-
-
-__all__ = ["RunStatus", "TrackingError", "check_reachable", "run", "log_config", "log_epoch", "log_model"]
 
 
 # --- reading runs back (sweeps, searches, registry) -------------------------------------------------
