@@ -66,6 +66,9 @@ def device_options(fn):
     """Where and how a run computes: shared by train, sweep and search."""
     fn = click.option("--precision", type=click.Choice(cfg.PRECISIONS), default="fp32", show_default=True,
                       help="bf16: autocast the forward pass (pays on GPUs).")(fn)
+    fn = click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+                      help="CPU threads per training process (0: all cores, or cores / N with --jobs N). "
+                      "Give 1 to each of several workers started on one machine.")(fn)
     return click.option("--device", type=click.Choice(cfg.DEVICES), default="auto", show_default=True,
                         help="auto: CUDA when available.")(fn)
 
@@ -93,6 +96,15 @@ def config_options(fn):
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def use_threads(threads: int) -> int:
+    """Set this process's torch CPU threads (0 keeps torch's default: all cores); returns the count."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def build_config(**values) -> cfg.RunConfig:
@@ -194,11 +206,12 @@ def data(data_dir: Optional[str]) -> None:
 @device_options
 @tracking_options
 @reported
-def train(experiment: str, data_dir: Optional[str], **values) -> None:
+def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> None:
     """Train one configuration as one MLflow run (params, per-epoch metrics, curves, model)."""
     from . import runs, tracking
 
     config = build_config(**values)
+    use_threads(threads)
     uri = tracking.check_reachable()
     dataset = data_mod.load(data_dir, subset=config.subset)
     tracking.use_experiment(experiment)
@@ -214,6 +227,8 @@ def train(experiment: str, data_dir: Optional[str], **values) -> None:
               help="Grid file (default: experiments/grid.yaml, the report's 18 configs).")
 @click.option("--select", type=click.Choice(list(SELECT_METRICS)), default="val_accuracy", show_default=True,
               help="Validation metric that picks the best config (never training loss).")
+@click.option("--seeds", default=None, metavar="0,1,2",
+              help="Training seeds, each config runs once per seed (default: the grid's `seeds`, [0] for the report's).")
 @device_options
 @jobs_option
 @click.option("--epochs", type=click.IntRange(min=0), default=0, show_default=True,
@@ -223,7 +238,7 @@ def train(experiment: str, data_dir: Optional[str], **values) -> None:
 @click.option("--experiment", default="fmnist", show_default=True, help="MLflow experiment name.")
 @data_dir_option
 @reported
-def sweep(grid_file, select, device, precision, jobs, epochs, subset, experiment, data_dir) -> None:
+def sweep(grid_file, select, seeds, device, precision, threads, jobs, epochs, subset, experiment, data_dir) -> None:
     """Run every config of a grid as nested runs under one parent; resumable (finished configs are skipped)."""
     import time
 
@@ -233,13 +248,18 @@ def sweep(grid_file, select, device, precision, jobs, epochs, subset, experiment
 
     try:
         grid = grid_mod.load_grid(grid_file or grid_mod.DEFAULT_GRID)
-        configs = grid.configs(epochs=epochs, subset=subset, device=device, precision=precision)
+        seed_list = grid_mod.parse_seeds(seeds) if seeds is not None else None
+        configs = grid.configs(epochs=epochs, subset=subset, device=device, precision=precision, seeds=seed_list)
     except (grid_mod.SpecError, cfg.ConfigError) as exc:
         raise click.UsageError(str(exc)) from None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--seeds") from None
+    use_threads(threads)
     uri = tracking.check_reachable()
     dataset = data_mod.load(data_dir, subset=subset)
     experiment_id = tracking.use_experiment(experiment)
-    click.echo(f"sweep {grid.name}: {len(configs)} configs x {configs[0].epochs} epochs on {configs[0].device}, "
+    n_seeds = len({c.seed for c in configs})
+    click.echo(f"sweep {grid.name}: {len(configs) // n_seeds} configs x {n_seeds} seed(s) x {configs[0].epochs} epochs on {configs[0].device}, "
                f"{dataset.sizes['train_size']:,} train / {dataset.sizes['val_size']:,} val images; tracking to {uri}")
     started = time.monotonic()
 
@@ -252,9 +272,10 @@ def sweep(grid_file, select, device, precision, jobs, epochs, subset, experiment
         return bar.on_epoch_end, bar.on_batch
 
     if jobs > 1:
-        click.echo(f"{jobs} workers, {parallel.threads_per_worker(jobs)} CPU thread(s) each")
+        click.echo(f"{jobs} workers, {threads or parallel.threads_per_worker(jobs)} CPU thread(s) each")
     result = sweep_mod.run_sweep(grid, configs, dataset, experiment_id=experiment_id, select=select,
-                                 on_start=on_start, progress=progress, jobs=jobs, data_dir=data_dir)
+                                 on_start=on_start, progress=progress, jobs=jobs, data_dir=data_dir,
+                                 threads=threads)
     click.echo("")
     click.echo(result.markdown)
     if result.skipped:
@@ -283,8 +304,8 @@ def sweep(grid_file, select, device, precision, jobs, epochs, subset, experiment
 @device_options
 @tracking_options
 @reported
-def search(trials, timeout, storage, study_name, space_file, sampler, pruner, seed, jobs, device, precision, epochs,
-           subset, experiment, data_dir) -> None:
+def search(trials, timeout, storage, study_name, space_file, sampler, pruner, seed, jobs, device, precision, threads,
+           epochs, subset, experiment, data_dir) -> None:
     """Search dropout and learning rate with Optuna; each trial a nested run under the study's parent run."""
     from . import parallel, search as search_mod, tracking
     from .grid import SpecError
@@ -298,6 +319,7 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
     except SpecError as exc:
         raise click.UsageError(str(exc)) from None
     study_name = study_name or space.name
+    use_threads(threads)
     uri = tracking.check_reachable()
     dataset = data_mod.load(data_dir, subset=subset)
     experiment_id = tracking.use_experiment(experiment)
@@ -324,8 +346,9 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
         jobs_list = [search_mod.WorkerJob(space_file, storage, study_name, parent_id, key, settings, n, timeout,
                                           sampler, pruner, seed + i, data_dir)
                      for i, n in enumerate(parallel.split(trials, jobs)) if n]
-        click.echo(f"{len(jobs_list)} workers, {parallel.threads_per_worker(len(jobs_list))} CPU thread(s) each")
-        codes = parallel.run_workers(search_mod.worker, [(job,) for job in jobs_list], tracking.tracking_uri())
+        click.echo(f"{len(jobs_list)} workers, {threads or parallel.threads_per_worker(len(jobs_list))} CPU thread(s) each")
+        codes = parallel.run_workers(search_mod.worker, [(job,) for job in jobs_list], tracking.tracking_uri(),
+                                     threads=threads)
         if any(codes):
             raise click.ClickException(f"worker exit codes {codes}; see the trials' runs for reasons")
     summary = search_mod.finish(study, parent_id, space, settings)

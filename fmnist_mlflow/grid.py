@@ -33,18 +33,20 @@ class Grid:
     dropout: dict  # model -> dropout rate
     batch_size: int
     epochs: int
-    seed: int
+    seeds: tuple  # training seeds: every config runs once per seed
     source: str  # the file it was read from
 
-    def configs(self, epochs: int | None = None, subset: int = 0, device: str = "auto", precision: str = "fp32") -> list:
-        """One RunConfig per model x loss x optimizer, in the report's table order."""
+    def configs(self, epochs: int | None = None, subset: int = 0, device: str = "auto", precision: str = "fp32",
+                seeds: tuple | None = None) -> list:
+        """One RunConfig per model x loss x optimizer x seed, in the report's table order (seeds innermost).
+        `seeds` overrides the grid's own."""
         return [
             RunConfig(
                 model=m, loss=l, optimizer=o, lr=self.lr[o], momentum=self.momentum.get(o, 0.0),
                 dropout=self.dropout.get(m, 0.0), batch_size=self.batch_size, epochs=epochs or self.epochs,
-                seed=self.seed, device=device, subset=subset, precision=precision,
+                seed=seed, device=device, subset=subset, precision=precision,
             )
-            for m, l, o in itertools.product(self.models, self.losses, self.optimizers)
+            for m, l, o, seed in itertools.product(self.models, self.losses, self.optimizers, seeds or self.seeds)
         ]
 
 
@@ -54,11 +56,28 @@ def sweep_digest(configs: list) -> str:
     return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
 
+def parse_seeds(values) -> tuple:
+    """Training seeds from a list (grid file) or "0,1,2" (command line): distinct ints in [0, 2**63)."""
+    if isinstance(values, str):
+        try:
+            values = [int(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"expected comma-separated integers, got {values!r}") from None
+    if not values:
+        raise ValueError("no seed given")
+    for value in values:
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+            raise ValueError(f"each seed must be an integer in [0, 2**63), got {value!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"a seed is listed twice: {list(values)}")
+    return tuple(values)
+
+
 # key -> (type, required)
 _KEYS = {
     "name": (str, True), "models": (list, True), "losses": (list, True), "optimizers": (list, True),
     "lr": (dict, True), "momentum": (dict, False), "dropout": (dict, False),
-    "batch_size": (int, True), "epochs": (int, True), "seed": (int, False),
+    "batch_size": (int, True), "epochs": (int, True), "seed": (int, False), "seeds": (list, False),
 }  # fmt: skip
 
 
@@ -90,9 +109,18 @@ def load_grid(path: str | Path = DEFAULT_GRID) -> Grid:
         value = spec[key]
         if not isinstance(value, kind) or isinstance(value, bool):
             raise SpecError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
+    if "seed" in spec and "seeds" in spec:
+        raise SpecError(f"{where}: give seed or seeds, not both")
+    seeds = spec.get("seeds", [spec.get("seed", 0)])
+    try:
+        seeds = parse_seeds(seeds)
+    except ValueError as exc:
+        raise SpecError(f"{where}: seeds: {exc}") from None
     for key, allowed in (("models", MODELS), ("losses", LOSSES), ("optimizers", OPTIMIZERS)):
         if not spec[key]:
             raise SpecError(f"{where}: {key} is empty")
+        if len(set(map(str, spec[key]))) != len(spec[key]):
+            raise SpecError(f"{where}: {key} lists an entry twice")
         for value in spec[key]:
             if value not in allowed:
                 raise SpecError(f"{where}: unknown {key[:-1] if key != 'losses' else 'loss'} {value!r} in {key}; "
@@ -109,7 +137,7 @@ def load_grid(path: str | Path = DEFAULT_GRID) -> Grid:
         name=spec["name"], models=tuple(spec["models"]), losses=tuple(spec["losses"]),
         optimizers=tuple(spec["optimizers"]), lr=dict(spec["lr"]), momentum=dict(spec.get("momentum", {})),
         dropout=dict(spec.get("dropout", {})), batch_size=spec["batch_size"], epochs=spec["epochs"],
-        seed=spec.get("seed", 0), source=where,
+        seeds=seeds, source=where,
     )  # fmt: skip
     try:
         grid.configs(device="cpu")  # every combination must be a valid RunConfig

@@ -35,10 +35,11 @@ def _main(target: Callable, tracking_uri: str, threads: int, args: tuple) -> Non
         raise SystemExit(130)
 
 
-def run_workers(target: Callable, arg_lists: list, tracking_uri: str) -> list:
-    """Run `target(*args)` in one process per entry of `arg_lists`; returns their exit codes."""
+def run_workers(target: Callable, arg_lists: list, tracking_uri: str, threads: int = 0) -> list:
+    """Run `target(*args)` in one process per entry of `arg_lists`; returns their exit codes.
+    Each gets `threads` CPU threads (0: the cores divided between the workers)."""
     ctx = multiprocessing.get_context("spawn")
-    threads = threads_per_worker(len(arg_lists))
+    threads = threads or threads_per_worker(len(arg_lists))
     procs = [ctx.Process(target=_main, args=(target, tracking_uri, threads, args)) for args in arg_lists]
     for proc in procs:
         proc.start()

@@ -50,6 +50,7 @@ def run_sweep(
     progress: Optional[ProgressFactory] = None,
     jobs: int = 1,
     data_dir: Optional[str] = None,
+    threads: int = 0,
 ) -> SweepResult:
     """Run `configs` under the grid's parent run (resumed if it exists) and summarize them on it.
 
@@ -70,9 +71,10 @@ def run_sweep(
             for child in tracking.child_runs(parent_id)
             if child.info.status == "FINISHED"
         }
-        todo = [c for c in configs if c.digest() not in finished]
+        # seed by seed: a partial sweep still compares every config on the same seeds
+        todo = sorted((c for c in configs if c.digest() not in finished), key=lambda c: c.seed)
         if jobs > 1 and len(todo) > 1:
-            run_parallel(todo, parent_id, min(jobs, len(todo)), data_dir, data.subset)
+            run_parallel(todo, parent_id, min(jobs, len(todo)), data_dir, data.subset, threads)
         else:
             run_serial(todo, parent_id, data, on_start, progress)
         result = summarize(parent_id, configs, select)
@@ -99,15 +101,15 @@ def run_serial(todo: list, parent_id: str, data: Dataset, on_start, progress) ->
         _fit_child(config, data, parent_id, on_epoch_end, on_batch)
 
 
-def run_parallel(todo: list, parent_id: str, jobs: int, data_dir: Optional[str], subset: int) -> None:
+def run_parallel(todo: list, parent_id: str, jobs: int, data_dir: Optional[str], subset: int, threads: int = 0) -> None:
     import multiprocessing
 
     from . import parallel
 
     queue = multiprocessing.get_context("spawn").Queue()
-    for config in sorted(todo, key=lambda c: c.model != "model3"):  # the slow model3 configs first
+    for config in sorted(todo, key=lambda c: (c.seed, c.model != "model3")):  # seed by seed, slow model3 first
         queue.put(config)
-    parallel.run_workers(worker, [(queue, parent_id, data_dir, subset)] * jobs, tracking.tracking_uri())
+    parallel.run_workers(worker, [(queue, parent_id, data_dir, subset)] * jobs, tracking.tracking_uri(), threads)
 
 
 def worker(queue, parent_id: str, data_dir: Optional[str], subset: int) -> None:
@@ -130,7 +132,8 @@ def sweep_params(grid: Grid, configs: list) -> dict:
     first = configs[0]
     return {
         "grid_name": grid.name, "grid_file": os.path.basename(grid.source), "configs": len(configs),
-        "epochs": first.epochs, "batch_size": first.batch_size, "seed": first.seed, "subset": first.subset,
+        "epochs": first.epochs, "batch_size": first.batch_size,
+        "seeds": ",".join(str(s) for s in sorted({c.seed for c in configs})), "subset": first.subset,
         "device": first.device,
     }  # fmt: skip
 

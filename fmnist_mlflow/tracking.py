@@ -32,7 +32,9 @@ from .data import CLASS_NAMES, FILES, Dataset
 
 TAG_FAILURE = "fmnist.failure_reason"
 TAG_KIND = "fmnist.kind"  # "train" (one config), "sweep" (a grid's parent), "trial", "search"
-TAG_CONFIG_HASH = "fmnist.config_hash"
+TAG_CONFIG_HASH = "fmnist.config_hash"  # one (config, seed): what resume matches
+TAG_CONFIG_GROUP = "fmnist.config_group"  # shared by the seeds of one config: group by it in the UI
+TAG_CONFIG_NAME = "fmnist.config"  # a readable name of the config, shared by its seeds
 EPOCH_METRICS = ("train_loss", "val_loss", "val_nll", "val_accuracy", "epoch_seconds")
 REACH_TIMEOUT_S = 15.0  # give up on an unreachable tracking server after this long
 MODEL_ARTIFACT = "model"
@@ -148,7 +150,8 @@ def run(
 
 
 def environment_tags(device: str) -> dict:
-    tags = {"torch_version": torch.__version__, "device_name": device_name(device)}
+    # Same seed, same metrics on the CPU only at the same thread count: record it.
+    tags = {"torch_version": torch.__version__, "device_name": device_name(device), "torch_threads": torch.get_num_threads()}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -177,7 +180,8 @@ def log_config(config: RunConfig, data: Dataset) -> None:
     """The whole config once, as params, plus the split sizes and the datasets as run inputs."""
     # `mlflow run` has already logged the MLproject parameters it passed, as strings.
     log_params_once({**config.to_params(), **data.sizes})
-    mlflow.set_tags({TAG_CONFIG_HASH: config.digest(), **environment_tags(config.device)})
+    mlflow.set_tags({TAG_CONFIG_HASH: config.digest(), TAG_CONFIG_GROUP: config.group,
+                     TAG_CONFIG_NAME: config.run_name, **environment_tags(config.device)})
     for context, split in (("training", data.train), ("validation", data.val)):
         with warnings.catch_warnings():
             # MLflow registers local folders under two equivalent source schemes and warns about it.
