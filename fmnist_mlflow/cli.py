@@ -287,8 +287,8 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, epochs, su
 
 
 @main.command()
-@click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Trials this command runs (split over --jobs workers).")
+@click.option("--trials", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Trials this command runs (split over --jobs workers); 0 with --confirm: only confirm.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop starting new trials after this many seconds.")
 @click.option("--storage", default="sqlite:///optuna.db", show_default=True,
@@ -298,19 +298,36 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, epochs, su
 @click.option("--space", "space_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Search space file (default: experiments/search.yaml).")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default="tpe", show_default=True)
-@click.option("--pruner", type=click.Choice(PRUNERS), default="median", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed (worker i uses seed + i).")
+@click.option("--pruner", type=click.Choice(PRUNERS), default=PRUNERS[0], show_default=True,
+              help="percentile: prune the bottom quarter from mid-run on (see experiments/SEARCH.md).")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
+              help="Sampler seed for a reproducible single-process search (default: fresh entropy; a resumed "
+              "study or another worker never replays the same suggestions).")
+@click.option("--confirm", "confirm_k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="After the trials, re-run the K best with --seeds seeds each and name the champion by the mean.")
+@click.option("--seeds", "confirm_seeds", default="3", show_default=True, metavar="N|1,2,3",
+              help="Seeds for --confirm: a count N (fresh seeds 1..N, not the search's own seed 0) or a list.")
 @jobs_option
 @device_options
 @tracking_options
 @reported
-def search(trials, timeout, storage, study_name, space_file, sampler, pruner, seed, jobs, device, precision, threads,
-           epochs, subset, experiment, data_dir) -> None:
-    """Search dropout and learning rate with Optuna; each trial a nested run under the study's parent run."""
+def search(trials, timeout, storage, study_name, space_file, sampler, pruner, seed, confirm_k, confirm_seeds, jobs,
+           device, precision, threads, epochs, subset, experiment, data_dir) -> None:
+    """Search model3's training settings with Optuna (dropout, learning rate, weight decay, schedule, batch
+    size, label smoothing, augmentation); each trial a nested run under the study's parent run."""
     from . import parallel, search as search_mod, tracking
-    from .grid import SpecError
+    from .grid import SpecError, parse_seeds
     from .space import DEFAULT_SPACE, load_space
 
+    try:
+        seeds = (tuple(range(1, int(confirm_seeds) + 1)) if confirm_seeds.strip().isdigit()
+                 else parse_seeds(confirm_seeds))
+        if not seeds:
+            raise ValueError("give at least one seed")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--seeds") from None
+    if trials == 0 and not confirm_k:
+        raise click.UsageError("--trials 0 runs nothing; add --confirm K to confirm an existing study's best trials")
     space_file = space_file or str(DEFAULT_SPACE)
     try:
         space = load_space(space_file)
@@ -325,26 +342,31 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
     experiment_id = tracking.use_experiment(experiment)
     study, parent_id, key, warm = search_mod.prepare(
         space, storage, study_name, experiment_id=experiment_id, settings=settings,
-        sampler=search_mod.make_sampler(sampler, seed), pruner=search_mod.make_pruner(pruner, epochs))
+        sampler=search_mod.make_sampler(sampler, None), pruner=search_mod.make_pruner(pruner, epochs))
+    finished_before = sum(t.state.is_finished() for t in study.trials)
+    study.sampler = search_mod.make_sampler(sampler, search_mod.sampler_seed(seed, finished_before))
     click.echo(f"study {study_name} ({space.direction} {space.metric}) in {search_mod.redact(storage)}: "
                f"{sum(t.state.is_finished() for t in study.trials)} finished trial(s) so far; parent run {parent_id}; "
                f"tracking to {uri}")
     if warm:
         click.echo(f"warm start: the grid's best config enqueued as the first trial: {warm}")
-    if jobs == 1:
+    if trials == 0:
+        pass
+    elif jobs == 1:
         def progress(trial, config):
             bar = EpochProgress(config, prefix=f"  [trial {trial.number}] ")
             return bar.on_epoch_end, bar.on_batch
 
         def on_trial_end(t):
             value = "-" if t.value is None else f"{t.value:.4f}"
-            click.echo(f"trial {t.number} {t.state.name}: {space.metric} {value}  {t.params}")
+            click.echo(f"trial {t.number} {t.state.name}: {space.metric} {value}  {brief_params(t.params)}")
 
         search_mod.run_trials(study, parent_id, key, space, dataset, settings, trials=trials, timeout=timeout,
                               progress=progress, on_trial_end=on_trial_end)
     else:
         jobs_list = [search_mod.WorkerJob(space_file, storage, study_name, parent_id, key, settings, n, timeout,
-                                          sampler, pruner, seed + i, data_dir)
+                                          sampler, pruner, search_mod.sampler_seed(seed, finished_before, i),
+                                          data_dir)
                      for i, n in enumerate(parallel.split(trials, jobs)) if n]
         click.echo(f"{len(jobs_list)} workers, {threads or parallel.threads_per_worker(len(jobs_list))} CPU thread(s) each")
         codes = parallel.run_workers(search_mod.worker, [(job,) for job in jobs_list], tracking.tracking_uri(),
@@ -356,7 +378,24 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
                f"saved by pruning {summary.epochs_saved}")
     if summary.best:
         b = summary.best
-        click.echo(f"best: trial {b['number']} {space.metric} {b['value']:.4f} {b['params']} (run {b['run_id']})")
+        click.echo(f"best: trial {b['number']} {space.metric} {b['value']:.4f} {brief_params(b['params'])} "
+                   f"(run {b['run_id']})")
+    if confirm_k:
+        from . import confirm, summary as summary_mod
+
+        def on_start(n, total, trial, config):
+            click.echo(f"[confirm {n + 1}/{total}] trial {trial.number} seed {config.seed}")
+
+        done = confirm.confirm(study, parent_id, key, space, dataset, settings, k=confirm_k, seeds=seeds,
+                               on_start=on_start)
+        click.echo("")
+        click.echo(done.markdown)
+        if done.champion:
+            c = done.champion
+            est = getattr(c, space.metric)
+            click.echo(f"champion: trial {done.trial_of[c.group].number}, {space.metric} mean "
+                       f"{summary_mod.fmt_estimate(est, space.metric == 'val_accuracy')[0]} over seeds "
+                       f"{', '.join(map(str, c.seeds))} (best seed run {c.best_run_id})")
 
 
 @main.command()
@@ -379,16 +418,27 @@ def register(experiment, parent_run_id, run_id, select, name, alias, force, data
     try:  # the narrowest scope given wins: one run, then one sweep/search, then the experiment
         runs = registry.candidates(experiment=experiment or "fmnist", parent_run_id=parent_run_id or None,
                                    run_id=run_id or None)
-        run = registry.choose(runs, select)
-        click.echo(f"selected {run.info.run_name} ({run.info.run_id}) among {len(runs)} run(s): "
-                   f"{select} {run.data.metrics[select]:.4f}")
-        result = registry.register(run, data_mod.load_test(data_dir), name=name, alias=alias, select=select,
+        chosen = registry.choose(runs, select)
+        for note in chosen.notes:
+            click.echo(f"note: {note}")
+        run = chosen.pick
+        seeds = len(chosen.runs)
+        click.echo(f"selected {run.data.tags.get(tracking.TAG_CONFIG_NAME, run.info.run_name)} among "
+                   f"{chosen.considered} comparable config(s): {select} "
+                   + (f"mean {chosen.value.mean:.4f} over {seeds} seeds; registering seed "
+                      f"{run.data.params.get('seed')} ({run.info.run_id}), the best of them on {select}"
+                      if seeds > 1 else f"{chosen.value.mean:.4f} (run {run.info.run_id})"))
+        result = registry.register(chosen, data_mod.load_test(data_dir), name=name, alias=alias, select=select,
                                    force=force)
     except registry.RegistryError as exc:
         raise click.ClickException(str(exc)) from None
     test = result.test
     click.echo(f"test set: accuracy {100 * test['test_accuracy']:.2f}%, loss {test['test_loss']:.4f}, "
                f"nll {test['test_nll']:.4f} (metrics and test_evaluation/ on run {result.run_id})")
+    acc = result.test_accuracy
+    if acc.std is not None:
+        click.echo(f"test accuracy over the config's {acc.n} seeds: mean {100 * acc.mean:.2f}% ± {100 * acc.std:.2f}, "
+                   f"95% CI [{100 * acc.ci95[0]:.2f}, {100 * acc.ci95[1]:.2f}]%")
     moved = f"moved to version {result.version}" if result.alias_moved else "not moved"
     click.echo(f"registered {name} version {result.version}; alias {alias} {moved} ({result.reason})")
     for entry in registry.alias_history(name, alias):
@@ -454,6 +504,12 @@ def bench(quick, device) -> None:
     plan = bench_mod.QUICK if quick else bench_mod.FULL
     result = bench_mod.run(plan, build_config(device=device).device, report=click.echo)
     click.echo(json.dumps(result))
+
+
+def brief_params(params: dict) -> str:
+    from .confirm import brief_params as brief
+
+    return brief(params)
 
 
 def _duration(seconds: float) -> str:

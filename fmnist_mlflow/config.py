@@ -16,6 +16,7 @@ from typing import Optional
 
 MODELS = ("model1", "model2", "model3")
 LOSSES = ("ce", "bce")
+LOSS_NAMES = {"ce": "CrossEntropyLoss", "bce": "BCEWithLogitsLoss"}
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")  # bf16: autocast of the forward pass; pays on GPUs (and CPUs with AMX)

@@ -15,9 +15,9 @@ matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from .config import LOSS_NAMES  # noqa: E402
 from .data import CLASS_NAMES  # noqa: E402
 
-LOSS_TITLES = {"ce": "CrossEntropyLoss", "bce": "BCEWithLogitsLoss"}
 MISCLASSIFIED_SIDE = 6  # a 6 x 6 grid of the most confidently wrong test images
 
 
@@ -38,23 +38,31 @@ def run_curves(history: list, title: str) -> Figure:
 
 
 def sweep_curves(histories: dict) -> Figure:
-    """The report's loss graph, done per loss function: {(model, loss, optimizer): history}.
+    """The report's loss graph, done per loss function: {(model, loss, optimizer): {seed: history}}.
 
-    CE and BCE live on different scales, so each gets its own panel; solid lines are training loss,
-    dashed lines validation loss, one colour per model x optimizer.
+    CE and BCE live on different scales, so each gets its own panel; solid lines are the seed mean of
+    the training loss, dashed lines of the validation loss, one colour per model x optimizer; the band
+    spans the lowest to the highest seed (no band with one seed).
     """
-    losses = [name for name in LOSS_TITLES if any(key[1] == name for key in histories)]
+    losses = [name for name in LOSS_NAMES if any(key[1] == name for key in histories)]
     fig, axes = plt.subplots(1, len(losses), figsize=(7 * len(losses), 5), squeeze=False)
     colours = plt.get_cmap("tab10")
+    n_seeds = max(len(by_seed) for by_seed in histories.values())
     for ax, loss in zip(axes[0], losses):
         keys = sorted(key for key in histories if key[1] == loss)
         for i, key in enumerate(keys):
-            history = histories[key]
-            epochs = [m["epoch"] for m in history]
-            label = f"{key[0]} {key[2]}"
-            ax.plot(epochs, [m["train_loss"] for m in history], "o-", ms=3, color=colours(i % 10), label=label)
-            ax.plot(epochs, [m["val_loss"] for m in history], "s--", ms=3, color=colours(i % 10))
-        ax.set(xlabel="epoch", ylabel="loss (per-example mean)", title=f"{LOSS_TITLES[loss]} (solid: train, dashed: val)")
+            runs = list(histories[key].values())
+            epochs = min(len(h) for h in runs)  # seeds that ran the same number of epochs
+            x = np.arange(1, epochs + 1)
+            for metric, style in (("train_loss", "o-"), ("val_loss", "s--")):
+                values = np.array([[m[metric] for m in h[:epochs]] for h in runs])
+                label = f"{key[0]} {key[2]}" if metric == "train_loss" else None
+                ax.plot(x, values.mean(axis=0), style, ms=3, color=colours(i % 10), label=label)
+                if len(runs) > 1:
+                    ax.fill_between(x, values.min(axis=0), values.max(axis=0), color=colours(i % 10), alpha=0.15)
+        seeds = f"mean of {n_seeds} seeds, band: min-max" if n_seeds > 1 else "1 seed"
+        ax.set(xlabel="epoch", ylabel="loss (per-example mean)",
+               title=f"{LOSS_NAMES[loss]} (solid: train, dashed: val; {seeds})")
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
@@ -62,16 +70,22 @@ def sweep_curves(histories: dict) -> Figure:
     return fig
 
 
-def accuracy_bars(rows: list) -> Figure:
-    """Final validation accuracy per config; rows are dicts with `name` and `val_accuracy`."""
-    rows = sorted(rows, key=lambda r: r["val_accuracy"])
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
-    ax.barh([r["name"] for r in rows], [100 * r["val_accuracy"] for r in rows], color="tab:blue")
-    for i, row in enumerate(rows):
-        ax.text(100 * row["val_accuracy"], i, f" {100 * row['val_accuracy']:.2f}", va="center", fontsize=8)
-    low = min(100 * r["val_accuracy"] for r in rows)
-    ax.set_xlim(max(0, low - 5), 100)
-    ax.set(xlabel="validation accuracy (%)", title="final validation accuracy per config")
+def accuracy_bars(configs: list) -> Figure:
+    """Validation accuracy per config (summary.ConfigRow): the seed mean, with its 95% interval when
+    there are several seeds."""
+    configs = sorted(configs, key=lambda c: c.val_accuracy.mean)
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(configs) + 1.5))
+    means = [100 * c.val_accuracy.mean for c in configs]
+    errors = np.array([[100 * (c.val_accuracy.mean - c.val_accuracy.ci95[0]), 100 * (c.val_accuracy.ci95[1] - c.val_accuracy.mean)]
+                       if c.val_accuracy.ci95 else [0.0, 0.0] for c in configs]).T
+    ax.barh([c.name for c in configs], means, xerr=errors if errors.any() else None, color="tab:blue",
+            error_kw={"ecolor": "black", "capsize": 2})
+    for i, mean in enumerate(means):
+        ax.text(mean, i, f" {mean:.2f}", va="bottom", fontsize=7)
+    ax.set_xlim(max(0, min(means) - 5), 100)
+    n = max(len(c.seeds) for c in configs)
+    ax.set(xlabel="validation accuracy (%)",
+           title=f"validation accuracy per config (mean of {n} seeds, 95% CI)" if n > 1 else "validation accuracy per config (1 seed)")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return fig

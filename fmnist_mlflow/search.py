@@ -82,10 +82,23 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             raise SearchError(f"cannot open Optuna storage {redact(url)}: {reason}") from None
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+def sampler_seed(seed: Optional[int], finished_before: int, worker: int = 0) -> Optional[int]:
+    """The sampler's seed for one worker: None (fresh entropy) unless `--seed` was given; then derived from
+    the seed, the trials the study already holds and the worker's index, so that a resumed study or a
+    second worker does not replay the same suggestions."""
+    if seed is None:
+        return None
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, finished_before, worker]).generate_state(1)[0])
+
+
+def make_sampler(name: str, seed: Optional[int]) -> optuna.samplers.BaseSampler:
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    # constant_liar: running trials count as bad guesses, so parallel workers spread out instead of
+    # suggesting the same region at once.
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
@@ -93,8 +106,15 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
         return optuna.pruners.NopPruner()
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
-    # Median: judge a trial only after 3 trials completed and its own first 2 epochs (early epochs are noisy).
-    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+    if name == "median":
+        # Judge a trial only after 3 trials completed and its own first 2 epochs (early epochs are noisy).
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+    # "percentile", the default: prune only the bottom quarter, only from the second half of the run, and
+    # only once 6 trials completed. Scheduled runs (cosine, onecycle) trail constant-rate runs mid-run and
+    # overtake them at the end; the median pruner, judging from epoch 3, threw such trials away
+    # (experiments/SEARCH.md has the measurements behind these settings).
+    return optuna.pruners.PercentilePruner(75.0, n_startup_trials=6, n_warmup_steps=max(1, epochs // 2) - 1,
+                                           n_min_trials=4)
 
 
 def study_key(storage_url: str, study_name: str) -> str:
@@ -237,7 +257,7 @@ class WorkerJob:
     timeout: Optional[float]
     sampler: str
     pruner: str
-    seed: int
+    seed: Optional[int]
     data_dir: Optional[str]
 
 

@@ -31,12 +31,13 @@ ProgressFactory = Callable[[object], tuple]
 @dataclass
 class SweepResult:
     parent_run_id: str
-    rows: list  # summary rows, in grid order
-    best: Optional[dict]
-    skipped: int  # configs already FINISHED in an earlier attempt
-    failed: list = field(default_factory=list)  # rows of configs that did not finish
+    rows: list  # summary rows, one per (config, seed), in grid order
+    configs: list  # summary.ConfigRow per config, aggregated over seeds
+    best: Optional[summary.ConfigRow]  # best config by the seed mean of the selection metric
+    skipped: int  # (config, seed) runs already FINISHED in an earlier attempt
+    failed: list = field(default_factory=list)  # rows of runs that did not finish
     markdown: str = ""
-    histories: dict = field(default_factory=dict)  # (model, loss, optimizer) -> per-epoch metrics
+    histories: dict = field(default_factory=dict)  # (model, loss, optimizer) -> {seed: per-epoch metrics}
 
 
 def run_sweep(
@@ -139,7 +140,7 @@ def sweep_params(grid: Grid, configs: list) -> dict:
 
 
 def summarize(parent_id: str, configs: list, select: str) -> SweepResult:
-    """One row per config from its newest child (a FINISHED one if any), in grid order."""
+    """One row per (config, seed) from its newest child (a FINISHED one if any), in grid order."""
     by_hash: dict = {}
     for child in tracking.child_runs(parent_id):  # newest first
         key = child.data.tags.get(tracking.TAG_CONFIG_HASH)
@@ -152,27 +153,36 @@ def summarize(parent_id: str, configs: list, select: str) -> SweepResult:
             rows.append(summary.row(config, "NOT RUN", [], ""))
             continue
         history = tracking.history(child.info.run_id)
-        histories[(config.model, config.loss, config.optimizer)] = history
+        if child.info.status == "FINISHED":
+            histories.setdefault((config.model, config.loss, config.optimizer), {})[config.seed] = history
         rows.append(summary.row(config, child.info.status, history, child.info.run_id))
-    return SweepResult(parent_run_id=parent_id, rows=rows, best=summary.best(rows, select), skipped=0,
-                       failed=[r for r in rows if r["status"] != "FINISHED"],
+    aggregated = summary.aggregate(rows, select)
+    return SweepResult(parent_run_id=parent_id, rows=rows, configs=aggregated, best=summary.best(aggregated),
+                       skipped=0, failed=[r for r in rows if r["status"] != "FINISHED"],
                        markdown=summary.to_markdown(rows, select), histories=histories)
 
 
 def log_summary(result: SweepResult, select: str) -> None:
     tracking.log_text(summary.to_csv(result.rows), "summary.csv")
+    tracking.log_text(summary.configs_csv(result.configs, select), "summary_by_config.csv")
     tracking.log_text(result.markdown, "summary.md")
     if result.histories:
         tracking.log_figure(plots.sweep_curves(result.histories), "loss_curves.png")
-    done = [{"name": f"{r['model']}-{r['loss']}-{r['optimizer']}", **r} for r in result.rows
-            if r["val_accuracy"] is not None]
+    done = [c for c in result.configs if c.val_accuracy is not None]
     if done:
         tracking.log_figure(plots.accuracy_bars(done), "val_accuracy.png")
-    tags = {"fmnist.failed_configs": ", ".join(f"{r['model']}-{r['loss']}-{r['optimizer']}" for r in result.failed)
-            or "none", "fmnist.select": select}
+    failed = [f"{r['model']}-{r['loss']}-{r['optimizer']}" + (f" seed {r['seed']}" if len(result.rows) > len(result.configs) else "")
+              for r in result.failed]
+    tags = {"fmnist.failed_configs": ", ".join(failed) or "none", "fmnist.select": select}
     if result.best:
         b = result.best
-        tags.update({TAG_BEST_RUN: b["run_id"], "best_model": b["model"], "best_loss": b["loss"],
-                     "best_optimizer": b["optimizer"], "best_lr": str(b["lr"])})
-        tracking.log_metrics({"best_val_accuracy": b["val_accuracy"], "best_val_nll": b["val_nll"]})
+        tied = [c.name for c in result.configs if c.same_as_best and not c.is_best]
+        tags.update({TAG_BEST_RUN: b.best_run_id, "best_model": b.model, "best_loss": b.loss,
+                     "best_optimizer": b.optimizer, "best_lr": str(b.lr), "best_config_group": b.group,
+                     "best_n_seeds": str(len(b.seeds)), "best_indistinguishable": ", ".join(tied) or "none"})
+        metrics = {"best_val_accuracy": b.val_accuracy.mean, "best_val_nll": b.val_nll.mean}
+        if b.val_accuracy.std is not None:
+            metrics.update({"best_val_accuracy_std": b.val_accuracy.std, "best_val_accuracy_ci95_low": b.val_accuracy.ci95[0],
+                            "best_val_accuracy_ci95_high": b.val_accuracy.ci95[1]})
+        tracking.log_metrics(metrics)
     tracking.set_tags(tags)

@@ -370,14 +370,39 @@ def log_to_run(run_id: str, *, metrics: dict, texts: dict, figures: dict) -> Non
         plots.close(fig)
 
 
-def register_model_version(run_id: str, name: str, tags: dict) -> str:
-    """The version of `name` holding this run's model: the existing one if registered before, else new."""
+REGISTERED_MODEL_DESCRIPTION = (
+    "Fashion-MNIST CNNs trained and selected by fmnist-mlflow (validation split, never the test set). "
+    "Each version's description and tags give its config, seeds and test accuracy over seeds.")
+
+
+def register_model_version(run_id: str, name: str, tags: dict, description: str = "") -> str:
+    """The version of `name` holding this run's model (the existing one if registered before, its tags and
+    description brought up to date), else a new one."""
     c = client()
-    existing = c.search_model_versions(f"name = '{name}'") if _registered(name) else []
-    for version in existing:
+    if not _registered(name):
+        try:
+            c.create_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
+        except mlflow.exceptions.MlflowException:
+            pass  # created by another process at the same moment
+    for version in c.search_model_versions(f"name = '{name}'"):
         if version.tags.get("source_run_id") == run_id:
+            for key, value in tags.items():
+                c.set_model_version_tag(name, version.version, key, value)
+            if description:
+                c.update_model_version(name, version.version, description=description)
             return str(version.version)
-    return str(mlflow.register_model(model_uri(run_id), name, tags=tags).version)
+    version = mlflow.register_model(model_uri(run_id), name, tags=tags)
+    if description:
+        c.update_model_version(name, version.version, description=description)
+    return str(version.version)
+
+
+def get_run(run_id: str):
+    """A run by id, or TrackingError in one line (unknown id, deleted run)."""
+    try:
+        return client().get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise TrackingError(f"run {run_id!r}: {str(exc).splitlines()[0] if str(exc) else 'not found'}") from None
 
 
 def _registered(name: str) -> bool:
