@@ -1,0 +1,294 @@
+"""Seeds: the grid's seed dimension and its resume, the statistics on known numbers, one-seed summaries,
+the confirm step of the search, the widened search space, and registering by the seed mean."""
+
+import math
+
+import mlflow
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from fmnist_mlflow import cli, grid, runs, stats, summary, sweep, tracking
+from fmnist_mlflow.config import RunConfig
+from fmnist_mlflow.grid import SpecError
+from fmnist_mlflow.space import load_space
+
+SMALL = {
+    "name": "seeded", "models": ["model1"], "losses": ["ce"], "optimizers": ["adam", "sgd"],
+    "lr": {"adam": 0.001, "sgd": 0.05}, "batch_size": 64, "epochs": 1, "seeds": [0, 1],
+}  # fmt: skip
+
+
+def write_yaml(tmp_path, spec, name="grid.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def children():
+    return [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+            if "mlflow.parentRunId" in r.data.tags]
+
+
+# --- statistics, against numbers worked out by hand ---------------------------------------------------
+
+
+def test_estimate_on_known_numbers():
+    est = stats.estimate([0.90, 0.92, 0.94])
+    # mean 0.92; std sqrt(((-0.02)^2 + 0 + 0.02^2) / 2) = 0.02; t(0.975, df=2) = 4.302653;
+    # half-width 4.302653 * 0.02 / sqrt(3) = 0.049683
+    assert est.n == 3 and est.mean == pytest.approx(0.92) and est.std == pytest.approx(0.02)
+    assert est.ci95 == pytest.approx((0.870317, 0.969683), abs=1e-6)
+    one = stats.estimate([0.9])
+    assert (one.n, one.mean, one.std, one.ci95) == (1, 0.9, None, None)  # no fake interval
+
+
+def test_welch_test_on_known_numbers():
+    # [1, 2, 3] vs [4, 5, 6]: means 2 and 5, variances 1 and 1; t = -3 / sqrt(1/3 + 1/3) = -3.674235;
+    # Welch df = (2/3)^2 / ((1/3)^2/2 * 2) = 4; two-sided p for |t| = 3.674235 with 4 df = 0.021312
+    assert stats.welch_p([1, 2, 3], [4, 5, 6]) == pytest.approx(0.021312, abs=1e-5)
+    assert stats.indistinguishable(0.021312) is False and stats.indistinguishable(0.2) is True
+    assert stats.welch_p([1.0], [2.0, 3.0]) is None  # one seed: no test
+    assert stats.welch_p([1.0, 1.0], [1.0, 1.0]) == 1.0 and stats.welch_p([1.0, 1.0], [2.0, 2.0]) == 0.0
+
+
+def rows_for(values: dict) -> list:
+    """Summary rows of made-up runs: {optimizer: [val_accuracy per seed]}."""
+    out = []
+    for optimizer, accs in values.items():
+        for seed, acc in enumerate(accs):
+            config = RunConfig(optimizer=optimizer, seed=seed, device="cpu")
+            history = [{"epoch": 1, "train_loss": 0.3, "val_loss": 0.3, "val_nll": 1 - acc, "val_accuracy": acc,
+                        "epoch_seconds": 1.0}]
+            out.append(summary.row(config, "FINISHED", history, f"run-{optimizer}-{seed}"))
+    return out
+
+
+def test_aggregate_ranks_by_mean_and_marks_configs_indistinguishable_from_the_best():
+    rows = rows_for({"adam": [0.90, 0.92, 0.94], "sgd": [0.91, 0.93, 0.95], "rmsprop": [0.50, 0.51, 0.52]})
+    configs = summary.aggregate(rows, "val_accuracy")
+    best = summary.best(configs)
+    assert best.optimizer == "sgd" and best.val_accuracy.mean == pytest.approx(0.93)
+    assert best.best_run_id == "run-sgd-2"  # the seed best on validation
+    by_name = {c.optimizer: c for c in configs}
+    assert by_name["adam"].same_as_best is True and by_name["adam"].p_vs_best > 0.05
+    assert by_name["rmsprop"].same_as_best is False and by_name["rmsprop"].p_vs_best < 0.05
+    markdown = summary.to_markdown(rows, "val_accuracy")
+    assert "| 1 | model1 | ce | sgd |" in markdown and "93.00% ± 2.00" in markdown
+    assert "[88.03, 97.97]" in markdown  # 93 ± 4.302653 * 2 / sqrt(3) = 93 ± 4.97
+    assert "51.00% ± 1.00 | [48.52, 53.48]" in markdown  # 51 ± 4.302653 * 1 / sqrt(3) = 51 ± 2.48
+    assert "Indistinguishable from it at the 5% level: model1-ce-adam." in markdown
+    # by NLL (lower is better) the same data ranks the same way
+    assert summary.best(summary.aggregate(rows, "val_nll")).optimizer == "sgd"
+
+
+def test_one_seed_summary_prints_no_interval():
+    markdown = summary.to_markdown(rows_for({"adam": [0.9], "sgd": [0.8]}), "val_accuracy")
+    assert "n/a (1 seed)" in markdown and "no interval can be given" in markdown
+    table = [line for line in markdown.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(table) == 2 and table[0].startswith("| 1 | model1 | ce | adam |")
+    assert all("±" not in line and "(p " not in line for line in table)
+
+
+# --- the grid's seed dimension ----------------------------------------------------------------------
+
+
+def test_grid_seeds_expand_and_cli_overrides_them(tmp_path):
+    g = grid.load_grid(write_yaml(tmp_path, SMALL))
+    configs = g.configs(device="cpu")
+    assert [(c.optimizer, c.seed) for c in configs] == [("adam", 0), ("adam", 1), ("sgd", 0), ("sgd", 1)]
+    assert len({c.digest() for c in configs}) == 4 and len({c.group for c in configs}) == 2
+    assert [c.seed for c in g.configs(device="cpu", seeds=(5,))] == [5, 5]
+    assert grid.parse_seeds("0,1,2") == (0, 1, 2)
+    for bad in ("0,0", "a,b", "-1", str(2**63)):
+        with pytest.raises(ValueError):
+            grid.parse_seeds(bad)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seeds": [0, 0]}, "listed twice"),
+    ({"seeds": [0, "one"]}, "each seed must be an integer"),
+    ({"seeds": [], }, "no seed given"),
+    ({"seed": 1}, "give seed or seeds, not both"),
+    ({"models": ["model1", "model1"]}, "models lists an entry twice"),
+])
+def test_bad_seed_entries_fail_before_any_run(store, tmp_path, change, message):
+    path = write_yaml(tmp_path, {**SMALL, **change})
+    result = CliRunner().invoke(cli.main, ["sweep", "--grid", str(path), "--subset", "300"])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert children() == []
+
+
+def test_seeded_sweep_groups_seeds_and_resumes_per_config_and_seed(store, tmp_path, tiny_data):
+    g = grid.load_grid(write_yaml(tmp_path, SMALL))
+    configs = g.configs(subset=600, device="cpu")
+    experiment_id = tracking.use_experiment("fmnist")
+
+    def interrupt(config):
+        def on_epoch_end(metrics):
+            if config.optimizer == "sgd" and config.seed == 1:
+                raise KeyboardInterrupt("simulated Ctrl-C")
+        return on_epoch_end, None
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(g, configs, tiny_data, experiment_id=experiment_id, progress=interrupt)
+    statuses = sorted((c.data.params["optimizer"], c.data.params["seed"], c.info.status) for c in children())
+    # seed by seed: both seed-0 runs came first, then adam seed 1, then sgd seed 1 was interrupted
+    assert statuses == [("adam", "0", "FINISHED"), ("adam", "1", "FINISHED"), ("sgd", "0", "FINISHED"),
+                        ("sgd", "1", "KILLED")]
+    started = []
+    result = sweep.run_sweep(g, configs, tiny_data, experiment_id=experiment_id,
+                             on_start=lambda k, n, config, *_: started.append((config.optimizer, config.seed)))
+    assert started == [("sgd", 1)] and result.skipped == 3  # only the interrupted (config, seed) runs again
+    finished = [c for c in children() if c.info.status == "FINISHED"]
+    assert len(finished) == 4
+    for run in finished:  # what the UI groups seeds by: a shared tag and name, and the seed as a param
+        assert run.data.tags[tracking.TAG_CONFIG_NAME] == run.info.run_name == f"model1-ce-{run.data.params['optimizer']}"
+    groups = {}
+    for run in finished:
+        groups.setdefault(run.data.tags[tracking.TAG_CONFIG_GROUP], set()).add(run.data.params["seed"])
+    assert sorted(groups.values(), key=sorted) == [{"0", "1"}, {"0", "1"}]
+    assert [c.seeds for c in result.configs] == [(0, 1), (0, 1)]
+    assert all(c.val_accuracy.ci95 is not None for c in result.configs)
+    parent = mlflow.get_run(result.parent_run_id)
+    assert parent.data.params["seeds"] == "0,1" and "best_val_accuracy_ci95_low" in parent.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.parent_run_id)}
+    assert {"summary.csv", "summary_by_config.csv", "summary.md", "loss_curves.png", "val_accuracy.png"} <= artifacts
+
+
+# --- the widened search space and the confirm step ---------------------------------------------------
+
+
+SPACE = {
+    "name": "wide", "metric": "val_accuracy", "fixed": {"model": "model3", "loss": "ce", "seed": 0},
+    "search": {"optimizer": {"choices": ["adam"]}, "lr": {"adam": {"low": 1e-3, "high": 3e-3, "log": True}},
+               "weight_decay": {"low": 1e-6, "high": 1e-2, "log": True},
+               "schedule": {"choices": ["constant", "cosine", "onecycle"]}, "batch_size": {"choices": [64, 128]},
+               "label_smoothing": {"low": 0.0, "high": 0.1}, "augment": {"choices": ["none", "flip", "flip-shift"]}},
+}  # fmt: skip
+
+
+def test_the_default_space_loads_and_suggests_every_new_setting():
+    import optuna
+
+    space = load_space()
+    assert {"weight_decay", "label_smoothing", "dropout"} <= set(space.ranges)
+    assert {"schedule", "batch_size", "augment"} <= set(space.choices)
+    config = space.suggest(optuna.trial.FixedTrial({"optimizer": "sgd", "dropout": 0.2, "lr_sgd": 0.05,
+                                                    "weight_decay": 1e-4, "schedule": "onecycle", "batch_size": 128,
+                                                    "label_smoothing": 0.1, "augment": "flip-shift"}),
+                           epochs=10, device="cpu")
+    assert (config.schedule, config.batch_size, config.augment, config.weight_decay) == ("onecycle", 128,
+                                                                                       "flip-shift", 1e-4)
+    # warm start from MLflow params, which come back as strings
+    params = space.params_for({"optimizer": "rmsprop", "batch_size": "64", "schedule": "constant", "lr": "0.001",
+                               "weight_decay": "0.0", "dropout": "0.0", "augment": "none", "label_smoothing": "0.0"})
+    assert params["batch_size"] == 64 and params["weight_decay"] == 1e-6 and params["lr_rmsprop"] == 0.001
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"weight_decay": {"low": -1.0, "high": 0.1}}, "search.weight_decay must lie in [0, inf]"),
+    ({"label_smoothing": {"low": 0.0, "high": 1.0}}, "search.label_smoothing must lie in [0, 1)"),
+    ({"schedule": {"choices": ["constant", "step"]}}, "search.schedule has 'step'"),
+    ({"augment": {"choices": ["rotate"]}}, "search.augment has 'rotate'"),
+    ({"batch_size": {"choices": [64, 0]}}, "search.batch_size has 0; choose from integers >= 1"),
+    ({"batch_size": {"choices": [64, 64]}}, "lists a choice twice"),
+    ({"batch_size": [64, 128]}, "search.batch_size must be {choices: [...]}"),
+    ({"lr": {"adam": {"low": 0.0, "high": 0.1}}}, "search.lr.adam must be > 0"),
+])
+def test_bad_values_of_the_new_keys_fail_clearly(tmp_path, change, message):
+    path = write_yaml(tmp_path, {**SPACE, "search": {**SPACE["search"], **change}}, "space.yaml")
+    with pytest.raises(SpecError) as info:
+        load_space(path)
+    assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_label_smoothing_with_bce_is_rejected(tmp_path):
+    spec = {**SPACE, "fixed": {**SPACE["fixed"], "loss": "bce"}}
+    with pytest.raises(SpecError, match="label_smoothing applies to the ce loss only"):
+        load_space(write_yaml(tmp_path, spec, "space.yaml"))
+
+
+def test_widened_settings_train(tiny_data):
+    from fmnist_mlflow import train
+
+    base = dict(model="model3", epochs=2, subset=600, device="cpu")
+    plain = train.fit(RunConfig(**base), tiny_data).history
+    wide = train.fit(RunConfig(**base, weight_decay=1e-3, schedule="onecycle", label_smoothing=0.1,
+                               augment="flip-shift", batch_size=128), tiny_data).history
+    assert len(wide) == 2 and all(math.isfinite(m["val_nll"]) for m in wide)
+    assert wide[-1]["val_accuracy"] != plain[-1]["val_accuracy"]
+    cosine = train.fit(RunConfig(**base, schedule="cosine", optimizer="sgd", weight_decay=1e-4), tiny_data).history
+    assert len(cosine) == 2
+
+
+def test_augment_flips_and_shifts_within_the_image():
+    import torch
+
+    from fmnist_mlflow import train
+
+    x = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
+    x[:, 0, 10:18, 3:6] = 255  # a bar near the left edge
+    g = torch.Generator().manual_seed(0)
+    flipped = train.augment(x, "flip", g)
+    assert flipped.dtype == torch.uint8 and flipped.shape == x.shape
+    mirrored = (flipped[:, 0, 10:18, 22:25] == 255).all(dim=(1, 2))
+    assert 10 < int(mirrored.sum()) < 54  # about half mirrored
+    shifted = train.augment(x, "flip-shift", g)
+    assert (shifted.flatten(1).sum(1) == x.flatten(1).sum(1)).all()  # shifts of <= 2 px keep the whole bar
+
+
+def test_confirm_reruns_the_best_trials_on_fresh_seeds_nested_and_names_the_champion_by_the_mean(store, tmp_path):
+    space_path = write_yaml(tmp_path, {**SPACE, "fixed": {**SPACE["fixed"], "model": "model2"},
+                                       "search": {"optimizer": {"choices": ["adam", "sgd"]},
+                                                  "lr": {"adam": {"low": 1e-3, "high": 3e-3},
+                                                         "sgd": {"low": 1e-5, "high": 2e-5}}}}, "space.yaml")
+    args = ["search", "--space", str(space_path), "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--trials", "3",
+            "--epochs", "1", "--subset", "600", "--pruner", "none", "--seed", "1", "--confirm", "2", "--seeds", "2"]
+    result = CliRunner().invoke(cli.main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    all_runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    (parent,) = [r for r in all_runs if r.data.tags.get(tracking.TAG_KIND) == "search"]
+    confirm_runs = [r for r in all_runs if r.data.tags.get(tracking.TAG_KIND) == "confirm"]
+    assert len(confirm_runs) == 4 and {r.data.tags["mlflow.parentRunId"] for r in confirm_runs} == {parent.info.run_id}
+    assert sorted(r.data.params["seed"] for r in confirm_runs) == ["1", "1", "2", "2"]  # fresh seeds, not 0
+    # the champion is the config with the best mean over its confirm seeds
+    means = {}
+    for r in confirm_runs:
+        means.setdefault(r.data.tags[tracking.TAG_CONFIG_GROUP], []).append(r.data.metrics["val_accuracy"])
+    best_group = max(means, key=lambda g: sum(means[g]) / len(means[g]))
+    assert parent.data.tags["fmnist.champion_config_group"] == best_group
+    champion_run = mlflow.get_run(parent.data.tags["fmnist.champion_run_id"])
+    assert champion_run.data.tags[tracking.TAG_CONFIG_GROUP] == best_group
+    assert "**champion**" in result.output and "champion: trial" in result.output
+    assert "confirm.md" in {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
+    # confirming again resumes: nothing is re-run
+    again = CliRunner().invoke(cli.main, [*args[:args.index("--trials") + 1], "0", *args[args.index("--trials") + 2:]],
+                               catch_exceptions=False)
+    assert again.exit_code == 0, again.output
+    assert "[confirm" not in again.output
+    assert len([r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+                if r.data.tags.get(tracking.TAG_KIND) == "confirm"]) == 4
+
+
+# --- registering by the seed mean --------------------------------------------------------------------
+
+
+def test_register_selects_by_the_seed_mean_and_reports_test_accuracy_over_seeds(store, tiny_data):
+    tracking.use_experiment("fmnist")
+    seeded = [runs.tracked_fit(RunConfig(epochs=2, subset=600, seed=s, device="cpu"), tiny_data) for s in (0, 1, 2)]
+    # a single lucky run of another config must not beat a mean over seeds
+    runs.tracked_fit(RunConfig(optimizer="rmsprop", epochs=2, subset=600, seed=7, device="cpu"), tiny_data)
+    result = CliRunner().invoke(cli.main, ["register"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "1 single-seed config(s) were left out" in result.output
+    version = mlflow.MlflowClient().get_model_version_by_alias("fmnist-cnn", "champion")
+    best_seed = max(seeded, key=lambda r: r.final["val_accuracy"])
+    assert version.tags["source_run_id"] == best_seed.run_id and version.tags["seeds"] == "0,1,2"
+    test_accs = [mlflow.get_run(r.run_id).data.metrics["test_accuracy"] for r in seeded]  # every seed evaluated
+    est = stats.estimate(test_accs)
+    assert float(version.tags["test_accuracy_mean"]) == pytest.approx(est.mean, abs=1e-6)
+    assert float(version.tags["test_accuracy_ci95_low"]) == pytest.approx(est.ci95[0], abs=1e-6)
+    assert f"mean {100 * est.mean:.2f}%" in result.output
+    assert "Test accuracy over its 3 seed(s)" in version.description
+    assert mlflow.MlflowClient().get_registered_model("fmnist-cnn").description
