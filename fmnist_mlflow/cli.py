@@ -51,7 +51,8 @@ def data_dir_option(fn):
 def tracking_options(fn):
     """Options every tracked command shares."""
     fn = click.option(
-        "--experiment", default="fmnist", show_default=True, help="MLflow experiment name (inside `mlflow run`, "
+        "--experiment", default="fmnist", show_default=True, envvar="MLFLOW_EXPERIMENT_NAME",
+        help="MLflow experiment name; $MLFLOW_EXPERIMENT_NAME if set (inside `mlflow run`, "
         "the run's own experiment is used)."
     )(fn)
     fn = click.option(
@@ -235,7 +236,8 @@ def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> N
               help="Epochs per config (0: the grid's own, 10 for the report's grid).")
 @click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
               help="Train on the first N training and N//5 validation images (0: all; for smoke runs).")
-@click.option("--experiment", default="fmnist", show_default=True, help="MLflow experiment name.")
+@click.option("--experiment", default="fmnist", show_default=True, envvar="MLFLOW_EXPERIMENT_NAME",
+              help="MLflow experiment name; $MLFLOW_EXPERIMENT_NAME if set.")
 @data_dir_option
 @reported
 def sweep(grid_file, select, seeds, device, precision, threads, jobs, epochs, subset, experiment, data_dir) -> None:
@@ -331,11 +333,14 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
     space_file = space_file or str(DEFAULT_SPACE)
     try:
         space = load_space(space_file)
-        settings = search_mod.SearchSettings(epochs=epochs, subset=subset, device=build_config(device=device).device,
-                                             precision=precision)
+        checked = build_config(device=device, subset=subset, epochs=epochs)  # usage errors before any study or run
+        settings = search_mod.SearchSettings(epochs=epochs, subset=subset, device=checked.device, precision=precision)
     except SpecError as exc:
         raise click.UsageError(str(exc)) from None
     study_name = study_name or space.name
+    if any(ch in study_name for ch in "'\"`\\") or not study_name.strip():
+        raise click.BadParameter(f"{study_name!r}: a study name may not be empty or contain quotes, backticks or "
+                                 "backslashes (it is matched in MLflow filter strings)", param_hint="--study")
     use_threads(threads)
     uri = tracking.check_reachable()
     dataset = data_mod.load(data_dir, subset=subset)
@@ -399,8 +404,8 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
 
 
 @main.command()
-@click.option("--experiment", default="fmnist", show_default=True,
-              help="Choose among all finished runs of this experiment.")
+@click.option("--experiment", default="fmnist", show_default=True, envvar="MLFLOW_EXPERIMENT_NAME",
+              help="Choose among all finished runs of this experiment ($MLFLOW_EXPERIMENT_NAME if set).")
 @click.option("--parent-run-id", default="", help="Choose among the children of one sweep or search instead.")
 @click.option("--run-id", default="", help="Register this one run instead.")
 @click.option("--select", type=click.Choice(list(SELECT_METRICS)), default="val_accuracy", show_default=True,

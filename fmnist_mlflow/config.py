@@ -42,6 +42,7 @@ DEFAULT_DROPOUT = {"model1": 0.0, "model2": 0.5, "model3": 0.0}
 # Validation split carved from the 60,000 training images. Its seed is fixed and independent of the
 # training seed, so every run of every sweep and search sees the same split.
 VAL_SIZE = 10_000
+TRAIN_SIZE = 60_000 - VAL_SIZE  # what is left of the 60,000 training images for training
 SPLIT_SEED = 20240917
 
 
@@ -108,8 +109,8 @@ class RunConfig:
         for name in ("batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.subset < 0 or 0 < self.subset < 5:
-            raise ConfigError(f"subset must be 0 (all) or >= 5, got {self.subset}")
+        if self.subset < 0 or 0 < self.subset < 5 or self.subset > TRAIN_SIZE:
+            raise ConfigError(f"subset must be 0 (all) or 5..{TRAIN_SIZE:,} (the training split), got {self.subset}")
         if self.device == "cuda" and not _cuda_available():
             raise ConfigError("device 'cuda' was asked for but torch sees no CUDA device")
 

@@ -89,12 +89,15 @@ def locate(explicit: Optional[str | Path] = None, download: bool = True) -> Path
     """The first folder holding all four files, trying each source in order (contents are verified
     when read)."""
     first = data_dir(explicit)
-    # torchvision's download lands in <root>/FashionMNIST/raw.
-    for folder in (first, first / "FashionMNIST" / "raw", DEBIAN_DIR):
+    named = explicit or os.environ.get("FMNIST_DATA_DIR")
+    # torchvision's download lands in <root>/FashionMNIST/raw. A folder the user named is the only place
+    # looked at (then downloaded into): silently reading Debian's copy instead would hide a wrong path.
+    for folder in (first, first / "FashionMNIST" / "raw", *(() if named else (DEBIAN_DIR,))):
         if all(_find(folder, name) for name in FILES):
             return folder
-    if explicit is not None and not Path(explicit).is_dir():
-        raise DataError(f"data dir {explicit} does not exist.\n{HOW_TO_GET}")
+    if named and not Path(named).is_dir():
+        what = "--data-dir" if explicit else "$FMNIST_DATA_DIR"
+        raise DataError(f"data dir {named} ({what}) does not exist.\n{HOW_TO_GET}")
     if download:
         try:
             from torchvision.datasets import FashionMNIST

@@ -56,6 +56,12 @@ def sweep_digest(configs: list) -> str:
     return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
 
+def brief(value, limit: int = 80) -> str:
+    """A value as an error message shows it: short, whatever its size (a YAML alias bomb expands hugely)."""
+    text = f"a {type(value).__name__} of {len(value)} item(s)" if isinstance(value, (dict, list)) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def parse_seeds(values) -> tuple:
     """Training seeds from a list (grid file) or "0,1,2" (command line): distinct ints in [0, 2**63)."""
     if isinstance(values, str):
@@ -67,7 +73,7 @@ def parse_seeds(values) -> tuple:
         raise ValueError("no seed given")
     for value in values:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
-            raise ValueError(f"each seed must be an integer in [0, 2**63), got {value!r}")
+            raise ValueError(f"each seed must be an integer in [0, 2**63), got {brief(value)}")
     if len(set(values)) != len(values):
         raise ValueError(f"a seed is listed twice: {list(values)}")
     return tuple(values)
@@ -100,7 +106,8 @@ def load_grid(path: str | Path = DEFAULT_GRID) -> Grid:
     where = str(path)
     unknown = set(spec) - set(_KEYS)
     if unknown:
-        raise SpecError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(_KEYS)}")
+        raise SpecError(f"{where}: unknown key(s) {', '.join(brief(k) for k in sorted(map(str, unknown)))}; "
+                        f"allowed: {', '.join(_KEYS)}")
     for key, (kind, required) in _KEYS.items():
         if key not in spec:
             if required:
@@ -108,7 +115,7 @@ def load_grid(path: str | Path = DEFAULT_GRID) -> Grid:
             continue
         value = spec[key]
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise SpecError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
+            raise SpecError(f"{where}: {key} must be a {kind.__name__}, got {brief(value)}")
     if "seed" in spec and "seeds" in spec:
         raise SpecError(f"{where}: give seed or seeds, not both")
     seeds = spec.get("seeds", [spec.get("seed", 0)])
@@ -123,13 +130,13 @@ def load_grid(path: str | Path = DEFAULT_GRID) -> Grid:
             raise SpecError(f"{where}: {key} lists an entry twice")
         for value in spec[key]:
             if value not in allowed:
-                raise SpecError(f"{where}: unknown {key[:-1] if key != 'losses' else 'loss'} {value!r} in {key}; "
+                raise SpecError(f"{where}: unknown {key[:-1] if key != 'losses' else 'loss'} {brief(value)} in {key}; "
                                 f"choose from {', '.join(allowed)}")
     for key, names in (("lr", spec["optimizers"]), ("momentum", ()), ("dropout", ())):
         table = spec.get(key, {})
         for name, value in table.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise SpecError(f"{where}: {key}.{name} must be a number, got {value!r}")
+                raise SpecError(f"{where}: {key}.{name} must be a number, got {brief(value)}")
         for name in names:
             if name not in table:
                 raise SpecError(f"{where}: lr has no value for optimizer {name!r}")

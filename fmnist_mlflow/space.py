@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import AUGMENTS, LOSSES, MODELS, OPTIMIZERS, SCHEDULES, ConfigError, RunConfig
-from .grid import SpecError, read_yaml
+from .grid import SpecError, brief as _brief, read_yaml
 from .summary import SELECT
 
 PRUNERS = ("percentile", "median", "hyperband", "none")  # the first is the default
@@ -93,12 +93,6 @@ def _range(where: str, name: str, spec) -> Range:
     if log and low <= 0:
         raise SpecError(f"{where}: {name} is on a log scale, so its bounds must be > 0 (low is {low})")
     return Range(float(low), float(high), log)
-
-
-def _brief(value, limit: int = 80) -> str:
-    """A value as an error message shows it: short, whatever its size (a YAML alias bomb expands hugely)."""
-    text = repr(value) if not isinstance(value, (dict, list)) else f"a {type(value).__name__} of {len(value)} item(s)"
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _choices(where: str, name: str, value) -> tuple:

@@ -1,0 +1,116 @@
+"""What a new user and a fault injection tripped on: NaN champions, alias comparisons across --select,
+incomparable runs, repeated search suggestions, bad input caught late, and data dirs that fall back silently."""
+
+import mlflow
+import optuna
+import pytest
+from click.testing import CliRunner
+
+from fmnist_mlflow import cli, data, search, tracking
+
+TRAIN = ["train", "--device", "cpu", "--epochs", "1"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli.main, list(args), catch_exceptions=False)
+
+
+def all_runs():
+    return mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def champion():
+    return mlflow.MlflowClient().get_model_version_by_alias("fmnist-cnn", "champion")
+
+
+def test_a_run_that_ends_nan_fails_and_is_never_selected(store):
+    good = invoke(*TRAIN, "--subset", "2000")
+    assert good.exit_code == 0, good.output
+    # the reproduction from the report: a blow-up on the last step used to end FINISHED with NaN val_nll
+    blown = CliRunner().invoke(cli.main, [*TRAIN, "--optimizer", "sgd", "--lr", "1e30", "--batch-size", "100000",
+                                          "--subset", "2000", "--seed", "1"])
+    assert blown.exit_code == 1 and "weights are not finite" in blown.output, blown.output
+    statuses = sorted(r.info.status for r in all_runs())
+    assert statuses == ["FAILED", "FINISHED"]
+    failed = next(r for r in all_runs() if r.info.status == "FAILED")
+    assert "DivergedError" in failed.data.tags[tracking.TAG_FAILURE]
+    result = invoke("register", "--select", "val_nll")
+    assert result.exit_code == 0, result.output
+    finished = next(r for r in all_runs() if r.info.status == "FINISHED")
+    assert champion().tags["source_run_id"] == finished.info.run_id
+
+
+def test_changing_select_compares_on_the_metric_both_runs_have(store):
+    assert invoke(*TRAIN, "--subset", "600", "--epochs", "2").exit_code == 0
+    assert invoke("register").exit_code == 0  # registered by val_accuracy: its version has no val_nll tag
+    first = champion()
+    assert invoke(*TRAIN, "--subset", "600", "--epochs", "2", "--optimizer", "sgd", "--lr", "1e-6").exit_code == 0
+    worse = next(r for r in all_runs() if r.data.params.get("optimizer") == "sgd")
+    result = invoke("register", "--run-id", worse.info.run_id, "--select", "val_nll")
+    assert result.exit_code == 0, result.output
+    held = mlflow.get_run(first.tags["source_run_id"]).data.metrics["val_nll"]
+    # the refusal names the holder's real val_nll (read from its run), not NaN
+    assert "not moved" in result.output and f"{held:.4f}" in result.output and "nan" not in result.output
+    assert champion().version == first.version
+
+
+def test_register_chooses_among_comparable_runs_only(store):
+    # a 1-epoch run on a tiny subset can score higher on its tiny validation slice by luck; it is not comparable
+    assert invoke(*TRAIN, "--subset", "100").exit_code == 0
+    assert invoke(*TRAIN, "--subset", "600").exit_code == 0
+    result = invoke("register")
+    assert result.exit_code == 0, result.output
+    assert "1 run(s) trained on fewer images or epochs were left out" in result.output
+    source = mlflow.get_run(champion().tags["source_run_id"])
+    assert source.data.params["subset"] == "600"
+
+
+def test_workers_and_resumed_studies_do_not_replay_suggestions():
+    seeds = {search.sampler_seed(0, 0, 0), search.sampler_seed(0, 0, 1), search.sampler_seed(0, 5, 0)}
+    assert len(seeds) == 3 and search.sampler_seed(None, 0, 0) is None
+    assert search.sampler_seed(0, 0, 0) == search.sampler_seed(0, 0, 0)  # one process with --seed: reproducible
+
+    def first_params(seed):
+        study = optuna.create_study(sampler=search.make_sampler("tpe", seed))
+        return study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}).params
+
+    # two workers of one study (worker 0 and 1), and the same study resumed after 5 trials
+    firsts = [first_params(search.sampler_seed(0, before, worker)) for before, worker in ((0, 0), (0, 1), (5, 0))]
+    assert len({p["x"] for p in firsts}) == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--subset", "100000"], "subset must be 0 (all) or 5..50,000"),
+    (["train", "--lr", "inf"], "lr must be a finite number"),
+    (["train", "--seed", str(2**63)], "seed must be in [0, 2**63)"),
+    (["search", "--subset", "3", "--trials", "1"], "subset must be 0 (all) or 5..50,000"),
+    (["search", "--study", "it's", "--trials", "1"], "a study name may not"),
+    (["search", "--trials", "0"], "--trials 0 runs nothing"),
+])
+def test_bad_input_is_a_usage_error_before_any_run_or_study(store, tmp_path, args, message):
+    result = CliRunner().invoke(cli.main, [*args, "--device", "cpu"] if args[0] == "train" else
+                                [*args, "--storage", f"sqlite:///{tmp_path / 'o.db'}"])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert all_runs() == [] and not (tmp_path / "o.db").exists()
+
+
+def test_a_yaml_alias_bomb_gives_a_short_error(store, tmp_path):
+    lines = ["name: bomb", "a: &a [x, x, x, x, x, x, x, x, x]"]
+    for i, name in enumerate("bcdefgh"):
+        prev = "abcdefgh"[i]
+        lines.append(f"{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]")
+    lines.append("models: *h")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    assert path.stat().st_size < 500
+    result = CliRunner().invoke(cli.main, ["sweep", "--grid", str(path)])
+    assert result.exit_code == 2 and len(result.output) < 1000, result.output[:500]
+    assert all_runs() == []
+
+
+def test_a_named_data_dir_never_falls_back_silently(tmp_path, monkeypatch):
+    monkeypatch.setenv("FMNIST_DATA_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(data.DataError, match=r"nowhere \(\$FMNIST_DATA_DIR\) does not exist"):
+        data.locate()
+    with pytest.raises(data.DataError, match=r"elsewhere \(--data-dir\) does not exist"):
+        data.locate(tmp_path / "elsewhere")
