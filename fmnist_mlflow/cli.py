@@ -381,6 +381,10 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
     summary = search_mod.finish(study, parent_id, space, settings)
     click.echo(f"{summary.trials} trials in the study: {summary.states}; epochs run {summary.epochs_run}, "
                f"saved by pruning {summary.epochs_saved}")
+    from .search_report import replay_line
+
+    for replay in summary.replays:
+        click.echo(f"  replayed on the completed trials, the {replay.pruner} pruner {replay_line(replay)}")
     if summary.best:
         b = summary.best
         click.echo(f"best: trial {b['number']} {space.metric} {b['value']:.4f} {brief_params(b['params'])} "

@@ -277,7 +277,9 @@ def finish(study, parent_id: str, space: Space, settings: SearchSettings):
     """Write the study's summary on its parent run; returns the summary."""
     from . import search_report
 
-    summary = search_report.summarize(study, parent_id, settings.epochs)
+    replays = tuple(search_report.replay_pruner(study, name, lambda name=name: make_pruner(name, settings.epochs),
+                                                settings.epochs) for name in ("percentile", "median"))
+    summary = search_report.summarize(study, parent_id, settings.epochs, replays)
     with tracking.run(study.study_name, kind="search", run_id=parent_id):
         search_report.log(study, summary, space.metric)
     return summary

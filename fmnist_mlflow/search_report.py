@@ -29,9 +29,10 @@ class SearchSummary:
     best: Optional[dict]  # number, value, params, run_id
     epochs_run: int  # epochs trained over all finished and pruned trials
     epochs_saved: int  # epochs pruning skipped: what pruned trials would have run to the end
+    replays: tuple = ()  # PrunerReplay per pruner: how it would have treated the completed trials
 
 
-def summarize(study: optuna.Study, parent_run_id: str, epochs: int) -> SearchSummary:
+def summarize(study: optuna.Study, parent_run_id: str, epochs: int, replays: tuple = ()) -> SearchSummary:
     trials = study.get_trials(deepcopy=False)
     states: dict = {}
     for t in trials:
@@ -42,7 +43,7 @@ def summarize(study: optuna.Study, parent_run_id: str, epochs: int) -> SearchSum
     if any(t.state == TrialState.COMPLETE for t in trials):
         b = study.best_trial
         best = {"number": b.number, "value": b.value, "params": b.params, "run_id": b.user_attrs.get(ATTR_RUN)}
-    return SearchSummary(parent_run_id, len(trials), states, best, sum(ran.values()), saved)
+    return SearchSummary(parent_run_id, len(trials), states, best, sum(ran.values()), saved, replays)
 
 
 def trials_csv(study: optuna.Study) -> str:
@@ -100,7 +101,8 @@ def log(study: optuna.Study, summary: SearchSummary, metric: str) -> None:
     tracking.log_text(trials_csv(study), "trials.csv")
     for name, fig in figures(study).items():
         tracking.log_figure(fig, name)
-    tags = {"fmnist.trials": summary.trials, **{f"fmnist.trials_{k.lower()}": v for k, v in summary.states.items()}}
+    tags = {"fmnist.trials": summary.trials, **{f"fmnist.trials_{k.lower()}": v for k, v in summary.states.items()},
+            **{f"fmnist.pruner_replay.{r.pruner}": replay_line(r) for r in summary.replays}}
     metrics = {"epochs_run": summary.epochs_run, "pruned_epochs_saved": summary.epochs_saved}
     if summary.best:
         b = summary.best
@@ -112,3 +114,47 @@ def log(study: optuna.Study, summary: SearchSummary, metric: str) -> None:
     tracking.set_tags({k: str(v) for k, v in tags.items()})
     tracking.log_metrics(metrics)
 
+
+
+def replay_line(r) -> str:
+    return (f"would stop {r.would_prune} of {r.completed} completed trials ({r.epochs_saved} epochs saved), "
+            f"{r.good_pruned} of them among the {r.good} best (top quarter)")
+
+
+@dataclass(frozen=True)
+class PrunerReplay:
+    """How a pruner would have treated the study's completed trials, each judged against the others."""
+
+    pruner: str
+    completed: int  # completed trials replayed
+    would_prune: int  # of them, how many the pruner would have stopped early
+    good: int  # completed trials in the top quarter by final value
+    good_pruned: int  # good trials the pruner would have stopped: the cost of pruning
+    epochs_saved: int  # epochs it would have skipped over the completed trials
+
+
+def replay_pruner(study: optuna.Study, name: str, make_pruner, epochs: int) -> PrunerReplay:
+    """Replay a pruner (Optuna's own, fresh from `make_pruner()` for each trial) on each completed trial's
+    curve, leave-one-out: the other completed trials stand in for those that would have run before it."""
+    completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if len(t.intermediate_values) >= epochs]
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    ranked = sorted(completed, key=lambda t: t.value, reverse=maximize)
+    good = {t.number for t in ranked[: max(1, len(ranked) // 4)]} if ranked else set()
+    would, good_pruned, saved = 0, 0, 0
+    for trial in completed:
+        others = optuna.create_study(direction=study.direction, pruner=make_pruner())
+        for other in completed:
+            if other.number != trial.number:
+                others.add_trial(optuna.trial.create_trial(
+                    params=other.params, distributions=other.distributions, value=other.value,
+                    intermediate_values=dict(other.intermediate_values)))
+        replayed = others.ask()
+        for step in range(1, epochs):  # never after the last epoch, as in the search
+            replayed.report(trial.intermediate_values[step], step)
+            if replayed.should_prune():
+                would += 1
+                good_pruned += trial.number in good
+                saved += epochs - step
+                break
+    return PrunerReplay(name, len(completed), would, len(good), good_pruned, saved)
