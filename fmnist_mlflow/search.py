@@ -156,19 +156,27 @@ def ensure_parent(study: optuna.Study, key: str, space: Space, experiment_id: st
 
 
 def warm_start(study: optuna.Study, space: Space, experiment_id: str) -> Optional[dict]:
-    """Enqueue the best config of the experiment's newest finished grid sweep as the first trial."""
+    """On a new study, enqueue the best config of the experiment's newest finished grid sweep as the first
+    trial, then the space file's `start_points` (known-good recipes: they give TPE good points to model
+    from before its random start-up trials run out)."""
     if study.trials:
         return None
     sweeps = [r for r in tracking.find_runs([experiment_id], {tracking.TAG_KIND: "sweep"}, status="FINISHED")
               if TAG_BEST_RUN in r.data.tags and TAG_SWEEP in r.data.tags]
-    if not sweeps:
-        return None
-    best = tracking.client().get_run(sweeps[0].data.tags[TAG_BEST_RUN]).data.params
-    params = space.params_for(best)
-    if params:
-        study.enqueue_trial(params, user_attrs={"warm_start_from": sweeps[0].data.tags[TAG_BEST_RUN]},
-                            skip_if_exists=True)
+    params = None
+    if sweeps:
+        best = tracking.client().get_run(sweeps[0].data.tags[TAG_BEST_RUN]).data.params
+        params = space.params_for(best)
+        if params:
+            study.enqueue_trial(params, user_attrs={"warm_start_from": sweeps[0].data.tags[TAG_BEST_RUN]},
+                                skip_if_exists=True)
+    enqueue_start_points(study, space)
     return params
+
+
+def enqueue_start_points(study: optuna.Study, space: Space) -> None:
+    for i, point in enumerate(space.start_points):
+        study.enqueue_trial(point, user_attrs={"start_point": i}, skip_if_exists=True)
 
 
 def objective_for(space: Space, data: Dataset, settings: SearchSettings, parent_id: str, key: str,

@@ -9,6 +9,7 @@ study is created.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class Space:
     ranges: dict  # name -> Range (see RANGES)
     lr: dict  # optimizer -> Range
     source: str
+    start_points: tuple = ()  # Optuna params dicts enqueued first on a new study
 
     @property
     def direction(self) -> str:
@@ -113,10 +115,10 @@ def _choices(where: str, name: str, value) -> tuple:
 def load_space(path: str | Path = DEFAULT_SPACE) -> Space:
     spec = read_yaml(path)
     where = str(path)
-    unknown = set(spec) - {"name", "metric", "fixed", "search"}
+    unknown = set(spec) - {"name", "metric", "fixed", "search", "start_points"}
     if unknown:
         raise SpecError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; allowed: name, metric, "
-                        "fixed, search")
+                        "fixed, search, start_points")
     metric = spec.get("metric", "val_accuracy")
     if metric not in SELECT:
         raise SpecError(f"{where}: metric {_brief(metric)} is not one of {', '.join(SELECT)}")
@@ -160,9 +162,29 @@ def load_space(path: str | Path = DEFAULT_SPACE) -> Space:
         raise SpecError(f"{where}: dropout is searched but model1 has no dropout layer")
     space = Space(name=str(spec.get("name", Path(where).stem)), metric=metric, fixed=fixed, choices=choices,
                   ranges=ranges, lr=lr, source=where)
+    points = spec.get("start_points") or []
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise SpecError(f"{where}: start_points must be a list of mappings, got {_brief(points)}")
+    space = dataclasses.replace(space, start_points=tuple(_start_point(where, space, i, p) for i, p in enumerate(points)))
     try:  # the corners of the space must be valid configs
         corner = {**fixed, **{k: v[0] for k, v in choices.items()}, **{k: r.high for k, r in ranges.items()}}
         RunConfig(**corner, device="cpu")
     except (ConfigError, TypeError) as exc:
         raise SpecError(f"{where}: {exc}") from None
     return space
+
+
+def _start_point(where: str, space: Space, index: int, point: dict) -> dict:
+    """A start point as Optuna params (lr as lr_<optimizer>), checked against the space."""
+    params = space.params_for(point)
+    optimizer = params.get("optimizer", space.fixed.get("optimizer"))
+    for name in [*space.choices, *space.ranges, *([f"lr_{optimizer}"] if optimizer in space.lr else [])]:
+        if name not in params:
+            raise SpecError(f"{where}: start_points[{index}] has no valid value for {name}")
+    extra = set(point) - set(space.choices) - set(space.ranges) - {"lr"}
+    if extra:
+        raise SpecError(f"{where}: start_points[{index}] sets {', '.join(sorted(map(str, extra)))}, not searched")
+    for name, r in space.ranges.items():
+        if not r.low <= float(point[name]) <= r.high:
+            raise SpecError(f"{where}: start_points[{index}].{name} {point[name]} is outside {r.low:g}..{r.high:g}")
+    return params
