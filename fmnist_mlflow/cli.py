@@ -250,7 +250,7 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, epochs, su
 
     try:
         grid = grid_mod.load_grid(grid_file or grid_mod.DEFAULT_GRID)
-        seed_list = grid_mod.parse_seeds(seeds) if seeds is not None else None
+        seed_list = grid_mod.parse_seeds(seeds) if seeds else None  # "" (MLproject's default): the grid's
         configs = grid.configs(epochs=epochs, subset=subset, device=device, precision=precision, seeds=seed_list)
     except (grid_mod.SpecError, cfg.ConfigError) as exc:
         raise click.UsageError(str(exc)) from None
@@ -479,7 +479,7 @@ def predict(model_uri, top_k, as_json, inputs) -> None:
     for path in inputs:
         try:
             batch = predict_mod.read_input(path)
-            probabilities = predict_mod.softmax(model.predict(batch.images))
+            probabilities = predict_mod.softmax(model.predict(predict_mod.model_input(model, batch.images)))
         except predict_mod.InputError as exc:
             failed += 1
             click.echo(f"error: {exc}", err=True)

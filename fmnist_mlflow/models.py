@@ -1,7 +1,7 @@
 """The report's three CNNs, and a name -> constructor table.
 
-Every model takes raw images `(N, 1, 28, 28)`, uint8 in [0, 255] or float in [0, 1], and normalizes
-inside the module, so a logged model needs no outside preprocessing. Outputs are 10 logits in the
+Every model takes raw images `(N, 1, 28, 28)`, uint8 in [0, 255] or float (in [0, 1], or 0-255) and
+normalizes inside the module, so a logged model needs no outside preprocessing. Outputs are 10 logits in the
 order of `data.CLASS_NAMES` (apply softmax for probabilities).
 """
 
@@ -17,9 +17,17 @@ PIXEL_STD = 0.3530
 
 
 class Normalize(nn.Module):
+    """Scale to [0, 1], then standardise. uint8 is raw pixels. Floats may be in [0, 1] (torchvision's
+    ToTensor) or raw 0-255 values (uint8 images sent to a served model as JSON numbers arrive as floats):
+    an image whose brightest pixel is above 1 is on the 0-255 scale. (A 0-255 image that is black up to
+    a brightness of 1/255 reads as [0, 1]; no real photo is.)"""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
+        if x.dtype == torch.uint8:  # the training path: data stays uint8 on the device
             x = x.float().div_(255.0)
+        else:
+            x = x.float()
+            x = x * torch.where(x.amax(dim=(1, 2, 3), keepdim=True) > 1.0, 1.0 / 255.0, 1.0)
         return (x - PIXEL_MEAN) / PIXEL_STD
 
 

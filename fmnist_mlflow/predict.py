@@ -87,3 +87,11 @@ def top_k(probabilities: np.ndarray, k: int, class_names=CLASS_NAMES) -> list:
     order = np.argsort(-probabilities, axis=1)[:, :k]
     return [[{"class": class_names[j], "probability": float(row[j])} for j in idx]
             for row, idx in zip(probabilities, order)]
+
+
+def model_input(model, images: np.ndarray) -> np.ndarray:
+    """uint8 images as the loaded model's signature wants them: float32 0-255 (models logged since inputs
+    became float32), or uint8 (models logged before)."""
+    schema = model.metadata.get_input_schema()
+    dtype = schema.numpy_types()[0] if schema is not None and schema.is_tensor_spec() else np.float32
+    return images.astype(dtype, copy=False)

@@ -137,8 +137,10 @@ def evaluate_once(run, test: Split) -> dict:
     """Test metrics of the run's logged model, computed and logged on the run the first time only."""
     if all(m in run.data.metrics for m in TEST_METRICS):
         return {m: run.data.metrics[m] for m in TEST_METRICS}
+    from .predict import model_input
+
     model = tracking.load_pyfunc(tracking.model_uri(run.info.run_id))
-    result = evaluation.evaluate(model.predict, test, run.data.params.get("loss", "ce"))
+    result = evaluation.evaluate(lambda x: model.predict(model_input(model, x)), test, run.data.params.get("loss", "ce"))
     title = f"{run.info.run_name} on the test set: {100 * result['test_accuracy']:.2f}%"
     metrics = {m: result[m] for m in TEST_METRICS}
     per_class = {f"test_accuracy.{name.replace('/', '_').replace(' ', '_')}": acc

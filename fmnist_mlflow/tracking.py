@@ -39,6 +39,8 @@ EPOCH_METRICS = ("train_loss", "val_loss", "val_nll", "val_accuracy", "epoch_sec
 REACH_TIMEOUT_S = 15.0  # give up on an unreachable tracking server after this long
 MODEL_ARTIFACT = "model"
 INPUT_EXAMPLE_BATCH = 4  # > 1 so that torch.export keeps the batch dimension dynamic
+MODEL_INPUT = ("float32 images (N, 1, 28, 28): pixels in [0, 1], or raw 0-255 values (each image's scale is told "
+               "by its brightest pixel); normalised inside the model")
 
 
 class TrackingError(RuntimeError):
@@ -238,13 +240,15 @@ def log_figure(fig, artifact_file: str) -> None:
 def log_model(model: torch.nn.Module, extra_metadata: Optional[dict] = None) -> str:
     """Log the model in MLflow's default pt2 (torch.export) format; returns its `models:/m-...` URI.
 
-    Input: uint8 images (N, 1, 28, 28), any N. Output: float32 logits (N, 10) in `class_names` order.
+    Input: float32 images (N, 1, 28, 28), any N, in [0, 1] or raw 0-255 pixels. float32, not uint8: a
+    served model casts the JSON it receives to the signature's dtype, and uint8 would turn [0, 1] floats
+    into blank images. Output: float32 logits (N, 10) in `class_names` order.
     """
     model = _cpu_copy(model)
-    example = np.zeros((INPUT_EXAMPLE_BATCH, 1, 28, 28), dtype=np.uint8)
+    example = np.zeros((INPUT_EXAMPLE_BATCH, 1, 28, 28), dtype=np.float32)
     metadata = {
         "class_names": list(CLASS_NAMES),
-        "input": "uint8 images (N, 1, 28, 28), raw pixels 0-255; normalised inside the model",
+        "input": MODEL_INPUT,
         "output": "float32 logits (N, 10); softmax gives probabilities, index = class_names position",
         **(extra_metadata or {}),
     }

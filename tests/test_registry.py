@@ -99,7 +99,7 @@ import sys
 sys.modules["fmnist_mlflow"] = None  # the training package must not be needed
 import json, mlflow, numpy as np
 model = mlflow.pyfunc.load_model("models:/fmnist-cnn@champion")
-x = np.load(sys.argv[1])
+x = np.load(sys.argv[1]).astype(np.float32) / 255  # floats in [0, 1], as torchvision holds images
 print(json.dumps({"logits": model.predict(x).tolist(), "classes": model.metadata.metadata["class_names"]}))
 """
 
@@ -131,11 +131,18 @@ def test_serve_the_champion_over_rest(two_runs, store, tmp_path):
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", proc, timeout=120)
         x = data.load_test().x[:5].numpy()
-        response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": x.tolist()}, timeout=60)
-        assert response.status_code == 200, response.text
-        logits = np.array(response.json()["predictions"])
-        assert logits.shape == (5, 10)
         with torch.inference_mode():
-            np.testing.assert_allclose(logits, good.model(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-4)
+            expected = good.model(torch.from_numpy(x)).numpy()
+        np.save(tmp_path / "x.npy", x)
+        predicted = json.loads(invoke("predict", "--model-uri", "models:/fmnist-cnn@champion", "--json", "--top-k",
+                                      "1", str(tmp_path / "x.npy")).output)
+        # raw uint8 pixels as JSON integers, floats in [0, 1] (torchvision's ToTensor), and floats 0-255
+        for inputs in (x.tolist(), (x / 255.0).tolist(), x.astype(float).tolist()):
+            response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": inputs}, timeout=60)
+            assert response.status_code == 200, response.text
+            logits = np.array(response.json()["predictions"])
+            assert logits.shape == (5, 10)
+            np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+            assert [data.CLASS_NAMES[i] for i in logits.argmax(1)] == [p["top_k"][0]["class"] for p in predicted]
     finally:
         stop(proc)
