@@ -146,9 +146,9 @@ def ensure_parent(study: optuna.Study, key: str, space: Space, experiment_id: st
     params = {"study": study.study_name, "space_name": space.name, "metric": space.metric, "direction": space.direction,
               "epochs": settings.epochs, "subset": settings.subset}
     tags = {TAG_STUDY: key, **tracking.environment_tags(settings.device)}
-    mine = tracking.create_run(study.study_name, kind="search", tags=tags, params=params)
+    mine = tracking.create_run(study.study_name, kind="search", tags=tags, params=params, experiment_id=experiment_id)
     rivals = tracking.find_runs([experiment_id], {TAG_STUDY: key, tracking.TAG_KIND: "search"})
-    winner = min(rivals, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+    winner = min(rivals, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if rivals else mine
     if winner != mine:
         tracking.delete_run(mine)
     study.set_user_attr(ATTR_PARENT, winner)

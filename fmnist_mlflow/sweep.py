@@ -63,7 +63,8 @@ def run_sweep(
     if not tracking.inside_mlflow_run():  # inside `mlflow run` the parent is the run it created
         earlier = tracking.find_runs([experiment_id], {TAG_SWEEP: digest, tracking.TAG_KIND: "sweep"})
         parent_id = earlier[0].info.run_id if earlier else None
-    with tracking.run(grid.name, kind="sweep", run_id=parent_id, tags={TAG_SWEEP: digest}) as parent:
+    with tracking.run(grid.name, kind="sweep", run_id=parent_id, tags={TAG_SWEEP: digest},
+                      experiment_id=experiment_id) as parent:
         parent_id = parent.info.run_id
         tracking.log_params_once(sweep_params(grid, configs))
         tracking.set_tags(tracking.environment_tags(configs[0].device))

@@ -97,7 +97,9 @@ def use_experiment(name: str) -> str:
     try:
         return mlflow.set_experiment(name).experiment_id
     except mlflow.exceptions.MlflowException:
-        return mlflow.set_experiment(name).experiment_id  # another worker created it at the same moment
+        # Another worker created it at the same moment; select it. (Seen once: the run that followed still
+        # landed in Default, so parents are also created with an explicit experiment id.)
+        return mlflow.set_experiment(name).experiment_id
 
 
 def _end(status: str, reason: Optional[str] = None) -> None:
@@ -115,6 +117,7 @@ def run(
     run_id: Optional[str] = None,
     tags: Optional[dict] = None,
     killed_on: tuple = (),
+    experiment_id: Optional[str] = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """Open a run (or resume `run_id`, or adopt `mlflow run`'s) and always end it in a terminal state.
 
@@ -128,7 +131,8 @@ def run(
     active = mlflow.start_run(
         run_id=run_id,
         # a child goes where its parent is, whatever experiment this process has selected
-        experiment_id=client().get_run(parent_run_id).info.experiment_id if parent_run_id else None,
+        experiment_id=(client().get_run(parent_run_id).info.experiment_id if parent_run_id
+                       else None if run_id or adopt else experiment_id),
         run_name=None if (run_id or adopt) else run_name,
         parent_run_id=parent_run_id,
         nested=parent_run_id is not None,
@@ -336,9 +340,9 @@ def set_run_tags(run_id: str, tags: dict) -> None:
         client().set_tag(run_id, key, str(value))
 
 
-def create_run(run_name: str, *, kind: str, tags: dict, params: dict) -> str:
+def create_run(run_name: str, *, kind: str, tags: dict, params: dict, experiment_id: Optional[str] = None) -> str:
     """A run opened and ended at once (FINISHED): a parent that later commands resume and fill."""
-    with run(run_name, kind=kind, tags=tags) as active:
+    with run(run_name, kind=kind, tags=tags, experiment_id=experiment_id) as active:
         log_params_once(params)
     return active.info.run_id
 
