@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
 import sys
 from typing import Optional
@@ -121,15 +122,21 @@ def reported(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import requests
+        from mlflow.exceptions import MlflowException
+
+        from . import tracking
+        from .grid import SpecError
         from .search import SearchError
-        from .tracking import TrackingError
         from .train import DivergedError
 
         try:
             with sigterm_as_interrupt():
                 return fn(*args, **kwargs)
-        except (data_mod.DataError, TrackingError, DivergedError, SearchError) as exc:
+        except (data_mod.DataError, tracking.TrackingError, DivergedError, SearchError, SpecError) as exc:
             raise click.ClickException(str(exc)) from None
+        except (MlflowException, requests.RequestException) as exc:
+            raise click.ClickException(tracking.describe_failure(exc)) from None
         except KeyboardInterrupt:
             click.echo("interrupted: the run was marked KILLED", err=True)
             sys.exit(EXIT_INTERRUPTED)
@@ -179,13 +186,26 @@ class EpochProgress:
         self.epoch = m["epoch"] + 1
 
 
+# Bounded HTTP retries to the tracking server: MLflow's defaults (7 retries, backoff factor 2, 120 s
+# timeout) kept a sweep hanging for about 16 minutes when the server died. The user's own settings win;
+# worker processes inherit these.
+# Also quieter MLflow: its INFO lines and a "View run" line per run buried the command's own output (a
+# sweep printed 19 pairs); the commands print their own links.
+MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_LOGGING_LEVEL": "WARNING",
+                   "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fmnist-mlflow", prog_name="fmnist")
 def main() -> None:
     """Train, sweep, search and register Fashion-MNIST CNNs, tracked with MLflow.
 
     Runs go to $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the current folder; browse them with
     `mlflow ui --backend-store-uri sqlite:///mlflow.db`.
     """
+    for key, value in MLFLOW_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
 
 @main.command()
@@ -217,10 +237,11 @@ def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> N
     dataset = data_mod.load(data_dir, subset=config.subset)
     tracking.use_experiment(experiment)
     click.echo(f"{config.run_name}: {dataset.sizes['train_size']:,} train / {dataset.sizes['val_size']:,} val "
-               f"images on {config.device}; tracking to {uri}")
+               f"images on {config.device}; tracking to {tracking.redact(uri)}")
     progress = EpochProgress(config)
     result = runs.tracked_fit(config, dataset, on_epoch_end=progress.on_epoch_end, on_batch=progress.on_batch)
     click.echo(f"run {result.run_id} FINISHED; model: {result.model_uri}")
+    click.echo(f"view it: {tracking.run_link(result.run_id)}")
 
 
 @main.command()
@@ -262,7 +283,7 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, epochs, su
     experiment_id = tracking.use_experiment(experiment)
     n_seeds = len({c.seed for c in configs})
     click.echo(f"sweep {grid.name}: {len(configs) // n_seeds} configs x {n_seeds} seed(s) x {configs[0].epochs} epochs on {configs[0].device}, "
-               f"{dataset.sizes['train_size']:,} train / {dataset.sizes['val_size']:,} val images; tracking to {uri}")
+               f"{dataset.sizes['train_size']:,} train / {dataset.sizes['val_size']:,} val images; tracking to {tracking.redact(uri)}")
     started = time.monotonic()
 
     def on_start(k, n, config, elapsed, eta):
@@ -286,6 +307,7 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, epochs, su
         names = ", ".join(f"{r['model']}-{r['loss']}-{r['optimizer']} ({r['status']})" for r in result.failed)
         click.echo(f"did not finish: {names}", err=True)
     click.echo(f"parent run {result.parent_run_id}, {_duration(time.monotonic() - started)} wall time")
+    click.echo(f"view it: {tracking.run_link(result.parent_run_id)}")
 
 
 @main.command()
@@ -352,7 +374,7 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
     study.sampler = search_mod.make_sampler(sampler, search_mod.sampler_seed(seed, finished_before))
     click.echo(f"study {study_name} ({space.direction} {space.metric}) in {search_mod.redact(storage)}: "
                f"{sum(t.state.is_finished() for t in study.trials)} finished trial(s) so far; parent run {parent_id}; "
-               f"tracking to {uri}")
+               f"tracking to {tracking.redact(uri)}")
     if warm:
         click.echo(f"warm start: the grid's best config enqueued as the first trial: {warm}")
     if trials == 0:
@@ -460,6 +482,7 @@ def register(experiment, parent_run_id, run_id, select, name, alias, force, data
 @click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@reported
 def predict(model_uri, top_k, as_json, inputs) -> None:
     """Classify PNG/JPEG images and .npy arrays with a logged or registered model (via mlflow.pyfunc).
 
@@ -470,6 +493,8 @@ def predict(model_uri, top_k, as_json, inputs) -> None:
 
     from . import predict as predict_mod, tracking
 
+    if model_uri.startswith(("models:", "runs:")):
+        tracking.check_reachable()  # a registry lookup: fail in seconds if the tracking store is not there
     try:
         model = tracking.load_pyfunc(model_uri)
     except Exception as exc:  # MLflow raises several kinds for a bad URI

@@ -42,26 +42,34 @@ def read_input(path: str) -> Batch:
 
 
 def _read_image(path: str) -> Batch:
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            # PIL only warns for images between its pixel limit and twice it: refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
             gray = image.convert("L")
             note = ""
             if gray.size != (28, 28):
                 note = f"resized from {gray.size[0]}x{gray.size[1]} to 28x28"
                 gray = gray.resize((28, 28), Image.Resampling.LANCZOS)
-            pixels = np.asarray(gray, dtype=np.uint8)
+            pixels = np.array(gray, dtype=np.uint8)  # a writable copy
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"{path}: not a readable image ({exc})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"{path}: refused, too many pixels for an image to classify ({exc})") from None
     return Batch(path, pixels.reshape(1, 1, 28, 28), note)
 
 
 def _read_array(path: str) -> Batch:
     try:
         array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise InputError(f"{path}: not a readable .npy array ({exc})") from None
+    except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty or truncated file
+        raise InputError(f"{path}: not a readable .npy array ({type(exc).__name__}: {exc or 'empty file'})") from None
     if array.shape == (28, 28):
         array = array[None]
     if array.ndim == 3 and array.shape[1:] == (28, 28):

@@ -43,13 +43,7 @@ class SearchSettings:
     precision: str = "fp32"
 
 
-def redact(url: str) -> str:
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a SQLAlchemy URL (e.g. journal:...)
-        return url
+redact = tracking.redact
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:

@@ -68,6 +68,7 @@ def run_sweep(
         parent_id = parent.info.run_id
         tracking.log_params_once(sweep_params(grid, configs))
         tracking.set_tags(tracking.environment_tags(configs[0].device))
+        tracking.reap_orphans(parent_id)
         finished = {
             child.data.tags.get(tracking.TAG_CONFIG_HASH)
             for child in tracking.child_runs(parent_id)
@@ -89,8 +90,9 @@ def _fit_child(config, data: Dataset, parent_id: str, on_epoch_end=None, on_batc
     try:
         runs.tracked_fit(config, data, kind="sweep-child", parent_run_id=parent_id,
                          on_epoch_end=on_epoch_end, on_batch=on_batch)
-    except (train.DivergedError, RuntimeError):
-        pass  # the child ended FAILED with its reason; the summary reports it
+    except train.DivergedError:
+        pass  # the child ended FAILED with its reason; the summary reports it. Anything else (the tracking
+        # server gone, out of memory) would fail every config alike: it stops the sweep.
 
 
 def run_serial(todo: list, parent_id: str, data: Dataset, on_start, progress) -> None:

@@ -51,34 +51,107 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+def redact(url: str) -> str:
+    """A URL with its password replaced by ***, whatever its scheme, parseable or not."""
+    import re
+
+    return re.sub(r"(://[^/:@\s]*):[^@/\s]*@", r"\1:***@", url)
+
+
 def check_reachable(uri: Optional[str] = None, timeout: float = REACH_TIMEOUT_S) -> str:
-    """Fail within `timeout` seconds, naming the URI, if the tracking store cannot be used."""
+    """Fail within `timeout` seconds, naming the URI (password hidden), if the tracking store cannot be used.
+
+    For a server: its /health must answer, and then a real API call must succeed, so that a server that
+    refuses this host name (MLflow's "Invalid Host header": see --allowed-hosts) or needs credentials
+    fails here in seconds with the reason, not later with a traceback.
+    """
     uri = uri or tracking_uri()
+    shown = redact(uri)
     scheme = urlparse(uri).scheme
     if scheme in ("http", "https"):
         import requests
 
         deadline = time.monotonic() + timeout
-        error: Exception | None = None
-        while time.monotonic() < deadline:
+        error = "no answer"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             try:
-                response = requests.get(uri.rstrip("/") + "/health", timeout=min(5.0, timeout))
+                response = requests.get(uri.rstrip("/") + "/health", timeout=min(5.0, left))
                 if response.ok:
+                    _check_api(uri, shown, min(5.0, max(1.0, deadline - time.monotonic())))
                     return uri
-                error = RuntimeError(f"HTTP {response.status_code}")
+                error = f"HTTP {response.status_code}"
             except requests.RequestException as exc:
-                error = exc
-            time.sleep(1.0)
+                error = type(exc).__name__
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         raise TrackingError(
-            f"MLflow tracking server {uri} did not answer within {timeout:.0f} s ({type(error).__name__}). "
+            f"MLflow tracking server {shown} did not answer within {timeout:.0f} s ({error}). "
             "Start it (mlflow server --host 127.0.0.1 --port PORT) or set MLFLOW_TRACKING_URI."
         )
+    if scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
+        _check_database(uri, shown)
+        return uri
     if scheme == "sqlite":
         path = uri[len("sqlite:///") :]
         folder = Path(path).parent if path else Path(".")
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise TrackingError(f"tracking store {uri}: folder {folder} does not exist or is not writable")
     return uri
+
+
+def _check_api(uri: str, shown: str, timeout: float) -> None:
+    import requests
+
+    try:
+        response = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
+                                params={"max_results": 1}, timeout=timeout)
+    except requests.RequestException as exc:
+        raise TrackingError(f"MLflow tracking server {shown}: its API did not answer ({type(exc).__name__})") from None
+    if response.ok:
+        return
+    reason = " ".join(response.text.split())[:200]
+    hint = ""
+    if response.status_code == 403 and "host" in reason.lower():
+        hint = (" The server refuses this host name: start it with --allowed-hosts listing the name clients use "
+                "(e.g. --allowed-hosts 'tracking.example.org,tracking.example.org:5000').")
+    elif response.status_code in (401, 403):
+        hint = " The server needs credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."
+    raise TrackingError(f"MLflow tracking server {shown} answered /health but refused an API call: "
+                        f"HTTP {response.status_code} {reason}.{hint}")
+
+
+def _check_database(uri: str, shown: str) -> None:
+    """A database tracking URI: connect once with a short timeout."""
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 5})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:  # driver and SQLAlchemy errors come in many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(f"tracking store {shown} cannot be reached: {redact(first)}") from None
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for an error raised while talking to the tracking store."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return f"tracking store {redact(tracking_uri())} failed: {redact(text)}"
+
+
+def run_link(run_id: str) -> str:
+    """Where a person sees the run: the server's UI page, or how to start the UI on a local store."""
+    uri = tracking_uri()
+    experiment = client().get_run(run_id).info.experiment_id
+    if urlparse(uri).scheme in ("http", "https"):
+        return f"{redact(uri).rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return (f"mlflow ui --backend-store-uri {redact(uri)}, then "
+            f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}")
 
 
 def inside_mlflow_run() -> bool:
@@ -103,9 +176,17 @@ def use_experiment(name: str) -> str:
 
 
 def _end(status: str, reason: Optional[str] = None) -> None:
-    if reason:
-        mlflow.set_tag(TAG_FAILURE, reason[:5000])
-    mlflow.end_run(status)
+    """End the active run; best effort when called for an error (the tracking server may be the error)."""
+    try:
+        if reason:
+            mlflow.set_tag(TAG_FAILURE, reason[:5000])
+        mlflow.end_run(status)
+    except Exception:
+        # The server is gone: forget the run locally; a later resume reaps it (reap_orphans).
+        try:
+            mlflow.tracking.fluent._active_run_stack.get().clear()
+        except Exception:
+            pass
 
 
 @contextlib.contextmanager
@@ -304,6 +385,22 @@ def find_runs(experiment_ids: list, tags: dict, status: Optional[str] = None) ->
 def child_runs(parent_run_id: str) -> list:
     parent = client().get_run(parent_run_id)
     return find_runs([parent.info.experiment_id], {"mlflow.parentRunId": parent_run_id})
+
+
+TAG_ORPHAN_REASON = ("orphaned: found RUNNING when its sweep resumed (its process was killed, or lost the "
+                     "tracking server, before it could end the run)")
+
+
+def reap_orphans(parent_run_id: str) -> int:
+    """End KILLED the children of a resumed sweep that are still RUNNING: the process that ran them is gone
+    (one sweep process per parent; the grid run by several workers at once is not supported yet)."""
+    reaped = 0
+    for child in child_runs(parent_run_id):
+        if child.info.status == "RUNNING":
+            client().set_tag(child.info.run_id, TAG_FAILURE, TAG_ORPHAN_REASON)
+            client().set_terminated(child.info.run_id, "KILLED")
+            reaped += 1
+    return reaped
 
 
 def history(run_id: str) -> list:

@@ -1,0 +1,137 @@
+"""Faults a user meets with a real `mlflow server`: the server dying mid-sweep, a server that refuses this
+host name (the README's scaling-out recipe), passwords in URIs, unreadable inputs to `fmnist predict`."""
+
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+import yaml
+from click.testing import CliRunner
+
+from conftest import VENV_BIN, cli_env, free_port, reset_mlflow, stop, wait_http
+from fmnist_mlflow import cli, predict, tracking
+
+
+def start_server(root, port, *extra):
+    proc = subprocess.Popen(
+        [f"{VENV_BIN}/mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'backend.db'}", "--artifacts-destination", str(root / "artifacts"),
+         *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=root,
+    )
+    wait_http(f"http://127.0.0.1:{port}/health", proc)
+    return proc
+
+
+def test_a_tracking_server_dying_mid_sweep_stops_it_with_one_line_and_resume_reaps_the_orphans(tmp_path):
+    root = tmp_path / "server"
+    root.mkdir()
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({
+        "name": "doomed", "models": ["model1"], "losses": ["ce"], "optimizers": ["adam", "sgd"],
+        "lr": {"adam": 0.001, "sgd": 0.05}, "batch_size": 64, "epochs": 40, "seeds": [0]}))
+    args = [sys.executable, "-m", "fmnist_mlflow", "sweep", "--grid", str(grid_file), "--subset", "5000",
+            "--device", "cpu", "--threads", "1"]
+    env = cli_env(MLFLOW_TRACKING_URI=uri)
+    server = start_server(root, port)
+    try:
+        sweep = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # wait until the first child has logged an epoch
+            metrics = requests.post(f"{uri}/api/2.0/mlflow/runs/search", json={"experiment_ids": ["1"]}, timeout=10)
+            if metrics.ok and any(m["key"] == "val_accuracy" for r in metrics.json().get("runs", [])
+                                  for m in r["data"].get("metrics", [])):
+                break
+            time.sleep(1)
+        stop(server)  # the server dies mid-config
+        killed_at = time.monotonic()
+        output, _ = sweep.communicate(timeout=240)
+        took = time.monotonic() - killed_at
+        assert sweep.returncode == 1, output[-3000:]
+        assert "Traceback" not in output and f"tracking store {uri} failed" in output, output[-3000:]
+        assert took < 120  # MLflow's default retries hung for about 16 minutes
+
+        server = start_server(root, port)  # the server is back
+        mlflow.set_tracking_uri(uri)
+        stuck = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+                 if r.info.status == "RUNNING"]
+        assert stuck  # the dead server could not be told: the parent and the child were left RUNNING
+        resumed = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        assert [r for r in runs if r.info.status == "RUNNING"] == []
+        parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "sweep"]
+        children = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "sweep-child"]
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        orphans = [c for c in children if c.info.status == "KILLED"]
+        assert len(orphans) == 1 and orphans[0].data.tags[tracking.TAG_FAILURE].startswith("orphaned")
+        finished = sorted(c.data.params["optimizer"] for c in children if c.info.status == "FINISHED")
+        assert finished == ["adam", "sgd"]  # each config exactly once
+    finally:
+        reset_mlflow()
+        stop(server)
+
+
+def test_allowed_hosts_the_readme_recipe_and_a_clear_error_for_a_refused_host_name(tmp_path):
+    root = tmp_path / "server"
+    root.mkdir()
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    # as the README says for a shared server: list the name the workers use
+    server = start_server(root, port, "--allowed-hosts", f"tracking.example:{port},127.0.0.1:{port}")
+    try:
+        api = f"{uri}/api/2.0/mlflow/experiments/search"
+        ok = requests.get(api, params={"max_results": 1}, headers={"Host": f"tracking.example:{port}"}, timeout=10)
+        refused = requests.get(api, params={"max_results": 1}, headers={"Host": f"other.example:{port}"}, timeout=10)
+        health = requests.get(f"{uri}/health", headers={"Host": f"other.example:{port}"}, timeout=10)
+        assert ok.status_code == 200 and refused.status_code == 403 and health.ok  # /health alone proves nothing
+        assert tracking.check_reachable(uri) == uri
+    finally:
+        stop(server)
+    server = start_server(root, port, "--allowed-hosts", "only.example")  # refuses 127.0.0.1
+    try:
+        started = time.monotonic()
+        with pytest.raises(tracking.TrackingError, match="refused an API call: HTTP 403.*--allowed-hosts"):
+            tracking.check_reachable(uri)
+        assert time.monotonic() - started < 15
+    finally:
+        stop(server)
+
+
+def test_no_password_is_ever_printed(store, tmp_path, monkeypatch):
+    bad = f"http://user:secretpw@127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", bad)
+    mlflow.set_tracking_uri(bad)
+    result = CliRunner().invoke(cli.main, ["train", "--device", "cpu", "--subset", "300", "--epochs", "1"])
+    assert result.exit_code == 1 and "secretpw" not in result.output and "user:***@127.0.0.1" in result.output
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    mlflow.set_tracking_uri(store)
+    result = CliRunner().invoke(cli.main, ["search", "--storage", "postgresql://user:secretpw@host:notaport/db",
+                                           "--trials", "1", "--subset", "300", "--epochs", "1", "--device", "cpu"])
+    assert result.exit_code == 1 and "secretpw" not in result.output and "user:***@host" in result.output
+
+
+def test_predict_treats_empty_arrays_and_decompression_bombs_as_bad_inputs(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(predict.InputError, match="empty.npy: not a readable .npy array"):
+        predict.read_input(str(tmp_path / "empty.npy"))
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (1, 1)).save(bomb)
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = 0.5  # a 1-pixel PNG is now over the limit: the same code path as a real bomb
+        with pytest.raises(predict.InputError, match="bomb.png: refused, too many pixels"):
+            predict.read_input(str(bomb))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    np.save(tmp_path / "ok.npy", np.zeros((2, 28, 28), dtype=np.uint8))
+    assert predict.read_input(str(tmp_path / "ok.npy")).images.shape == (2, 1, 28, 28)
