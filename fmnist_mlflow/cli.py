@@ -478,7 +478,7 @@ def register(experiment, parent_run_id, run_id, select, name, alias, force, data
 
 
 @main.command()
-@click.option("--model-uri", required=True, help="runs:/RUN/model, models:/NAME@ALIAS, models:/NAME/VERSION, a path...")
+@click.option("--model-uri", required=True, help="models:/MODEL_ID (printed by train), models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/CONFIG_NAME, a path...")
 @click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())

@@ -57,11 +57,15 @@ def tracked_fit(
     ) as active:
         if on_start is not None:
             on_start(active.info.run_id)
-        tracking.log_config(config, data)
+        datasets = tracking.log_config(config, data)
         try:
             result = train.fit(config, data, on_epoch_end=epoch_end, on_batch=on_batch)
         finally:
             if history:  # the curves so far help explain a failed or stopped run too
                 tracking.log_figure(plots.run_curves(history, config.run_name), "loss_curves.png")
-        model_uri = tracking.log_model(result.model, {"config": config.to_params()})
+        final = history[-1]
+        model_uri = tracking.log_model(
+            result.model, {"config": config.to_params()}, name=config.run_name, params=config.to_params(),
+            metrics={k: final[k] for k in ("val_accuracy", "val_nll", "val_loss")}, step=final["epoch"],
+            dataset=datasets["validation"])
     return TrackedResult(run_id=active.info.run_id, history=history, model_uri=model_uri, model=result.model)

@@ -263,10 +263,12 @@ def git_commit() -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def log_config(config: RunConfig, data: Dataset) -> None:
-    """The whole config once, as params, plus the split sizes and the datasets as run inputs."""
+def log_config(config: RunConfig, data: Dataset) -> dict:
+    """The whole config once, as params, plus the split sizes and the datasets as run inputs; returns the
+    MLflow datasets by context ("training", "validation")."""
     # `mlflow run` has already logged the MLproject parameters it passed, as strings.
     log_params_once({**config.to_params(), **data.sizes})
+    datasets = {}
     mlflow.set_tags({TAG_CONFIG_HASH: config.digest(), TAG_CONFIG_GROUP: config.group,
                      TAG_CONFIG_NAME: config.run_name, **environment_tags(config.device)})
     for context, split in (("training", data.train), ("validation", data.val)):
@@ -281,6 +283,8 @@ def log_config(config: RunConfig, data: Dataset) -> None:
                 digest=split_digest(context, data.subset),
             )
         _log_input(dataset, context)
+        datasets[context] = dataset
+    return datasets
 
 
 def _same_value(logged: Optional[str], value) -> bool:
@@ -322,7 +326,9 @@ def log_figure(fig, artifact_file: str) -> None:
     plots.close(fig)
 
 
-def log_model(model: torch.nn.Module, extra_metadata: Optional[dict] = None) -> str:
+def log_model(model: torch.nn.Module, extra_metadata: Optional[dict] = None, *, name: str = MODEL_ARTIFACT,
+              params: Optional[dict] = None, metrics: Optional[dict] = None, step: Optional[int] = None,
+              dataset=None) -> str:
     """Log the model in MLflow's default pt2 (torch.export) format; returns its `models:/m-...` URI.
 
     Input: float32 images (N, 1, 28, 28), any N, in [0, 1] or raw 0-255 pixels. float32, not uint8: a
@@ -339,12 +345,15 @@ def log_model(model: torch.nn.Module, extra_metadata: Optional[dict] = None) -> 
     }
     info = mlflow.pytorch.log_model(
         model,
-        name=MODEL_ARTIFACT,
+        name=name,
+        params={k: str(v) for k, v in (params or {}).items()},
         input_example=example,
         # Explicit requirements: inferring them would load the model again in a subprocess.
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
         metadata=metadata,
     )
+    if metrics:
+        mlflow.log_metrics(metrics, step=step, model_id=info.model_id, dataset=dataset)
     return info.model_uri
 
 
@@ -451,12 +460,18 @@ def delete_run(run_id: str) -> None:
 # --- models and the registry ------------------------------------------------------------------------
 
 
-def model_uri(run_id: str) -> str:
-    """The URI of the model a run logged (MLflow 3 keeps it as a logged model with its own id)."""
+def logged_model(run_id: str):
+    """The logged model of a run (MLflow 3 keeps it with its own id), or None."""
     experiment = client().get_run(run_id).info.experiment_id
     models = mlflow.search_logged_models(experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'",
                                          output_format="list")
-    return f"models:/{models[0].model_id}" if models else f"runs:/{run_id}/{MODEL_ARTIFACT}"
+    return models[0] if models else None
+
+
+def model_uri(run_id: str) -> str:
+    """The URI of the model a run logged."""
+    model = logged_model(run_id)
+    return f"models:/{model.model_id}" if model else f"runs:/{run_id}/{MODEL_ARTIFACT}"
 
 
 def load_pyfunc(uri: str):
@@ -466,8 +481,9 @@ def load_pyfunc(uri: str):
 def log_to_run(run_id: str, *, metrics: dict, texts: dict, figures: dict) -> None:
     """Add metrics and artifacts to a run that may have ended (its status does not change)."""
     c = client()
-    for key, value in metrics.items():
-        c.log_metric(run_id, key, value)
+    model = logged_model(run_id)
+    for key, value in metrics.items():  # linked to the run's logged model, so the Models view shows them
+        c.log_metric(run_id, key, value, model_id=model.model_id if model else None)
     for path, text in texts.items():
         c.log_text(run_id, text, path)
     for path, fig in figures.items():

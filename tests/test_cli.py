@@ -63,15 +63,23 @@ def test_train_logs_everything_to_sqlite(store, monkeypatch):
     assert params["train_size"] == "600" and params["val_size"] == "120" and params["device"] == "cpu"
     client = mlflow.MlflowClient()
     for key in ("train_loss", "val_loss", "val_nll", "val_accuracy", "epoch_seconds"):
-        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2]
+        # the final validation metrics are logged a second time at the last step, linked to the model
+        assert sorted({m.step for m in client.get_metric_history(run.info.run_id, key)}) == [1, 2]
     assert run.data.tags["torch_version"] and run.data.tags["fmnist.config_hash"]
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"fashion-mnist-training", "fashion-mnist-validation"}
     assert "loss_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
+    # MLflow 3's Models view: the model is named after its config, with params and linked validation metrics
+    (logged,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert logged.name == "model3-ce-adam" and logged.params["dropout"] == "0.1"
+    linked = {m.key: m for m in logged.metrics}
+    assert linked["val_accuracy"].value == run.data.metrics["val_accuracy"]
+    assert linked["val_accuracy"].dataset_name == "fashion-mnist-validation"
+
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
-    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    model = mlflow.pyfunc.load_model(f"models:/{logged.model_id}")
     for n in (1, 5, 64):
-        assert model.predict(np.zeros((n, 1, 28, 28), dtype=np.uint8)).shape == (n, 10)
+        assert model.predict(np.zeros((n, 1, 28, 28), dtype=np.float32)).shape == (n, 10)
     assert len(model.metadata.metadata["class_names"]) == 10
 
 
@@ -118,8 +126,8 @@ def test_train_against_a_real_mlflow_server(mlflow_server):
     (run,) = runs("over-http")
     assert run.info.status == "FINISHED" and "val_accuracy" in run.data.metrics
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
-    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
-    assert model.predict(np.zeros((3, 1, 28, 28), dtype=np.uint8)).shape == (3, 10)
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model1-ce-adam")  # the artifact path is the config name
+    assert model.predict(np.zeros((3, 1, 28, 28), dtype=np.float32)).shape == (3, 10)
 
 
 def test_sigterm_marks_the_run_killed(store, tmp_path):
