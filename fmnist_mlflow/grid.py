@@ -15,7 +15,8 @@ import yaml
 
 from .config import LOSSES, MODELS, OPTIMIZERS, ConfigError, RunConfig
 
-DEFAULT_GRID = Path(__file__).resolve().parent.parent / "experiments" / "grid.yaml"
+# experiments/grid.yaml, shipped inside the package (specs/ links to experiments/ in the repository)
+DEFAULT_GRID = Path(__file__).parent / "specs" / "grid.yaml"
 
 
 class SpecError(ValueError):

@@ -10,7 +10,7 @@ best on validation (selection never looks at the test set), with the seed figure
 description.
 
 Where a user finds the evaluation: on the selected run itself, as metrics `test_accuracy`, `test_loss`,
-`test_nll`, `test_accuracy.<class>` and artifacts `test_evaluation/` (confusion matrix, misclassified
+`test_nll`, `test_per_class/<class>` and artifacts `test_evaluation/` (confusion matrix, misclassified
 examples, per-class CSV); the same figures are tags on the model version. The alias (default `champion`)
 moves only to a version at least as good on the selection metric (compared from the runs themselves,
 seed means where there are seeds; a holder without a finite value never blocks), unless forced; every
@@ -33,6 +33,7 @@ from .summary import SELECT, better, pick_best
 
 MODEL_KINDS = ("train", "sweep-child", "trial", "confirm")  # run kinds that log a model
 TEST_METRICS = ("test_accuracy", "test_loss", "test_nll")
+PER_CLASS_PREFIX = "test_per_class/"  # metric test_per_class/<class>: one section in the UI, not ten charts first
 
 
 class RegistryError(RuntimeError):
@@ -143,7 +144,8 @@ def evaluate_once(run, test: Split) -> dict:
     result = evaluation.evaluate(lambda x: model.predict(model_input(model, x)), test, run.data.params.get("loss", "ce"))
     title = f"{run.info.run_name} on the test set: {100 * result['test_accuracy']:.2f}%"
     metrics = {m: result[m] for m in TEST_METRICS}
-    per_class = {f"test_accuracy.{name.replace('/', '_').replace(' ', '_')}": acc
+    # under a prefix of their own: the MLflow UI gives them their own section, after the epoch curves
+    per_class = {f"{PER_CLASS_PREFIX}{name.replace('/', '_').replace(' ', '_')}": acc
                  for name, acc in result["per_class_accuracy"].items()}
     csv = "class,test_accuracy\n" + "".join(f"{k},{v:.4f}\n" for k, v in result["per_class_accuracy"].items())
     tracking.log_to_run(run.info.run_id, metrics={**metrics, **per_class}, texts={"test_evaluation/per_class.csv": csv},

@@ -20,7 +20,7 @@ from .summary import SELECT
 
 PRUNERS = ("percentile", "median", "hyperband", "none")  # the first is the default
 SAMPLERS = ("tpe", "random")
-DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "experiments" / "search.yaml"
+DEFAULT_SPACE = Path(__file__).parent / "specs" / "search.yaml"  # experiments/search.yaml, shipped in the package
 FIXABLE = {"model": str, "loss": str, "optimizer": str, "batch_size": int, "seed": int, "dropout": float, "lr": float,
            "momentum": float, "weight_decay": float, "schedule": str, "label_smoothing": float, "augment": str}
 # Categorical parameters and their allowed values (None: any integer >= 1).

@@ -163,16 +163,39 @@ def use_uri(uri: str) -> None:
     mlflow.set_tracking_uri(uri)
 
 
+DEFAULT_EXPERIMENT_ID = "0"  # MLflow's "Default" experiment
+# What the MLflow UI reads: the experiment's description, and its kind (MLflow 3 otherwise may open a new
+# experiment in its GenAI view).
+EXPERIMENT_TAGS = {
+    "mlflow.note.content": "Fashion-MNIST CNNs from fmnist-mlflow: the report's grid (parent runs of kind sweep), "
+                           "Optuna searches (kind search) and single runs; select on validation metrics, never "
+                           "training loss. `fmnist register` evaluates the winner on the test set.",
+    "mlflow.experimentKind": "custom_model_development",
+}
+
+
 def use_experiment(name: str) -> str:
-    """Select (creating if needed) the experiment; inside `mlflow run` keep the one it chose."""
+    """Select (creating if needed) the experiment; inside `mlflow run` keep the one it chose, unless that is
+    Default (`mlflow run .` without --experiment-name), where `fmnist register` would never look: then the
+    run `mlflow run` made is ended as a launcher and the work goes to `name`."""
     if inside_mlflow_run() and os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return os.environ["MLFLOW_EXPERIMENT_ID"]
+        if os.environ["MLFLOW_EXPERIMENT_ID"] != DEFAULT_EXPERIMENT_ID or name == "Default":
+            return os.environ["MLFLOW_EXPERIMENT_ID"]
+        launcher = os.environ.pop("MLFLOW_RUN_ID")
+        os.environ.pop("MLFLOW_EXPERIMENT_ID")
+        client().set_tag(launcher, TAG_KIND, "launcher")
+        client().set_tag(launcher, "mlflow.note.content", f"`mlflow run` put this run in Default; the work was "
+                         f"logged to experiment {name!r}.")
     try:
-        return mlflow.set_experiment(name).experiment_id
+        experiment = mlflow.set_experiment(name)
     except mlflow.exceptions.MlflowException:
         # Another worker created it at the same moment; select it. (Seen once: the run that followed still
         # landed in Default, so parents are also created with an explicit experiment id.)
-        return mlflow.set_experiment(name).experiment_id
+        experiment = mlflow.set_experiment(name)
+    for key, value in EXPERIMENT_TAGS.items():
+        if key not in experiment.tags:
+            client().set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def _end(status: str, reason: Optional[str] = None) -> None:

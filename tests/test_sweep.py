@@ -167,6 +167,12 @@ def test_mlflow_run_main_entry_point_is_the_sweep(tmp_path):
         (parent,) = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "sweep"]
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert parent.info.status == "FINISHED" and len(children) == 2
-        assert parent.data.params["epochs"] == "1"  # logged by `mlflow run` and by the sweep, same value
+        assert parent.data.params["epochs"] == "1"
+        # without --experiment-name `mlflow run` uses Default, where `fmnist register` never looks: the work
+        # lands in experiment fmnist, and the run `mlflow run` made says where it went
+        experiment = mlflow.get_experiment(parent.info.experiment_id)
+        assert experiment.name == "fmnist" and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        (launcher,) = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "launcher"]
+        assert launcher.info.experiment_id == "0" and "fmnist" in launcher.data.tags["mlflow.note.content"]
     finally:
         mlflow.set_tracking_uri(None)

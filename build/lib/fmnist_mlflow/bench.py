@@ -1,0 +1,200 @@
+"""`fmnist bench`: our trainer against the classic loop, tracking overhead, and `--jobs` scaling.
+
+Every comparison runs its contenders side by side in one process, alternating which goes first in each
+round, so that machine drift hits both; ratios are medians over rounds. The classic loop is the one the
+report used (pytorch/examples' MNIST shape): a torchvision dataset with per-sample `ToTensor` and
+`Normalize`, a shuffling `DataLoader` of batch 64, and the same model, optimizer and image count.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from . import data as data_mod
+from . import models, train
+from .config import RunConfig
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    rounds: int
+    images: dict  # model -> images per timed pass
+    tracked_epochs: int  # epochs of the tracked-vs-untracked model1 runs
+    grid_subset: int  # training images per config in the --jobs comparison (one epoch each)
+    jobs: int
+    tracked_subset: int = 0  # training images of the tracked-vs-untracked runs (0: all 50,000)
+
+
+QUICK = BenchPlan(rounds=3, images={"model1": 10_000, "model3": 4_000}, tracked_epochs=2, grid_subset=2_000, jobs=2)
+FULL = BenchPlan(rounds=5, images={"model1": 50_000, "model3": 20_000}, tracked_epochs=10, grid_subset=10_000, jobs=2)
+
+
+def machine() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {device}"
+
+
+def _classic_dataset(folder: Path):
+    """torchvision's FashionMNIST over our verified files (its own raw/ layout, decompressed)."""
+    from torchvision import datasets, transforms
+
+    raw = folder / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    source = data_mod.locate()
+    for name in data_mod.FILES:
+        (raw / name).write_bytes(data_mod.read_verified(source, name))
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((models.PIXEL_MEAN,), (models.PIXEL_STD,))])
+    return datasets.FashionMNIST(str(folder), train=True, download=False, transform=transform)
+
+
+def classic_pass(dataset, model_name: str, images: int, device: str) -> float:
+    """Images per second of one pass of pytorch/examples' loop over the first `images` images."""
+    subset = torch.utils.data.Subset(dataset, range(images))
+    loader = torch.utils.data.DataLoader(subset, batch_size=64, shuffle=True)
+    model = models.build(model_name, 0.0).to(device)
+    model.norm = torch.nn.Identity()  # the transform has normalised already
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    started = time.perf_counter()
+    for step, (x, y) in enumerate(loader):
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0:  # pytorch/examples logs loss.item() every log_interval (10) batches
+            loss.item()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return images / (time.perf_counter() - started)
+
+
+def our_pass(split: data_mod.Split, model_name: str, images: int, device: str) -> float:
+    config = RunConfig(model=model_name, dropout=0.0, device=device)
+    part = data_mod.Split(split.x[:images], split.y[:images]).to(device)
+    model = train.prepare_model(config)
+    optimizer = train.make_optimizer(config, model.parameters())
+    generator = torch.Generator(device=device).manual_seed(0)
+    started = time.perf_counter()
+    train.train_epoch(model, optimizer, part, config, generator)  # returns after a device sync
+    return images / (time.perf_counter() - started)
+
+
+def alternate(rounds: int, contenders: dict) -> dict:
+    """{name: [result per round]}, the order of the contenders rotating from round to round."""
+    names = list(contenders)
+    results: dict = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            results[name].append(contenders[name]())
+    return results
+
+
+def throughput(plan: BenchPlan, device: str, report) -> dict:
+    dataset = data_mod.load()
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        classic = _classic_dataset(Path(tmp))
+        for model_name, images in plan.images.items():
+            # one untimed pass each: allocator, kernels and caches warm up
+            classic_pass(classic, model_name, 640, device), our_pass(dataset.train, model_name, 640, device)
+            res = alternate(plan.rounds, {
+                "classic": lambda: classic_pass(classic, model_name, images, device),
+                "ours": lambda: our_pass(dataset.train, model_name, images, device),
+            })
+            ratios = [o / c for o, c in zip(res["ours"], res["classic"])]
+            out[model_name] = {"classic_img_s": statistics.median(res["classic"]),
+                               "ours_img_s": statistics.median(res["ours"]), "speedup": statistics.median(ratios)}
+            report(f"{model_name}: classic {out[model_name]['classic_img_s']:,.0f} img/s, ours "
+                   f"{out[model_name]['ours_img_s']:,.0f} img/s, speedup {out[model_name]['speedup']:.2f}x")
+    return out
+
+
+def tracking_overhead(plan: BenchPlan, device: str, report) -> dict:
+    """Wall time of a fully tracked run against the same training untracked, on full data."""
+    import mlflow
+
+    from . import runs, tracking
+
+    dataset = data_mod.load(subset=plan.tracked_subset)
+    config = RunConfig(model="model1", epochs=plan.tracked_epochs, device=device, subset=plan.tracked_subset)
+    with tempfile.TemporaryDirectory() as tmp:
+        previous = mlflow.get_tracking_uri()
+        tracking.use_uri(f"sqlite:///{tmp}/mlflow.db")
+        cwd = os.getcwd()
+        os.chdir(tmp)  # artifacts land in the temp dir's ./mlruns
+        try:
+            tracking.use_experiment("bench")
+            tracked_fit = lambda: _timed(lambda: runs.tracked_fit(config, dataset))  # noqa: E731
+            tracked_fit()  # warm-up: creates the store's tables, imports MLflow's model flavours
+            res = alternate(max(2, plan.rounds - 1), {
+                "untracked": lambda: _timed(lambda: train.fit(config, dataset)),
+                "tracked": tracked_fit,
+            })
+        finally:
+            os.chdir(cwd)
+            tracking.use_uri(previous)
+    untracked, tracked = statistics.median(res["untracked"]), statistics.median(res["tracked"])
+    fraction = (tracked - untracked) / untracked
+    report(f"tracking: untracked {untracked:.1f} s, tracked {tracked:.1f} s for {plan.tracked_epochs} epochs of "
+           f"model1: overhead {100 * fraction:.1f}% ({tracked - untracked:.2f} s)")
+    return {"untracked_s": untracked, "tracked_s": tracked, "overhead": fraction, "epochs": plan.tracked_epochs}
+
+
+def grid_jobs(plan: BenchPlan, device: str, report) -> dict:
+    """Wall time of the report's 18-config grid (1 epoch, a subset) with --jobs 1 and --jobs N."""
+    import mlflow
+
+    from . import grid as grid_mod
+    from . import sweep, tracking
+
+    g = grid_mod.load_grid()
+    configs = g.configs(epochs=1, subset=plan.grid_subset, device=device)
+    dataset = data_mod.load(subset=plan.grid_subset)
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        previous = mlflow.get_tracking_uri()
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            for jobs in (1, plan.jobs, 1, plan.jobs)[: 2 if plan.rounds <= 3 else 4]:
+                tracking.use_uri(f"sqlite:///{tmp}/jobs{jobs}-{len(times)}.db")  # a fresh store: nothing to resume
+                experiment_id = tracking.use_experiment("bench")
+                started = time.perf_counter()
+                sweep.run_sweep(g, configs, dataset, experiment_id=experiment_id, jobs=jobs)
+                times.setdefault(jobs, []).append(time.perf_counter() - started)
+        finally:
+            os.chdir(cwd)
+            tracking.use_uri(previous)
+    one, many = statistics.median(times[1]), statistics.median(times[plan.jobs])
+    report(f"grid (18 configs, 1 epoch, {plan.grid_subset:,} images): --jobs 1 {one:.1f} s, --jobs {plan.jobs} "
+           f"{many:.1f} s: {one / many:.2f}x")
+    return {"jobs_1_s": one, f"jobs_{plan.jobs}_s": many, "jobs_speedup": one / many, "jobs": plan.jobs}
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def run(plan: BenchPlan, device: str, report=print) -> dict:
+    report(f"machine: {machine()}; plan: {plan}")
+    speed = throughput(plan, device, report)
+    overhead = tracking_overhead(plan, device, report)
+    jobs = grid_jobs(plan, device, report)
+    return {
+        "speedup": speed["model1"]["speedup"], "speedup_model3": speed["model3"]["speedup"],
+        "tracking_overhead": overhead["overhead"], "jobs_speedup": jobs["jobs_speedup"],
+        "throughput": speed, "tracking": overhead, "grid": jobs, "machine": machine(),
+        "device": device, "plan": "quick" if plan == QUICK else "full" if plan == FULL else "custom",
+    }  # fmt: skip

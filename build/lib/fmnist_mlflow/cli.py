@@ -1,0 +1,555 @@
+"""The `fmnist` command: a thin shell that parses options, builds a config, calls the library and reports.
+
+Bad values are rejected by Click types before any work (exit 2); library errors become one readable
+line (exit 1); Ctrl-C and SIGTERM end the open MLflow run KILLED and exit 130.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import sys
+from typing import Optional
+
+import click
+
+from . import config as cfg
+from . import data as data_mod
+from .space import PRUNERS, SAMPLERS
+from .summary import SELECT as SELECT_METRICS
+
+EXIT_INTERRUPTED = 130
+
+
+class AutoOr(click.ParamType):
+    """A float in a range, or the word `auto` (meaning the config's per-model/optimizer default)."""
+
+    def __init__(self, low: float, high: Optional[float], low_open: bool, high_open: bool):
+        self.inner = click.FloatRange(low, high, min_open=low_open, max_open=high_open)
+        self.name = f"{self.inner.name}|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+            return None
+        return self.inner.convert(value, param, ctx)
+
+    def get_metavar(self, param, ctx=None):
+        return "FLOAT|auto"
+
+
+def data_dir_option(fn):
+    return click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Folder with the Fashion-MNIST IDX files (default: $FMNIST_DATA_DIR, else a per-user cache dir; "
+        "then Debian's dataset-fashion-mnist, then torchvision's download).",
+    )(fn)
+
+
+def tracking_options(fn):
+    """Options every tracked command shares."""
+    fn = click.option(
+        "--experiment", default="fmnist", show_default=True, envvar="MLFLOW_EXPERIMENT_NAME",
+        help="MLflow experiment name; $MLFLOW_EXPERIMENT_NAME if set (inside `mlflow run`, "
+        "the run's own experiment is used)."
+    )(fn)
+    fn = click.option(
+        "--subset", type=click.IntRange(min=0), default=0, show_default=True,
+        help="Train on the first N training and N//5 validation images (0: all; for smoke runs)."
+    )(fn)
+    fn = click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs per run.")(fn)
+    return data_dir_option(fn)
+
+
+def device_options(fn):
+    """Where and how a run computes: shared by train, sweep and search."""
+    fn = click.option("--precision", type=click.Choice(cfg.PRECISIONS), default="fp32", show_default=True,
+                      help="bf16: autocast the forward pass (pays on GPUs).")(fn)
+    fn = click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+                      help="CPU threads per training process (0: all cores, or cores / N with --jobs N). "
+                      "Give 1 to each of several workers started on one machine.")(fn)
+    return click.option("--device", type=click.Choice(cfg.DEVICES), default="auto", show_default=True,
+                        help="auto: CUDA when available.")(fn)
+
+
+def jobs_option(fn):
+    return click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+                        help="Configs run at once in worker processes (CPU threads divided between them; "
+                        "on CUDA they share the GPU).")(fn)
+
+
+def config_options(fn):
+    """The options that make up one RunConfig."""
+    options = [
+        click.option("--model", type=click.Choice(cfg.MODELS), default="model1", show_default=True, help="Network."),
+        click.option("--loss", type=click.Choice(cfg.LOSSES), default="ce", show_default=True,
+                     help="ce: CrossEntropyLoss; bce: BCEWithLogitsLoss on one-hot targets."),
+        click.option("--optimizer", type=click.Choice(cfg.OPTIMIZERS), default="adam", show_default=True),
+        click.option("--lr", type=AutoOr(0, None, True, False), default="auto", show_default=True,
+                     help=f"Learning rate > 0; auto: {cfg.DEFAULT_LR}."),
+        click.option("--dropout", type=AutoOr(0, 1, False, True), default="auto", show_default=True,
+                     help=f"Dropout rate in [0, 1); auto: {cfg.DEFAULT_DROPOUT}."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same metrics on CPU."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def use_threads(threads: int) -> int:
+    """Set this process's torch CPU threads (0 keeps torch's default: all cores); returns the count."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def build_config(**values) -> cfg.RunConfig:
+    """A validated RunConfig; a ConfigError (e.g. cuda absent) becomes a usage error, exit 2."""
+    try:
+        return cfg.RunConfig(**values)
+    except cfg.ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def reported(fn):
+    """Turn library errors into one readable line (exit 1) and interrupts into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import requests
+        from mlflow.exceptions import MlflowException
+
+        from . import tracking
+        from .grid import SpecError
+        from .search import SearchError
+        from .train import DivergedError
+
+        try:
+            with sigterm_as_interrupt():
+                return fn(*args, **kwargs)
+        except (data_mod.DataError, tracking.TrackingError, DivergedError, SearchError, SpecError) as exc:
+            raise click.ClickException(str(exc)) from None
+        except (MlflowException, requests.RequestException) as exc:
+            raise click.ClickException(tracking.describe_failure(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted: the run was marked KILLED", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt, so runs end KILLED instead of being left RUNNING."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class EpochProgress:
+    """A progress bar per epoch (on a terminal) and one summary line per epoch."""
+
+    def __init__(self, config: cfg.RunConfig, prefix: str = ""):
+        self.config = config
+        self.prefix = prefix
+        self.bar = None
+        self.epoch = 1
+
+    def on_batch(self, done: int, total: int) -> None:
+        if self.bar is None:
+            label = f"{self.prefix}{self.config.run_name} epoch {self.epoch}/{self.config.epochs}"
+            self.bar = click.progressbar(length=total, label=label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(1)
+        if done == total:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    def on_epoch_end(self, m: dict) -> None:
+        click.echo(
+            f"{self.prefix}{self.config.run_name} epoch {m['epoch']:>2}/{self.config.epochs}  "
+            f"train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  val_nll {m['val_nll']:.4f}  "
+            f"val_acc {100 * m['val_accuracy']:.2f}%  {m['epoch_seconds']:.1f}s"
+        )
+        self.epoch = m["epoch"] + 1
+
+
+# Bounded HTTP retries to the tracking server: MLflow's defaults (7 retries, backoff factor 2, 120 s
+# timeout) kept a sweep hanging for about 16 minutes when the server died. The user's own settings win;
+# worker processes inherit these.
+# Also quieter MLflow: its INFO lines and a "View run" line per run buried the command's own output (a
+# sweep printed 19 pairs); the commands print their own links.
+MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_LOGGING_LEVEL": "WARNING",
+                   "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fmnist-mlflow", prog_name="fmnist")
+def main() -> None:
+    """Train, sweep, search and register Fashion-MNIST CNNs, tracked with MLflow.
+
+    Runs go to $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the current folder; browse them with
+    `mlflow ui --backend-store-uri sqlite:///mlflow.db`.
+    """
+    for key, value in MLFLOW_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+@main.command()
+@data_dir_option
+@reported
+def data(data_dir: Optional[str]) -> None:
+    """Locate Fashion-MNIST, verify its four files, and show the train/validation split."""
+    for name, path in data_mod.verify(data_dir).items():
+        click.echo(f"ok  {name:<26} {path}")
+    dataset = data_mod.load(data_dir)
+    click.echo(
+        f"split: {len(dataset.train):,} train / {len(dataset.val):,} validation (seed {cfg.SPLIT_SEED}); "
+        "10,000 test images held out for the final evaluation"
+    )
+
+
+@main.command()
+@config_options
+@device_options
+@tracking_options
+@reported
+def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> None:
+    """Train one configuration as one MLflow run (params, per-epoch metrics, curves, model)."""
+    from . import runs, tracking
+
+    config = build_config(**values)
+    use_threads(threads)
+    uri = tracking.check_reachable()
+    dataset = data_mod.load(data_dir, subset=config.subset)
+    tracking.use_experiment(experiment)
+    click.echo(f"{config.run_name}: {dataset.sizes['train_size']:,} train / {dataset.sizes['val_size']:,} val "
+               f"images on {config.device}; tracking to {tracking.redact(uri)}")
+    progress = EpochProgress(config)
+    result = runs.tracked_fit(config, dataset, on_epoch_end=progress.on_epoch_end, on_batch=progress.on_batch)
+    click.echo(f"run {result.run_id} FINISHED; model: {result.model_uri}")
+    click.echo(f"view it: {tracking.run_link(result.run_id)}")
+
+
+@main.command()
+@click.option("--grid", "grid_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Grid file (default: experiments/grid.yaml, the report's 18 configs).")
+@click.option("--select", type=click.Choice(list(SELECT_METRICS)), default="val_accuracy", show_default=True,
+              help="Validation metric that picks the best config (never training loss).")
+@click.option("--seeds", default=None, metavar="0,1,2",
+              help="Training seeds, each config runs once per seed (default: the grid's `seeds`, [0] for the report's).")
+@device_options
+@jobs_option
+@click.option("--epochs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Epochs per config (0: the grid's own, 10 for the report's grid).")
+@click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Train on the first N training and N//5 validation images (0: all; for smoke runs).")
+@click.option("--experiment", default="fmnist", show_default=True, envvar="MLFLOW_EXPERIMENT_NAME",
+              help="MLflow experiment name; $MLFLOW_EXPERIMENT_NAME if set.")
+@data_dir_option
+@reported
+def sweep(grid_file, select, seeds, device, precision, threads, jobs, epochs, subset, experiment, data_dir) -> None:
+    """Run every config of a grid as nested runs under one parent; resumable (finished configs are skipped)."""
+    import time
+
+    from . import grid as grid_mod
+    from . import parallel, tracking
+    from . import sweep as sweep_mod
+
+    try:
+        grid = grid_mod.load_grid(grid_file or grid_mod.DEFAULT_GRID)
+        seed_list = grid_mod.parse_seeds(seeds) if seeds else None  # "" (MLproject's default): the grid's
+        configs = grid.configs(epochs=epochs, subset=subset, device=device, precision=precision, seeds=seed_list)
+    except (grid_mod.SpecError, cfg.ConfigError) as exc:
+        raise click.UsageError(str(exc)) from None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--seeds") from None
+    use_threads(threads)
+    uri = tracking.check_reachable()
+    dataset = data_mod.load(data_dir, subset=subset)
+    experiment_id = tracking.use_experiment(experiment)
+    n_seeds = len({c.seed for c in configs})
+    click.echo(f"sweep {grid.name}: {len(configs) // n_seeds} configs x {n_seeds} seed(s) x {configs[0].epochs} epochs on {configs[0].device}, "
+               f"{dataset.sizes['train_size']:,} train / {dataset.sizes['val_size']:,} val images; tracking to {tracking.redact(uri)}")
+    started = time.monotonic()
+
+    def on_start(k, n, config, elapsed, eta):
+        left = "" if eta is None else f", ~{_duration(eta)} left"
+        click.echo(f"[{k + 1}/{n}] {config.run_name} (elapsed {_duration(elapsed)}{left})")
+
+    def progress(config):
+        bar = EpochProgress(config, prefix="  ")
+        return bar.on_epoch_end, bar.on_batch
+
+    if jobs > 1:
+        click.echo(f"{jobs} workers, {threads or parallel.threads_per_worker(jobs)} CPU thread(s) each")
+    result = sweep_mod.run_sweep(grid, configs, dataset, experiment_id=experiment_id, select=select,
+                                 on_start=on_start, progress=progress, jobs=jobs, data_dir=data_dir,
+                                 threads=threads)
+    click.echo("")
+    click.echo(result.markdown)
+    if result.skipped:
+        click.echo(f"{result.skipped} config(s) had already finished in an earlier attempt and were skipped.")
+    if result.failed:
+        names = ", ".join(f"{r['model']}-{r['loss']}-{r['optimizer']} ({r['status']})" for r in result.failed)
+        click.echo(f"did not finish: {names}", err=True)
+    click.echo(f"parent run {result.parent_run_id}, {_duration(time.monotonic() - started)} wall time")
+    click.echo(f"view it: {tracking.run_link(result.parent_run_id)}")
+
+
+@main.command()
+@click.option("--trials", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Trials this command runs (split over --jobs workers); 0 with --confirm: only confirm.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop starting new trials after this many seconds.")
+@click.option("--storage", default="sqlite:///optuna.db", show_default=True,
+              help="Optuna storage: sqlite:///FILE, postgresql://USER@HOST:PORT/DB (several machines), or journal:FILE.")
+@click.option("--study", "study_name", default=None, help="Study name (default: the space's name). Same "
+              "storage and study: resume it.")
+@click.option("--space", "space_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Search space file (default: experiments/search.yaml).")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="tpe", show_default=True)
+@click.option("--pruner", type=click.Choice(PRUNERS), default=PRUNERS[0], show_default=True,
+              help="percentile: prune the bottom quarter from mid-run on (see experiments/SEARCH.md).")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
+              help="Sampler seed for a reproducible single-process search (default: fresh entropy; a resumed "
+              "study or another worker never replays the same suggestions).")
+@click.option("--confirm", "confirm_k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="After the trials, re-run the K best with --seeds seeds each and name the champion by the mean.")
+@click.option("--seeds", "confirm_seeds", default="3", show_default=True, metavar="N|1,2,3",
+              help="Seeds for --confirm: a count N (fresh seeds 1..N, not the search's own seed 0) or a list.")
+@jobs_option
+@device_options
+@tracking_options
+@reported
+def search(trials, timeout, storage, study_name, space_file, sampler, pruner, seed, confirm_k, confirm_seeds, jobs,
+           device, precision, threads, epochs, subset, experiment, data_dir) -> None:
+    """Search model3's training settings with Optuna (dropout, learning rate, weight decay, schedule, batch
+    size, label smoothing, augmentation); each trial a nested run under the study's parent run."""
+    from . import parallel, search as search_mod, tracking
+    from .grid import SpecError, parse_seeds
+    from .space import DEFAULT_SPACE, load_space
+
+    try:
+        seeds = (tuple(range(1, int(confirm_seeds) + 1)) if confirm_seeds.strip().isdigit()
+                 else parse_seeds(confirm_seeds))
+        if not seeds:
+            raise ValueError("give at least one seed")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--seeds") from None
+    if trials == 0 and not confirm_k:
+        raise click.UsageError("--trials 0 runs nothing; add --confirm K to confirm an existing study's best trials")
+    space_file = space_file or str(DEFAULT_SPACE)
+    try:
+        space = load_space(space_file)
+        checked = build_config(device=device, subset=subset, epochs=epochs)  # usage errors before any study or run
+        settings = search_mod.SearchSettings(epochs=epochs, subset=subset, device=checked.device, precision=precision)
+    except SpecError as exc:
+        raise click.UsageError(str(exc)) from None
+    study_name = study_name or space.name
+    if any(ch in study_name for ch in "'\"`\\") or not study_name.strip():
+        raise click.BadParameter(f"{study_name!r}: a study name may not be empty or contain quotes, backticks or "
+                                 "backslashes (it is matched in MLflow filter strings)", param_hint="--study")
+    use_threads(threads)
+    uri = tracking.check_reachable()
+    dataset = data_mod.load(data_dir, subset=subset)
+    experiment_id = tracking.use_experiment(experiment)
+    study, parent_id, key, warm = search_mod.prepare(
+        space, storage, study_name, experiment_id=experiment_id, settings=settings,
+        sampler=search_mod.make_sampler(sampler, None), pruner=search_mod.make_pruner(pruner, epochs))
+    finished_before = sum(t.state.is_finished() for t in study.trials)
+    study.sampler = search_mod.make_sampler(sampler, search_mod.sampler_seed(seed, finished_before))
+    click.echo(f"study {study_name} ({space.direction} {space.metric}) in {search_mod.redact(storage)}: "
+               f"{sum(t.state.is_finished() for t in study.trials)} finished trial(s) so far; parent run {parent_id}; "
+               f"tracking to {tracking.redact(uri)}")
+    if warm:
+        click.echo(f"warm start: the grid's best config enqueued as the first trial: {warm}")
+    if trials == 0:
+        pass
+    elif jobs == 1:
+        def progress(trial, config):
+            bar = EpochProgress(config, prefix=f"  [trial {trial.number}] ")
+            return bar.on_epoch_end, bar.on_batch
+
+        def on_trial_end(t):
+            value = "-" if t.value is None else f"{t.value:.4f}"
+            click.echo(f"trial {t.number} {t.state.name}: {space.metric} {value}  {brief_params(t.params)}")
+
+        search_mod.run_trials(study, parent_id, key, space, dataset, settings, trials=trials, timeout=timeout,
+                              progress=progress, on_trial_end=on_trial_end)
+    else:
+        jobs_list = [search_mod.WorkerJob(space_file, storage, study_name, parent_id, key, settings, n, timeout,
+                                          sampler, pruner, search_mod.sampler_seed(seed, finished_before, i),
+                                          data_dir)
+                     for i, n in enumerate(parallel.split(trials, jobs)) if n]
+        click.echo(f"{len(jobs_list)} workers, {threads or parallel.threads_per_worker(len(jobs_list))} CPU thread(s) each")
+        codes = parallel.run_workers(search_mod.worker, [(job,) for job in jobs_list], tracking.tracking_uri(),
+                                     threads=threads)
+        if any(codes):
+            raise click.ClickException(f"worker exit codes {codes}; see the trials' runs for reasons")
+    summary = search_mod.finish(study, parent_id, space, settings)
+    click.echo(f"{summary.trials} trials in the study: {summary.states}; epochs run {summary.epochs_run}, "
+               f"saved by pruning {summary.epochs_saved}")
+    from .search_report import replay_line
+
+    for replay in summary.replays:
+        click.echo(f"  replayed on the completed trials, the {replay.pruner} pruner {replay_line(replay)}")
+    if summary.best:
+        b = summary.best
+        click.echo(f"best: trial {b['number']} {space.metric} {b['value']:.4f} {brief_params(b['params'])} "
+                   f"(run {b['run_id']})")
+    if confirm_k:
+        from . import confirm, summary as summary_mod
+
+        def on_start(n, total, trial, config):
+            click.echo(f"[confirm {n + 1}/{total}] trial {trial.number} seed {config.seed}")
+
+        done = confirm.confirm(study, parent_id, key, space, dataset, settings, k=confirm_k, seeds=seeds,
+                               on_start=on_start)
+        click.echo("")
+        click.echo(done.markdown)
+        if done.champion:
+            c = done.champion
+            est = getattr(c, space.metric)
+            click.echo(f"champion: trial {done.trial_of[c.group].number}, {space.metric} mean "
+                       f"{summary_mod.fmt_estimate(est, space.metric == 'val_accuracy')[0]} over seeds "
+                       f"{', '.join(map(str, c.seeds))} (best seed run {c.best_run_id})")
+
+
+@main.command()
+@click.option("--experiment", default="fmnist", show_default=True, envvar="MLFLOW_EXPERIMENT_NAME",
+              help="Choose among all finished runs of this experiment ($MLFLOW_EXPERIMENT_NAME if set).")
+@click.option("--parent-run-id", default="", help="Choose among the children of one sweep or search instead.")
+@click.option("--run-id", default="", help="Register this one run instead.")
+@click.option("--select", type=click.Choice(list(SELECT_METRICS)), default="val_accuracy", show_default=True,
+              help="Validation metric that picks the run and decides whether the alias moves.")
+@click.option("--name", default="fmnist-cnn", show_default=True, help="Registered model name.")
+@click.option("--alias", default="champion", show_default=True, help="Alias to point at the new version.")
+@click.option("--force", is_flag=True, help="Move the alias even to a version worse on --select.")
+@data_dir_option
+@reported
+def register(experiment, parent_run_id, run_id, select, name, alias, force, data_dir) -> None:
+    """Pick the best finished run, evaluate it once on the test set, register it and move the alias."""
+    from . import registry, tracking
+
+    tracking.check_reachable()
+    try:  # the narrowest scope given wins: one run, then one sweep/search, then the experiment
+        runs = registry.candidates(experiment=experiment or "fmnist", parent_run_id=parent_run_id or None,
+                                   run_id=run_id or None)
+        chosen = registry.choose(runs, select)
+        for note in chosen.notes:
+            click.echo(f"note: {note}")
+        run = chosen.pick
+        seeds = len(chosen.runs)
+        click.echo(f"selected {run.data.tags.get(tracking.TAG_CONFIG_NAME, run.info.run_name)} among "
+                   f"{chosen.considered} comparable config(s): {select} "
+                   + (f"mean {chosen.value.mean:.4f} over {seeds} seeds; registering seed "
+                      f"{run.data.params.get('seed')} ({run.info.run_id}), the best of them on {select}"
+                      if seeds > 1 else f"{chosen.value.mean:.4f} (run {run.info.run_id})"))
+        result = registry.register(chosen, data_mod.load_test(data_dir), name=name, alias=alias, select=select,
+                                   force=force)
+    except registry.RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    test = result.test
+    click.echo(f"test set: accuracy {100 * test['test_accuracy']:.2f}%, loss {test['test_loss']:.4f}, "
+               f"nll {test['test_nll']:.4f} (metrics and test_evaluation/ on run {result.run_id})")
+    acc = result.test_accuracy
+    if acc.std is not None:
+        click.echo(f"test accuracy over the config's {acc.n} seeds: mean {100 * acc.mean:.2f}% ± {100 * acc.std:.2f}, "
+                   f"95% CI [{100 * acc.ci95[0]:.2f}, {100 * acc.ci95[1]:.2f}]%")
+    moved = f"moved to version {result.version}" if result.alias_moved else "not moved"
+    click.echo(f"registered {name} version {result.version}; alias {alias} {moved} ({result.reason})")
+    for entry in registry.alias_history(name, alias):
+        click.echo(f"  history: {entry['time']} version {entry['version']} (previous {entry['previous']}): "
+                   f"{entry['reason']}")
+
+
+@main.command()
+@click.option("--model-uri", required=True, help="models:/MODEL_ID (printed by train), models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/CONFIG_NAME, a path...")
+@click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@reported
+def predict(model_uri, top_k, as_json, inputs) -> None:
+    """Classify PNG/JPEG images and .npy arrays with a logged or registered model (via mlflow.pyfunc).
+
+    Output: class names with probabilities (softmax of the model's logits). An unreadable input is
+    reported and skipped; the exit code is 1 if any input failed.
+    """
+    import json
+
+    from . import predict as predict_mod, tracking
+
+    if model_uri.startswith(("models:", "runs:")):
+        tracking.check_reachable()  # a registry lookup: fail in seconds if the tracking store is not there
+    try:
+        model = tracking.load_pyfunc(model_uri)
+    except Exception as exc:  # MLflow raises several kinds for a bad URI
+        raise click.ClickException(f"cannot load model {model_uri}: {str(exc).splitlines()[0]}") from None
+    names = (model.metadata.metadata or {}).get("class_names", list(data_mod.CLASS_NAMES))
+    results, failed = [], 0
+    for path in inputs:
+        try:
+            batch = predict_mod.read_input(path)
+            probabilities = predict_mod.softmax(model.predict(predict_mod.model_input(model, batch.images)))
+        except predict_mod.InputError as exc:
+            failed += 1
+            click.echo(f"error: {exc}", err=True)
+            continue
+        for i, top in enumerate(predict_mod.top_k(probabilities, top_k, names)):
+            label = path if len(batch.images) == 1 else f"{path}[{i}]"
+            results.append({"input": label, "note": batch.note, "top_k": top})
+            if not as_json:
+                note = f"  ({batch.note})" if batch.note else ""
+                click.echo(f"{label}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in top) + note)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="Smaller passes and fewer rounds: about two minutes on a 2-core CPU.")
+@click.option("--device", type=click.Choice(cfg.DEVICES), default="auto", show_default=True)
+@reported
+def bench(quick, device) -> None:
+    """Measure our trainer against the classic DataLoader loop, tracking overhead and --jobs scaling.
+
+    Prints a line per measurement and, last, one JSON object (speedup, speedup_model3, tracking_overhead,
+    jobs_speedup, machine, ...).
+    """
+    import json
+
+    from . import bench as bench_mod
+
+    plan = bench_mod.QUICK if quick else bench_mod.FULL
+    result = bench_mod.run(plan, build_config(device=device).device, report=click.echo)
+    click.echo(json.dumps(result))
+
+
+def brief_params(params: dict) -> str:
+    from .confirm import brief_params as brief
+
+    return brief(params)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Confirm before crowning: re-run a study's best trials on fresh seeds and name the champion by the mean.
+
+A search compares configs on one seed, so its best trial is partly the luckiest one (the winner's
+curse). `confirm` takes the K best completed trials, trains each again with every seed in `seeds`
+(runs of kind "confirm", nested under the study's parent run, tagged with the trial number), and ranks
+the K configs by their seed mean with `summary.aggregate` (95% intervals, Welch's test against the
+best). Resumable: a (config, seed) that already FINISHED under the parent is not run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import optuna
+from optuna.trial import TrialState
+
+from . import runs, summary, tracking, train
+from .data import Dataset
+from .space import Space
+
+KIND = "confirm"
+TAG_CHAMPION = "fmnist.champion_run_id"  # on the study's parent: the champion config's best seed run
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    configs: list  # summary.ConfigRow per shortlisted trial, in shortlist order
+    champion: Optional[summary.ConfigRow]
+    trial_of: dict  # config group -> the optuna FrozenTrial it came from
+    markdown: str
+
+
+def shortlist(study: optuna.Study, k: int) -> list:
+    """The `k` best completed trials, best first."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    return sorted(done, key=lambda t: t.value, reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)[:k]
+
+
+def trial_config(space: Space, trial, settings, seed: int):
+    """The trial's RunConfig, trained with `seed` instead of the study's."""
+    config = space.suggest(optuna.trial.FixedTrial(trial.params), epochs=settings.epochs, subset=settings.subset,
+                           device=settings.device, precision=settings.precision)
+    return dataclasses.replace(config, seed=seed)
+
+
+def confirm(study: optuna.Study, parent_id: str, key: str, space: Space, data: Dataset, settings, *, k: int,
+            seeds: tuple, on_start: Optional[Callable] = None) -> Confirmation:
+    """Run the shortlist on `seeds` under the parent and rank it by the seed mean of the study's metric."""
+    from .search import TAG_STUDY, TAG_TRIAL
+
+    trials = shortlist(study, k)
+    plan = [(t, trial_config(space, t, settings, seed)) for t in trials for seed in seeds]
+    finished = {c.data.tags.get(tracking.TAG_CONFIG_HASH): c for c in tracking.child_runs(parent_id)
+                if c.info.status == "FINISHED" and c.data.tags.get(tracking.TAG_KIND) == KIND}
+    rows = []
+    with tracking.run(study.study_name, kind="search", run_id=parent_id):
+        for n, (trial, config) in enumerate(plan):
+            child = finished.get(config.digest())
+            if child is None:
+                if on_start is not None:
+                    on_start(n, len(plan), trial, config)
+                try:
+                    result = runs.tracked_fit(config, data, kind=KIND, parent_run_id=parent_id,
+                                              tags={TAG_TRIAL: trial.number, TAG_STUDY: key})
+                    status, history, run_id = "FINISHED", result.history, result.run_id
+                except train.DivergedError:
+                    status, history, run_id = "FAILED", [], ""
+            else:
+                status, history, run_id = "FINISHED", tracking.history(child.info.run_id), child.info.run_id
+            rows.append(summary.row(config, status, history, run_id))
+        configs = summary.aggregate(rows, space.metric)
+        champion = summary.best(configs)
+        trial_of = {c.group: t for t, c in plan}
+        markdown = confirm_markdown(configs, trial_of, seeds, space.metric)
+        tracking.log_text(markdown, "confirm.md")
+        tracking.log_text(summary.configs_csv(configs, space.metric), "confirm.csv")
+        if champion is not None:
+            est = getattr(champion, space.metric)
+            tags = {TAG_CHAMPION: champion.best_run_id, "fmnist.champion_trial": trial_of[champion.group].number,
+                    "fmnist.champion_config_group": champion.group, "fmnist.confirm_seeds": ",".join(map(str, seeds))}
+            tracking.set_tags(tags)
+            metrics = {f"champion_{space.metric}_mean": est.mean}
+            if est.ci95:
+                metrics.update({f"champion_{space.metric}_std": est.std, f"champion_{space.metric}_ci95_low": est.ci95[0],
+                                f"champion_{space.metric}_ci95_high": est.ci95[1]})
+            tracking.log_metrics(metrics)
+    return Confirmation(configs, champion, trial_of, markdown)
+
+
+def confirm_markdown(configs: list, trial_of: dict, seeds: tuple, metric: str) -> str:
+    lines = [f"The best {len(configs)} trial(s), re-run on seeds {', '.join(map(str, seeds))}, ranked by the mean "
+             f"{metric}; ± standard deviation over seeds, [..] 95% interval of the mean; 'vs best': Welch's t-test.",
+             "", "| rank | trial | params | seeds | val_accuracy | 95% CI | val_nll | 95% CI | vs best |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for rank, c in enumerate(summary.ranked(configs, metric), 1):
+        acc, acc_ci = summary.fmt_estimate(c.val_accuracy, percent=True)
+        nll, nll_ci = summary.fmt_estimate(c.val_nll, percent=False)
+        vs = "**champion**" if c.is_best else "-" if c.p_vs_best is None else \
+            f"{'=' if c.same_as_best else '<'} (p {c.p_vs_best:.3f})"
+        trial = trial_of[c.group]
+        lines.append(f"| {rank} | {trial.number} | {brief_params(trial.params)} | {len(c.seeds)} | {acc} | {acc_ci} | {nll} | "
+                     f"{nll_ci} | {vs} |")
+    return "\n".join(lines) + "\n"
+
+
+def brief_params(params: dict) -> str:
+    """Trial params for people: floats to 3 significant digits."""
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())

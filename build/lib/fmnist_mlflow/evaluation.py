@@ -1,0 +1,43 @@
+"""The held-out test evaluation of a selected model: metrics, per-class accuracy and figures.
+
+It works on any callable that maps uint8 images `(N, 1, 28, 28)` to logits `(N, 10)` (a model loaded
+back from MLflow, so what is evaluated is exactly what gets registered). Losses are per-example means.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .data import CLASS_NAMES, Split
+from .train import NUM_CLASSES, loss_fn
+
+EVAL_BATCH = 1000  # images per forward pass
+
+
+def predict_logits(predict: Callable, x: torch.Tensor) -> torch.Tensor:
+    chunks = [torch.as_tensor(np.asarray(predict(x[i : i + EVAL_BATCH].numpy()))) for i in range(0, len(x), EVAL_BATCH)]
+    return torch.cat(chunks).float()
+
+
+def evaluate(predict: Callable, test: Split, loss: str) -> dict:
+    """Test metrics of a model: `test_accuracy`, `test_loss` (the trained loss), `test_nll`, plus the
+    confusion matrix (rows: true class, columns: predicted) and the predictions."""
+    logits = predict_logits(predict, test.x)
+    y = test.y
+    pred = logits.argmax(dim=1)
+    confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
+    confusion.index_put_((y, pred), torch.ones_like(y), accumulate=True)
+    per_class = (confusion.diag().float() / confusion.sum(dim=1).clamp(min=1)).tolist()
+    return {
+        "test_accuracy": (pred == y).float().mean().item(),
+        "test_loss": loss_fn(loss, logits, y).item(),
+        "test_nll": F.cross_entropy(logits, y).item(),
+        "per_class_accuracy": dict(zip(CLASS_NAMES, per_class)),
+        "confusion": confusion.numpy(),
+        "predictions": pred.numpy(),
+        "probabilities": F.softmax(logits, dim=1).numpy(),
+    }

@@ -1,0 +1,61 @@
+"""Worker processes for `--jobs N`: N configs (or trials) at once, CPU threads divided between them.
+
+Workers are spawned (a fresh interpreter each: safe with CUDA and with MLflow's process-wide state),
+get the tracking URI explicitly, and turn SIGTERM into KeyboardInterrupt so that their open run ends
+KILLED. On CUDA they share the one GPU.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from typing import Callable
+
+
+def threads_per_worker(jobs: int) -> int:
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _main(target: Callable, tracking_uri: str, threads: int, args: tuple) -> None:
+    import torch
+
+    from . import tracking
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    torch.set_num_threads(threads)
+    tracking.use_uri(tracking_uri)
+    try:
+        target(*args)
+    except KeyboardInterrupt:
+        raise SystemExit(130)
+
+
+def run_workers(target: Callable, arg_lists: list, tracking_uri: str, threads: int = 0) -> list:
+    """Run `target(*args)` in one process per entry of `arg_lists`; returns their exit codes.
+    Each gets `threads` CPU threads (0: the cores divided between the workers)."""
+    ctx = multiprocessing.get_context("spawn")
+    threads = threads or threads_per_worker(len(arg_lists))
+    procs = [ctx.Process(target=_main, args=(target, tracking_uri, threads, args)) for args in arg_lists]
+    for proc in procs:
+        proc.start()
+    try:
+        for proc in procs:
+            proc.join()
+    except KeyboardInterrupt:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join()
+        raise
+    return [proc.exitcode for proc in procs]
+
+
+def split(total: int, parts: int) -> list:
+    """`total` items as `parts` near-equal counts, larger first: split(10, 3) == [4, 3, 3]."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]

@@ -1,0 +1,105 @@
+"""Classify images with any logged or registered model, through `mlflow.pyfunc` (no training code).
+
+Inputs: PNG/JPEG images (converted to 28x28 grayscale; a note says when one was resized) and `.npy`
+arrays of shape (28, 28), (N, 28, 28) or (N, 1, 28, 28), uint8 0-255 or float in [0, 1]. Fashion-MNIST
+images are light garments on a black background; photos of dark garments on white need inverting first.
+Each input that cannot be read gives an `InputError` naming it; the others are still classified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import CLASS_NAMES
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class InputError(ValueError):
+    """An input could not be turned into (N, 1, 28, 28) uint8 images; the message names it."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    source: str
+    images: np.ndarray  # (N, 1, 28, 28) uint8
+    note: str = ""
+
+
+def read_input(path: str) -> Batch:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{path}: no such file")
+    suffix = p.suffix.lower()
+    if suffix == ".npy":
+        return _read_array(path)
+    if suffix in IMAGE_SUFFIXES:
+        return _read_image(path)
+    raise InputError(f"{path}: unsupported file type {suffix or '(none)'}; use .png, .jpg, .jpeg or .npy")
+
+
+def _read_image(path: str) -> Batch:
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns for images between its pixel limit and twice it: refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            gray = image.convert("L")
+            note = ""
+            if gray.size != (28, 28):
+                note = f"resized from {gray.size[0]}x{gray.size[1]} to 28x28"
+                gray = gray.resize((28, 28), Image.Resampling.LANCZOS)
+            pixels = np.array(gray, dtype=np.uint8)  # a writable copy
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"{path}: not a readable image ({exc})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"{path}: refused, too many pixels for an image to classify ({exc})") from None
+    return Batch(path, pixels.reshape(1, 1, 28, 28), note)
+
+
+def _read_array(path: str) -> Batch:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty or truncated file
+        raise InputError(f"{path}: not a readable .npy array ({type(exc).__name__}: {exc or 'empty file'})") from None
+    if array.shape == (28, 28):
+        array = array[None]
+    if array.ndim == 3 and array.shape[1:] == (28, 28):
+        array = array[:, None]
+    if array.ndim != 4 or array.shape[1:] != (1, 28, 28) or len(array) == 0:
+        raise InputError(f"{path}: shape {array.shape} is not (28, 28), (N, 28, 28) or (N, 1, 28, 28)")
+    if array.dtype == np.uint8:
+        return Batch(path, array)
+    if np.issubdtype(array.dtype, np.floating) and array.min() >= 0 and array.max() <= 1:
+        return Batch(path, np.round(array * 255).astype(np.uint8), "scaled from [0, 1] floats")
+    raise InputError(f"{path}: dtype {array.dtype} with range {array.min()}..{array.max()}; "
+                     "expected uint8 0-255 or floats in [0, 1]")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def top_k(probabilities: np.ndarray, k: int, class_names=CLASS_NAMES) -> list:
+    """Per image, the k most likely classes as [{"class": name, "probability": p}], most likely first."""
+    order = np.argsort(-probabilities, axis=1)[:, :k]
+    return [[{"class": class_names[j], "probability": float(row[j])} for j in idx]
+            for row, idx in zip(probabilities, order)]
+
+
+def model_input(model, images: np.ndarray) -> np.ndarray:
+    """uint8 images as the loaded model's signature wants them: float32 0-255 (models logged since inputs
+    became float32), or uint8 (models logged before)."""
+    schema = model.metadata.get_input_schema()
+    dtype = schema.numpy_types()[0] if schema is not None and schema.is_tensor_spec() else np.float32
+    return images.astype(dtype, copy=False)

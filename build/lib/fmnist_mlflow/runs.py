@@ -1,0 +1,71 @@
+"""One configuration trained as one tracked MLflow run: the glue between `train` and `tracking`.
+
+The CLI's `train`, every child of a sweep and every trial of a search go through `tracked_fit`, so they
+log the same params, metrics, figure and model, and end in the same terminal states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from . import plots, tracking, train
+from .config import RunConfig
+from .data import Dataset
+
+
+@dataclass(frozen=True)
+class TrackedResult:
+    run_id: str
+    history: list  # one metrics dict per epoch
+    model_uri: str  # models:/m-... of the logged model
+    model: object  # the trained torch module, in eval mode
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1]
+
+
+def tracked_fit(
+    config: RunConfig,
+    data: Dataset,
+    *,
+    kind: str = "train",
+    parent_run_id: Optional[str] = None,
+    tags: Optional[dict] = None,
+    on_epoch_end: Optional[train.EpochCallback] = None,
+    on_batch: Optional[train.BatchCallback] = None,
+    killed_on: tuple = (),
+    on_start: Optional[Callable[[str], None]] = None,
+) -> TrackedResult:
+    """Train `config` on `data` inside a run; log config, per-epoch metrics, loss curves and the model.
+
+    `on_epoch_end` runs after each epoch's metrics are logged (a pruner raises from it); the run ends
+    FAILED if training diverges, KILLED on interrupt or on an exception in `killed_on`. `on_start` gets
+    the run id as soon as the run exists.
+    """
+    history: list = []
+
+    def epoch_end(metrics: dict) -> None:
+        history.append(metrics)
+        tracking.log_epoch(metrics)
+        if on_epoch_end is not None:
+            on_epoch_end(metrics)
+
+    with tracking.run(
+        config.run_name, kind=kind, parent_run_id=parent_run_id, tags=tags, killed_on=killed_on
+    ) as active:
+        if on_start is not None:
+            on_start(active.info.run_id)
+        datasets = tracking.log_config(config, data)
+        try:
+            result = train.fit(config, data, on_epoch_end=epoch_end, on_batch=on_batch)
+        finally:
+            if history:  # the curves so far help explain a failed or stopped run too
+                tracking.log_figure(plots.run_curves(history, config.run_name), "loss_curves.png")
+        final = history[-1]
+        model_uri = tracking.log_model(
+            result.model, {"config": config.to_params()}, name=config.run_name, params=config.to_params(),
+            metrics={k: final[k] for k in ("val_accuracy", "val_nll", "val_loss")}, step=final["epoch"],
+            dataset=datasets["validation"])
+    return TrackedResult(run_id=active.info.run_id, history=history, model_uri=model_uri, model=result.model)

@@ -1,0 +1,190 @@
+"""The Optuna search space as data: read `experiments/search.yaml`, validate it, suggest RunConfigs.
+
+The file fixes some run settings and searches others: categorical choices (`model`, `loss`, `optimizer`,
+`schedule`, `augment`, `batch_size`), float ranges (`dropout`, `weight_decay`, `label_smoothing`), and
+`lr` as a range per optimizer (named `lr_<optimizer>` in Optuna, so each optimizer's learning rate is
+modelled on its own scale). Problems raise `SpecError` naming the file and value, before any run or
+study is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import AUGMENTS, LOSSES, MODELS, OPTIMIZERS, SCHEDULES, ConfigError, RunConfig
+from .grid import SpecError, brief as _brief, read_yaml
+from .summary import SELECT
+
+PRUNERS = ("percentile", "median", "hyperband", "none")  # the first is the default
+SAMPLERS = ("tpe", "random")
+DEFAULT_SPACE = Path(__file__).parent / "specs" / "search.yaml"  # experiments/search.yaml, shipped in the package
+FIXABLE = {"model": str, "loss": str, "optimizer": str, "batch_size": int, "seed": int, "dropout": float, "lr": float,
+           "momentum": float, "weight_decay": float, "schedule": str, "label_smoothing": float, "augment": str}
+# Categorical parameters and their allowed values (None: any integer >= 1).
+CHOICES = {"model": MODELS, "loss": LOSSES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "augment": AUGMENTS,
+           "batch_size": None}
+# Float parameters searched as ranges: name -> (lowest allowed, highest allowed, high bound exclusive).
+RANGES = {"dropout": (0.0, 1.0, True), "weight_decay": (0.0, math.inf, False), "label_smoothing": (0.0, 1.0, True)}
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class Space:
+    name: str
+    metric: str  # a key of summary.SELECT
+    fixed: dict  # name -> value
+    choices: dict  # name -> tuple of choices (see CHOICES)
+    ranges: dict  # name -> Range (see RANGES)
+    lr: dict  # optimizer -> Range
+    source: str
+    start_points: tuple = ()  # Optuna params dicts enqueued first on a new study
+
+    @property
+    def direction(self) -> str:
+        return "maximize" if SELECT[self.metric] else "minimize"
+
+    def suggest(self, trial, *, epochs: int, subset: int = 0, device: str = "auto", precision: str = "fp32") -> RunConfig:
+        """The trial's RunConfig: fixed values, plus what the trial samples."""
+        values = dict(self.fixed)
+        for name, options in self.choices.items():
+            values[name] = trial.suggest_categorical(name, list(options))
+        for name, r in self.ranges.items():
+            values[name] = trial.suggest_float(name, r.low, r.high, log=r.log)
+        optimizer = values.get("optimizer", "adam")
+        if optimizer in self.lr:
+            r = self.lr[optimizer]
+            values["lr"] = trial.suggest_float(f"lr_{optimizer}", r.low, r.high, log=r.log)
+        return RunConfig(**values, epochs=epochs, subset=subset, device=device, precision=precision)
+
+    def params_for(self, config: dict) -> dict:
+        """Optuna params that reproduce a config (e.g. the grid's best), keeping what this space holds."""
+        params = {}
+        for name, options in self.choices.items():
+            # MLflow params come back as strings ("64"): match on the string form
+            match = [o for o in options if str(o) == str(config.get(name))]
+            if match:
+                params[name] = match[0]
+        optimizer = params.get("optimizer", self.fixed.get("optimizer"))
+        for name, r in self.ranges.items():
+            if name in config:
+                params[name] = min(max(float(config[name]), r.low), r.high)
+        if optimizer in self.lr and "lr" in config:
+            r = self.lr[optimizer]
+            params[f"lr_{optimizer}"] = min(max(float(config["lr"]), r.low), r.high)
+        return params
+
+
+def _range(where: str, name: str, spec) -> Range:
+    if not isinstance(spec, dict) or set(spec) - {"low", "high", "log"} or not {"low", "high"} <= set(spec):
+        raise SpecError(f"{where}: {name} must be {{low: X, high: Y[, log: true]}}, got {_brief(spec)}")
+    low, high, log = spec["low"], spec["high"], bool(spec.get("log", False))
+    for bound in (low, high):
+        if not isinstance(bound, (int, float)) or isinstance(bound, bool) or not math.isfinite(bound):
+            raise SpecError(f"{where}: {name} bounds must be finite numbers, got {_brief(bound)}")
+    if low > high:
+        raise SpecError(f"{where}: {name} has low {low} > high {high}")
+    if log and low <= 0:
+        raise SpecError(f"{where}: {name} is on a log scale, so its bounds must be > 0 (low is {low})")
+    return Range(float(low), float(high), log)
+
+
+def _choices(where: str, name: str, value) -> tuple:
+    allowed = CHOICES[name]
+    options = value.get("choices") if isinstance(value, dict) and set(value) == {"choices"} else None
+    if not isinstance(options, list) or not options:
+        raise SpecError(f"{where}: search.{name} must be {{choices: [...]}}, got {_brief(value)}")
+    for option in options:
+        ok = option in allowed if allowed else isinstance(option, int) and not isinstance(option, bool) and option >= 1
+        if not ok:
+            what = ", ".join(allowed) if allowed else "integers >= 1"
+            raise SpecError(f"{where}: search.{name} has {_brief(option)}; choose from {what}")
+    if len(set(options)) != len(options):
+        raise SpecError(f"{where}: search.{name} lists a choice twice")
+    return tuple(options)
+
+
+def load_space(path: str | Path = DEFAULT_SPACE) -> Space:
+    spec = read_yaml(path)
+    where = str(path)
+    unknown = set(spec) - {"name", "metric", "fixed", "search", "start_points"}
+    if unknown:
+        raise SpecError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; allowed: name, metric, "
+                        "fixed, search, start_points")
+    metric = spec.get("metric", "val_accuracy")
+    if metric not in SELECT:
+        raise SpecError(f"{where}: metric {_brief(metric)} is not one of {', '.join(SELECT)}")
+    fixed, search = spec.get("fixed") or {}, spec.get("search") or {}
+    if not isinstance(fixed, dict) or not isinstance(search, dict):
+        raise SpecError(f"{where}: fixed and search must be mappings")
+    for name, value in fixed.items():
+        if name not in FIXABLE:
+            raise SpecError(f"{where}: unknown fixed parameter {_brief(name)}; allowed: {', '.join(FIXABLE)}")
+        if CHOICES.get(name) and value not in CHOICES[name]:
+            raise SpecError(f"{where}: unknown {name} {_brief(value)}; choose from {', '.join(CHOICES[name])}")
+    choices, ranges, lr = {}, {}, {}
+    for name, value in search.items():
+        if name in CHOICES:
+            choices[name] = _choices(where, name, value)
+        elif name in RANGES:
+            r = _range(where, f"search.{name}", value)
+            lowest, highest, open_high = RANGES[name]
+            if r.low < lowest or r.high > highest or (open_high and r.high >= highest):
+                bounds = f"[{lowest:g}, {highest:g}{')' if open_high else ']'}"
+                raise SpecError(f"{where}: search.{name} must lie in {bounds}, got {r.low:g}..{r.high:g}")
+            ranges[name] = r
+        elif name == "lr":
+            if not isinstance(value, dict) or not value:
+                raise SpecError(f"{where}: search.lr must map optimizers to ranges, got {_brief(value)}")
+            for optimizer, r in value.items():
+                if optimizer not in OPTIMIZERS:
+                    raise SpecError(f"{where}: unknown optimizer {_brief(optimizer)} in search.lr")
+                lr[optimizer] = _range(where, f"search.lr.{optimizer}", r)
+                if lr[optimizer].low <= 0:
+                    raise SpecError(f"{where}: search.lr.{optimizer} must be > 0 (low is {lr[optimizer].low:g})")
+        else:
+            allowed = ", ".join([*CHOICES, *RANGES, "lr"])
+            raise SpecError(f"{where}: unknown search parameter {_brief(name)}; allowed: {allowed}")
+        if name in fixed:
+            raise SpecError(f"{where}: {name} is both fixed and searched")
+    if not choices and not ranges and not lr:
+        raise SpecError(f"{where}: search is empty; nothing to tune")
+    models = choices.get("model", (fixed.get("model", "model1"),))
+    if "dropout" in ranges and "model1" in models:
+        raise SpecError(f"{where}: dropout is searched but model1 has no dropout layer")
+    space = Space(name=str(spec.get("name", Path(where).stem)), metric=metric, fixed=fixed, choices=choices,
+                  ranges=ranges, lr=lr, source=where)
+    points = spec.get("start_points") or []
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise SpecError(f"{where}: start_points must be a list of mappings, got {_brief(points)}")
+    space = dataclasses.replace(space, start_points=tuple(_start_point(where, space, i, p) for i, p in enumerate(points)))
+    try:  # the corners of the space must be valid configs
+        corner = {**fixed, **{k: v[0] for k, v in choices.items()}, **{k: r.high for k, r in ranges.items()}}
+        RunConfig(**corner, device="cpu")
+    except (ConfigError, TypeError) as exc:
+        raise SpecError(f"{where}: {exc}") from None
+    return space
+
+
+def _start_point(where: str, space: Space, index: int, point: dict) -> dict:
+    """A start point as Optuna params (lr as lr_<optimizer>), checked against the space."""
+    params = space.params_for(point)
+    optimizer = params.get("optimizer", space.fixed.get("optimizer"))
+    for name in [*space.choices, *space.ranges, *([f"lr_{optimizer}"] if optimizer in space.lr else [])]:
+        if name not in params:
+            raise SpecError(f"{where}: start_points[{index}] has no valid value for {name}")
+    extra = set(point) - set(space.choices) - set(space.ranges) - {"lr"}
+    if extra:
+        raise SpecError(f"{where}: start_points[{index}] sets {', '.join(sorted(map(str, extra)))}, not searched")
+    for name, r in space.ranges.items():
+        if not r.low <= float(point[name]) <= r.high:
+            raise SpecError(f"{where}: start_points[{index}].{name} {point[name]} is outside {r.low:g}..{r.high:g}")
+    return params

@@ -1,0 +1,234 @@
+"""A sweep's summary: one row per run, aggregated per config over its seeds, as CSV and Markdown, beside
+the source report's numbers.
+
+Run rows are plain dicts (`model`, `loss`, `optimizer`, `lr`, `seed`, `group`, `status`, `train_loss`,
+`val_loss`, `val_nll`, `val_accuracy`, `train_seconds`, `run_id`). `aggregate` turns them into one
+`ConfigRow` per config: n seeds, mean, std and 95% interval of `val_accuracy` and `val_nll` (see
+`stats`), ranked by the mean of the selection metric, with Welch's test against the best config.
+Selection never uses `train_loss` (see `best`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from dataclasses import dataclass
+from typing import Optional
+
+from . import stats
+from .config import LOSS_NAMES
+from .stats import Estimate
+
+# The report's table: training loss at epoch 10, (model, loss) -> (Adam, SGD, RMSprop).
+REPORT_TRAIN_LOSS = {
+    ("model1", "ce"): (0.2729, 0.2451, 0.2298),
+    ("model1", "bce"): (0.0444, 0.0415, 0.0422),
+    ("model2", "ce"): (0.3713, 0.3457, 0.3339),
+    ("model2", "bce"): (0.0660, 0.0638, 0.0641),
+    ("model3", "ce"): (0.1131, 0.0641, 0.0383),
+    ("model3", "bce"): (0.0040, 0.0021, 0.0031),
+}
+REPORT_OPTIMIZERS = ("adam", "sgd", "rmsprop")
+REPORT_PICK = ("model3", "bce", "sgd")  # the lowest number in the table, which the report chose
+
+# Selection metrics and whether larger is better. Training loss is deliberately absent: it rewards
+# over-fitting, and CE and BCE values are on different scales.
+SELECT = {"val_accuracy": True, "val_nll": False}
+COLUMNS = ("model", "loss", "optimizer", "lr", "seed", "status", "train_loss", "val_loss", "val_nll",
+           "val_accuracy", "train_seconds", "group", "run_id")  # fmt: skip
+
+
+def row(config, status: str, history: list, run_id: str) -> dict:
+    last = history[-1] if history else {}
+    return {
+        "model": config.model, "loss": config.loss, "optimizer": config.optimizer, "lr": config.lr,
+        "seed": config.seed, "group": config.group, "status": status, "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss"),
+        "val_nll": last.get("val_nll"), "val_accuracy": last.get("val_accuracy"),
+        "train_seconds": sum(m.get("epoch_seconds", 0.0) for m in history), "run_id": run_id,
+    }  # fmt: skip
+
+
+def to_csv(rows: list) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def better(select: str, a: float, b: float) -> bool:
+    """Whether `a` is at least as good as `b` on the selection metric."""
+    return a >= b if SELECT[select] else a <= b
+
+
+def pick_best(items: list, select: str, key):
+    """The item whose `key(item)` is best on `select` (max for accuracy, min for NLL)."""
+    return (max if SELECT[select] else min)(items, key=key)
+
+
+@dataclass(frozen=True)
+class ConfigRow:
+    """One config over its seeds."""
+
+    name: str  # model-loss-optimizer
+    model: str
+    loss: str
+    optimizer: str
+    lr: float
+    group: str  # the config's digest without its seed (tag fmnist.config_group)
+    runs: int  # seed runs found, finished or not
+    seeds: tuple  # seeds that FINISHED
+    val_accuracy: Optional[Estimate]  # over the finished seeds; None when none finished
+    val_nll: Optional[Estimate]
+    train_loss: Optional[float]  # mean over finished seeds: shown beside the report's, never selected on
+    train_seconds: float  # summed over all seed runs
+    best_run_id: str  # the finished seed run best on the selection metric ("" when none)
+    p_vs_best: Optional[float] = None  # Welch's test against the best config (None: fewer than 2 seeds)
+    same_as_best: Optional[bool] = None  # p >= 0.05: cannot be told apart from the best; True for the best itself
+    is_best: bool = False
+
+    @property
+    def status(self) -> str:
+        if self.runs == 0:
+            return "NOT RUN"
+        return "FINISHED" if len(self.seeds) == self.runs else f"{len(self.seeds)}/{self.runs} FINISHED"
+
+
+def aggregate(rows: list, select: str = "val_accuracy") -> list:
+    """One ConfigRow per config (in the order rows first name it), compared with the best by `select`."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r["group"], []).append(r)
+    out = []
+    for group, members in groups.items():
+        done = [r for r in members if r["status"] == "FINISHED" and r[select] is not None]
+        first = members[0]
+        out.append(ConfigRow(
+            name=f"{first['model']}-{first['loss']}-{first['optimizer']}", model=first["model"], loss=first["loss"],
+            optimizer=first["optimizer"], lr=first["lr"], group=group,
+            runs=sum(r["status"] != "NOT RUN" for r in members), seeds=tuple(r["seed"] for r in done),
+            val_accuracy=stats.estimate([r["val_accuracy"] for r in done]) if done else None,
+            val_nll=stats.estimate([r["val_nll"] for r in done]) if done else None,
+            train_loss=sum(r["train_loss"] for r in done) / len(done) if done else None,
+            train_seconds=sum(r["train_seconds"] for r in members),
+            best_run_id=pick_best(done, select, key=lambda r: r[select])["run_id"] if done else "",
+        ))  # fmt: skip
+    scored = [c for c in out if getattr(c, select) is not None]
+    if not scored:
+        return out
+    top = pick_best(scored, select, key=lambda c: getattr(c, select).mean)
+    values = {g: [r[select] for r in m if r["status"] == "FINISHED" and r[select] is not None]
+              for g, m in groups.items()}
+    compared = []
+    for c in out:
+        if c is top:
+            c = dataclasses.replace(c, is_best=True, same_as_best=True, p_vs_best=None)
+        elif getattr(c, select) is not None:
+            p = stats.welch_p(values[top.group], values[c.group])
+            c = dataclasses.replace(c, p_vs_best=p, same_as_best=stats.indistinguishable(p))
+        compared.append(c)
+    return compared
+
+
+def best(configs: list) -> Optional[ConfigRow]:
+    """The best config of an `aggregate` result, or None when none finished."""
+    return next((c for c in configs if c.is_best), None)
+
+
+def ranked(configs: list, select: str) -> list:
+    """Configs with results, best mean first; then those without."""
+    scored = [c for c in configs if getattr(c, select) is not None]
+    scored.sort(key=lambda c: getattr(c, select).mean, reverse=SELECT[select])
+    return scored + [c for c in configs if getattr(c, select) is None]
+
+
+CONFIG_COLUMNS = ("rank", "model", "loss", "optimizer", "lr", "n_seeds", "status", "val_accuracy_mean",
+                  "val_accuracy_std", "val_accuracy_ci95_low", "val_accuracy_ci95_high", "val_nll_mean", "val_nll_std",
+                  "val_nll_ci95_low", "val_nll_ci95_high", "train_loss_mean", "p_vs_best", "same_as_best",
+                  "train_seconds", "group", "best_run_id")  # fmt: skip
+
+
+def configs_csv(configs: list, select: str) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CONFIG_COLUMNS)
+    for rank, c in enumerate(ranked(configs, select), 1):
+        cells = [rank if getattr(c, select) else "", c.model, c.loss, c.optimizer, c.lr, len(c.seeds), c.status]
+        for est in (c.val_accuracy, c.val_nll):
+            low, high = est.ci95 if est and est.ci95 else ("", "")
+            cells += [est.mean if est else "", "" if not est or est.std is None else est.std, low, high]
+        cells += ["" if c.train_loss is None else c.train_loss, "" if c.p_vs_best is None else c.p_vs_best,
+                  "" if c.same_as_best is None else c.same_as_best, round(c.train_seconds, 1), c.group, c.best_run_id]
+        writer.writerow(cells)
+    return out.getvalue()
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def fmt_estimate(est: Optional[Estimate], percent: bool) -> tuple:
+    """("mean ± std", "[low, high]") for a table; with one seed the interval cell says why it is empty."""
+    if est is None:
+        return "-", "-"
+    scale, digits, unit = (100, 2, "%") if percent else (1, 4, "")
+    mean = f"{scale * est.mean:.{digits}f}{unit}"
+    if est.std is None:
+        return mean, "n/a (1 seed)"
+    low, high = est.ci95
+    return f"{mean} ± {scale * est.std:.{digits}f}", f"[{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
+
+
+def to_markdown(rows: list, select: str = "val_accuracy") -> str:
+    """Configs ranked by the seed mean, with intervals and the test against the best; then the report's
+    layout with our numbers beside the report's."""
+    configs = aggregate(rows, select)
+    n_seeds = max((len(c.seeds) for c in configs), default=0)
+    lines = [
+        f"Configs ranked by the mean {select} over seeds; ± is the standard deviation over seeds, [..] the 95% "
+        "confidence interval of the mean (t distribution). 'vs best': Welch's t-test against the best config; "
+        f"'=' marks configs that cannot be told apart from it at the 5% level (p >= {stats.ALPHA}).",
+        "",
+        "| rank | model | loss | optimizer | lr | seeds | status | val_accuracy | 95% CI | val_nll | 95% CI | "
+        "train_loss (epoch N) | vs best | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rank, c in enumerate(ranked(configs, select), 1):
+        acc, acc_ci = fmt_estimate(c.val_accuracy, percent=True)
+        nll, nll_ci = fmt_estimate(c.val_nll, percent=False)
+        if c.is_best:
+            vs = "**best**"
+        elif c.p_vs_best is None:
+            vs = "-"
+        else:
+            vs = f"{'=' if c.same_as_best else '<'} (p {c.p_vs_best:.3f})"
+        lines.append(f"| {rank if c.val_accuracy else '-'} | {c.model} | {c.loss} | {c.optimizer} | {c.lr:g} | "
+                     f"{len(c.seeds)} | {c.status} | {acc} | {acc_ci} | {nll} | {nll_ci} | {_fmt(c.train_loss)} | "
+                     f"{vs} | {c.train_seconds:.0f} |")
+    if n_seeds < 2:
+        lines += ["", "One seed per config: no interval can be given and no config can be told apart from another "
+                      "by a test. Run with `--seeds 0,1,2` for intervals."]
+    by_key = {(c.model, c.loss, c.optimizer): c for c in configs}
+    lines += ["", "Final training loss (mean over seeds), ours (report's) - the report's only column; CE and BCE are "
+                  "not comparable:", "", "| model | loss | Adam | SGD | RMSprop |", "|---|---|---|---|---|"]
+    for (model, loss), theirs in REPORT_TRAIN_LOSS.items():
+        cells = [f"{_fmt(getattr(by_key.get((model, loss, o)), 'train_loss', None))} ({t:.4f})"
+                 for o, t in zip(REPORT_OPTIMIZERS, theirs)]
+        lines.append(f"| {model} | {LOSS_NAMES[loss]} | " + " | ".join(cells) + " |")
+    lines += ["", "Validation accuracy (mean over seeds; what selection uses), same layout:", "",
+              "| model | loss | Adam | SGD | RMSprop |", "|---|---|---|---|---|"]
+    for model, loss in REPORT_TRAIN_LOSS:
+        cells = [fmt_estimate(getattr(by_key.get((model, loss, o)), "val_accuracy", None), percent=True)[0]
+                 for o in REPORT_OPTIMIZERS]
+        lines.append(f"| {model} | {LOSS_NAMES[loss]} | " + " | ".join(cells) + " |")
+    winner = best(configs)
+    if winner:
+        ties = [c.name for c in configs if c.same_as_best and not c.is_best]
+        tie_note = (f" Indistinguishable from it at the 5% level: {', '.join(ties)}." if ties
+                    else " No other config is indistinguishable from it at the 5% level." if n_seeds >= 2 else "")
+        lines += ["", f"Best by mean {select}: **{winner.name}** (val_accuracy "
+                      f"{fmt_estimate(winner.val_accuracy, True)[0]}, val_nll {fmt_estimate(winner.val_nll, False)[0]}, "
+                      f"{len(winner.seeds)} seed(s)); the report picked {'-'.join(REPORT_PICK)} by training loss."
+                      + tie_note]
+    return "\n".join(lines) + "\n"
