@@ -1,6 +1,7 @@
 """Faults a user meets with a real `mlflow server`: the server dying mid-sweep, a server that refuses this
 host name (the README's scaling-out recipe), passwords in URIs, unreadable inputs to `fmnist predict`."""
 
+import os
 import subprocess
 import sys
 import time
@@ -135,3 +136,45 @@ def test_predict_treats_empty_arrays_and_decompression_bombs_as_bad_inputs(tmp_p
         Image.MAX_IMAGE_PIXELS = limit
     np.save(tmp_path / "ok.npy", np.zeros((2, 28, 28), dtype=np.uint8))
     assert predict.read_input(str(tmp_path / "ok.npy")).images.shape == (2, 1, 28, 28)
+
+
+def test_a_search_worker_killed_with_sigkill_is_noticed_its_run_ended_and_its_trial_retried(store, tmp_path):
+    import optuna
+    import signal
+
+    from fmnist_mlflow import search
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": "lost", "fixed": {"model": "model2", "loss": "ce", "seed": 0},
+        "search": {"optimizer": {"choices": ["adam"]}, "lr": {"adam": {"low": 1e-3, "high": 2e-3}}}}))
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = [sys.executable, "-m", "fmnist_mlflow", "search", "--space", str(space), "--storage", storage, "--trials",
+            "1", "--epochs", "25", "--subset", "2000", "--device", "cpu", "--threads", "1", "--pruner", "none"]
+    env = cli_env(MLFLOW_TRACKING_URI=store, FMNIST_HEARTBEAT_S="1")
+    worker = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    study = None
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        try:
+            study = optuna.load_study(study_name="lost", storage=storage)
+        except KeyError:
+            continue
+        if study.trials and study.trials[0].intermediate_values:
+            break
+    os.kill(worker.pid, signal.SIGKILL)  # no chance to clean up
+    worker.wait()
+    lost_run = study.trials[0].user_attrs[search.ATTR_RUN]
+    assert mlflow.get_run(lost_run).info.status == "RUNNING"
+    time.sleep(search.GRACE_FACTOR * 1 + 2)  # past the grace period
+    resumed = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    study = optuna.load_study(study_name="lost", storage=storage)
+    states = [t.state.name for t in study.trials]
+    assert states == ["FAIL", "COMPLETE"], states
+    assert study.trials[1].params == study.trials[0].params  # the same config, retried
+    lost = mlflow.get_run(lost_run)
+    assert lost.info.status == "KILLED" and lost.data.tags[tracking.TAG_FAILURE].startswith("worker lost")
+    assert [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+            if r.info.status == "RUNNING"] == []
