@@ -1,0 +1,98 @@
+"""Headline figures for experiments/results.json and REGISTRY.md, read from a tracking store.
+
+For the grid champion (the sweep's best config by the seed mean of val_accuracy), the report's pick
+(model3 + BCE + SGD, from the same sweep) and the search champion (the config `fmnist search --confirm`
+named), every seed run is evaluated once on the test set (as `fmnist register` does: metrics logged on
+the run, reused when present), and test accuracy is given as mean, standard deviation and 95% interval
+over seeds; Welch's t-test compares the search champion with the grid champion.
+
+    cd <the folder of the tracking store>
+    python <repo>/scripts/results.py --out <repo>/experiments/results.json [--sweep-parent ID] [--search-parent ID]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from fmnist_mlflow import data, registry, stats, tracking
+from fmnist_mlflow.summary import REPORT_PICK
+
+CONFIG_KEYS = ("model", "loss", "optimizer", "lr", "momentum", "dropout", "batch_size", "epochs", "weight_decay",
+               "schedule", "label_smoothing", "augment")
+
+
+def newest(kind: str, tag: str) -> str:
+    experiment = tracking.experiment_id("fmnist")
+    found = [r for r in tracking.find_runs([experiment], {tracking.TAG_KIND: kind}) if tag in r.data.tags]
+    if not found:
+        sys.exit(f"no {kind} parent run with tag {tag}")
+    return found[0].info.run_id
+
+
+def group_runs(parent_id: str, **tags) -> list:
+    return [r for r in tracking.child_runs(parent_id) if r.info.status == "FINISHED"
+            and r.data.tags.get(tracking.TAG_KIND) in registry.MODEL_KINDS
+            and all(r.data.tags.get(k) == v for k, v in tags.items())]
+
+
+def describe(runs: list, test) -> dict:
+    runs = sorted(runs, key=lambda r: int(r.data.params["seed"]))
+    tests = [registry.evaluate_once(r, test)["test_accuracy"] for r in runs]
+    acc = stats.estimate(tests)
+    val = stats.estimate([r.data.metrics["val_accuracy"] for r in runs])
+    params = runs[0].data.params
+    return {
+        "config": {k: params[k] for k in CONFIG_KEYS if k in params},
+        "name": runs[0].data.tags.get(tracking.TAG_CONFIG_NAME),
+        "seeds": [int(r.data.params["seed"]) for r in runs],
+        "run_ids": [r.info.run_id for r in runs],
+        "test_accuracy": {"mean": acc.mean, "std": acc.std, "ci95": list(acc.ci95) if acc.ci95 else None,
+                          "per_seed": tests},
+        "val_accuracy": {"mean": val.mean, "std": val.std, "ci95": list(val.ci95) if val.ci95 else None},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--sweep-parent")
+    parser.add_argument("--search-parent")
+    args = parser.parse_args()
+    sweep_parent = args.sweep_parent or newest("sweep", "best_config_group")
+    search_parent = args.search_parent or newest("search", "fmnist.champion_config_group")
+    sweep_tags = tracking.get_run(sweep_parent).data.tags
+    search_tags = tracking.get_run(search_parent).data.tags
+    test = data.load_test()
+    out = {
+        "grid_champion": describe(group_runs(sweep_parent, **{tracking.TAG_CONFIG_GROUP: sweep_tags["best_config_group"]}),
+                                  test),
+        "search_champion": describe(group_runs(search_parent, **{
+            tracking.TAG_CONFIG_GROUP: search_tags["fmnist.champion_config_group"]}), test),
+        "report_pick": describe(group_runs(sweep_parent, **{tracking.TAG_CONFIG_NAME: "-".join(REPORT_PICK)}), test),
+    }
+    grid, search = out["grid_champion"]["test_accuracy"], out["search_champion"]["test_accuracy"]
+    out["search_vs_grid"] = {
+        "test_accuracy_gain_points": 100 * (search["mean"] - grid["mean"]),
+        "welch_p": stats.welch_p(search["per_seed"], grid["per_seed"]),
+    }
+    out["source"] = {"sweep_parent_run_id": sweep_parent, "search_parent_run_id": search_parent,
+                     "commit": tracking.git_commit(), "test_images": len(test)}
+    with open(args.out, "w") as fh:
+        json.dump(out, fh, indent=2)
+        fh.write("\n")
+    print("| | config | seeds | test accuracy mean ± std | 95% CI | val accuracy mean |")
+    print("|---|---|---|---|---|---|")
+    for key in ("grid_champion", "search_champion", "report_pick"):
+        r = out[key]
+        t, v = r["test_accuracy"], r["val_accuracy"]
+        ci = f"[{100 * t['ci95'][0]:.2f}, {100 * t['ci95'][1]:.2f}]" if t["ci95"] else "n/a"
+        config = ", ".join(f"{k}={v}" for k, v in r["config"].items())
+        print(f"| {key} | {config} | {', '.join(map(str, r['seeds']))} | {100 * t['mean']:.2f}% ± "
+              f"{100 * (t['std'] or 0):.2f} | {ci} | {100 * v['mean']:.2f}% |")
+    print(json.dumps(out["search_vs_grid"]))
+
+
+if __name__ == "__main__":
+    main()
