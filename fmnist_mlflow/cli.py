@@ -123,6 +123,7 @@ def reported(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         import requests
+        import sqlalchemy.exc
         from mlflow.exceptions import MlflowException
 
         from . import tracking
@@ -135,7 +136,7 @@ def reported(fn):
                 return fn(*args, **kwargs)
         except (data_mod.DataError, tracking.TrackingError, DivergedError, SearchError, SpecError) as exc:
             raise click.ClickException(str(exc)) from None
-        except (MlflowException, requests.RequestException) as exc:
+        except (MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError) as exc:
             raise click.ClickException(tracking.describe_failure(exc)) from None
         except KeyboardInterrupt:
             click.echo("interrupted: the run was marked KILLED", err=True)

@@ -114,3 +114,22 @@ def test_a_named_data_dir_never_falls_back_silently(tmp_path, monkeypatch):
         data.locate()
     with pytest.raises(data.DataError, match=r"elsewhere \(--data-dir\) does not exist"):
         data.locate(tmp_path / "elsewhere")
+
+
+def test_store_problems_are_one_line_each(store, tmp_path):
+    assert invoke(*TRAIN, "--subset", "300").exit_code == 0
+    for args, message in ((["register", "--run-id", "0123456789abcdef0123456789abcdef"], "0123456789abcdef"),
+                          (["register", "--parent-run-id", "feedfacefeedfacefeedfacefeedface"], "feedface")):
+        result = CliRunner().invoke(cli.main, args)
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    mlflow.MlflowClient().delete_experiment(tracking.experiment_id("fmnist"))
+    result = CliRunner().invoke(cli.main, [*TRAIN, "--subset", "300"])
+    assert result.exit_code == 1 and "deleted" in result.output.lower() and len(result.output.strip().splitlines()) == 1
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "mlflow.db").write_bytes(b"this is not a database" * 100)
+    mlflow.set_tracking_uri(f"sqlite:///{corrupt / 'mlflow.db'}")
+    result = CliRunner().invoke(cli.main, [*TRAIN, "--subset", "300"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("Error: tracking store sqlite:///") and len(result.output.strip().splitlines()) == 1
