@@ -178,3 +178,16 @@ def test_a_search_worker_killed_with_sigkill_is_noticed_its_run_ended_and_its_tr
     assert lost.info.status == "KILLED" and lost.data.tags[tracking.TAG_FAILURE].startswith("worker lost")
     assert [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
             if r.info.status == "RUNNING"] == []
+
+
+def test_a_server_that_accepts_connections_but_never_answers_fails_within_the_promised_15_s():
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)  # accepts (the kernel completes the handshake) and never answers
+        uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(tracking.TrackingError, match="did not answer within 15 s"):
+            tracking.check_reachable(uri)
+        assert time.monotonic() - started < 16.5
