@@ -16,7 +16,6 @@ from typing import Optional
 import click
 
 from . import config as cfg
-from . import data as data_mod
 from .space import PRUNERS, SAMPLERS
 from .summary import SELECT as SELECT_METRICS
 
@@ -123,9 +122,10 @@ def reported(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         import requests
+        import sqlalchemy.exc
         from mlflow.exceptions import MlflowException
 
-        from . import tracking
+        from . import data as data_mod, tracking
         from .grid import SpecError
         from .search import SearchError
         from .train import DivergedError
@@ -135,7 +135,7 @@ def reported(fn):
                 return fn(*args, **kwargs)
         except (data_mod.DataError, tracking.TrackingError, DivergedError, SearchError, SpecError) as exc:
             raise click.ClickException(str(exc)) from None
-        except (MlflowException, requests.RequestException) as exc:
+        except (MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError) as exc:
             raise click.ClickException(tracking.describe_failure(exc)) from None
         except KeyboardInterrupt:
             click.echo("interrupted: the run was marked KILLED", err=True)
@@ -213,6 +213,7 @@ def main() -> None:
 @reported
 def data(data_dir: Optional[str]) -> None:
     """Locate Fashion-MNIST, verify its four files, and show the train/validation split."""
+    from . import data as data_mod
     for name, path in data_mod.verify(data_dir).items():
         click.echo(f"ok  {name:<26} {path}")
     dataset = data_mod.load(data_dir)
@@ -229,6 +230,7 @@ def data(data_dir: Optional[str]) -> None:
 @reported
 def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> None:
     """Train one configuration as one MLflow run (params, per-epoch metrics, curves, model)."""
+    from . import data as data_mod
     from . import runs, tracking
 
     config = build_config(**values)
@@ -263,6 +265,7 @@ def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> N
 @reported
 def sweep(grid_file, select, seeds, device, precision, threads, jobs, epochs, subset, experiment, data_dir) -> None:
     """Run every config of a grid as nested runs under one parent; resumable (finished configs are skipped)."""
+    from . import data as data_mod
     import time
 
     from . import grid as grid_mod
@@ -339,6 +342,9 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
            device, precision, threads, epochs, subset, experiment, data_dir) -> None:
     """Search model3's training settings with Optuna (dropout, learning rate, weight decay, schedule, batch
     size, label smoothing, augmentation); each trial a nested run under the study's parent run."""
+    from . import data as data_mod
+    import time
+
     from . import parallel, search as search_mod, tracking
     from .grid import SpecError, parse_seeds
     from .space import DEFAULT_SPACE, load_space
@@ -384,9 +390,15 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
             bar = EpochProgress(config, prefix=f"  [trial {trial.number}] ")
             return bar.on_epoch_end, bar.on_batch
 
+        started, done = time.monotonic(), []
+
         def on_trial_end(t):
+            done.append(t.number)
+            elapsed = time.monotonic() - started
+            left = f", ~{_duration(elapsed / len(done) * (trials - len(done)))} left" if len(done) < trials else ""
             value = "-" if t.value is None else f"{t.value:.4f}"
-            click.echo(f"trial {t.number} {t.state.name}: {space.metric} {value}  {brief_params(t.params)}")
+            click.echo(f"trial {t.number} {t.state.name} [{len(done)}/{trials}{left}]: {space.metric} {value}  "
+                       f"{brief_params(t.params)}")
 
         search_mod.run_trials(study, parent_id, key, space, dataset, settings, trials=trials, timeout=timeout,
                               progress=progress, on_trial_end=on_trial_end)
@@ -443,6 +455,7 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
 @reported
 def register(experiment, parent_run_id, run_id, select, name, alias, force, data_dir) -> None:
     """Pick the best finished run, evaluate it once on the test set, register it and move the alias."""
+    from . import data as data_mod
     from . import registry, tracking
 
     tracking.check_reachable()
@@ -489,6 +502,7 @@ def predict(model_uri, top_k, as_json, inputs) -> None:
     Output: class names with probabilities (softmax of the model's logits). An unreadable input is
     reported and skipped; the exit code is 1 if any input failed.
     """
+    from . import data as data_mod
     import json
 
     from . import predict as predict_mod, tracking

@@ -11,6 +11,7 @@ A diverging trial's run ends FAILED (Optuna state FAIL). Completed trials end FI
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -67,7 +68,10 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     connect_args = {"timeout": 60} if scheme.startswith("sqlite") else {"connect_timeout": 10}
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": connect_args})
+            interval = heartbeat_interval()
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs={"connect_args": connect_args}, heartbeat_interval=interval,
+                grace_period=GRACE_FACTOR * interval, heartbeat_stale_trial_callback=lost_worker_callback)
         except Exception as exc:  # SQLAlchemy and driver errors come in many types
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if "already exists" in reason and attempt < 4:
@@ -85,6 +89,26 @@ def sampler_seed(seed: Optional[int], finished_before: int, worker: int = 0) -> 
     import numpy as np
 
     return int(np.random.SeedSequence([seed, finished_before, worker]).generate_state(1)[0])
+
+
+# Lost workers: every running trial beats every `heartbeat_interval()` seconds; a trial silent for
+# GRACE_FACTOR beats (a worker killed with SIGKILL, out of memory, or a machine gone) is failed by the next
+# worker that starts a trial, or by the next `fmnist search` on the study, and retried once.
+HEARTBEAT_S = 30
+GRACE_FACTOR = 3
+LOST_REASON = "worker lost: no heartbeat from the process running this trial (killed, or its machine gone)"
+
+
+def heartbeat_interval() -> int:
+    return int(os.environ.get("FMNIST_HEARTBEAT_S", HEARTBEAT_S))
+
+
+def lost_worker_callback(study: optuna.Study, trial) -> None:
+    """Optuna failed a stale trial: end its MLflow run KILLED with the reason, then retry its config once."""
+    run_id = trial.user_attrs.get(ATTR_RUN)
+    if run_id:
+        tracking.end_run_as(run_id, "KILLED", LOST_REASON, {TAG_STATE: "FAIL"})
+    optuna.storages.RetryFailedTrialCallback(max_retry=1)(study, trial)
 
 
 def make_sampler(name: str, seed: Optional[int]) -> optuna.samplers.BaseSampler:

@@ -423,14 +423,22 @@ TAG_ORPHAN_REASON = ("orphaned: found RUNNING when its sweep resumed (its proces
                      "tracking server, before it could end the run)")
 
 
+def end_run_as(run_id: str, status: str, reason: str, tags: Optional[dict] = None) -> None:
+    """End a run another process left open (its process is gone), with the reason."""
+    c = client()
+    for key, value in {TAG_FAILURE: reason, **(tags or {})}.items():
+        c.set_tag(run_id, key, str(value))
+    if c.get_run(run_id).info.status == "RUNNING":
+        c.set_terminated(run_id, status)
+
+
 def reap_orphans(parent_run_id: str) -> int:
     """End KILLED the children of a resumed sweep that are still RUNNING: the process that ran them is gone
     (one sweep process per parent; the grid run by several workers at once is not supported yet)."""
     reaped = 0
     for child in child_runs(parent_run_id):
         if child.info.status == "RUNNING":
-            client().set_tag(child.info.run_id, TAG_FAILURE, TAG_ORPHAN_REASON)
-            client().set_terminated(child.info.run_id, "KILLED")
+            end_run_as(child.info.run_id, "KILLED", TAG_ORPHAN_REASON)
             reaped += 1
     return reaped
 
