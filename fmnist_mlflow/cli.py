@@ -125,15 +125,13 @@ def reported(fn):
         import sqlalchemy.exc
         from mlflow.exceptions import MlflowException
 
-        from . import data as data_mod, tracking
-        from .grid import SpecError
-        from .search import SearchError
-        from .train import DivergedError
+        from . import tracking
+        from .errors import FmnistError
 
         try:
             with sigterm_as_interrupt():
                 return fn(*args, **kwargs)
-        except (data_mod.DataError, tracking.TrackingError, DivergedError, SearchError, SpecError) as exc:
+        except FmnistError as exc:
             raise click.ClickException(str(exc)) from None
         except (MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError) as exc:
             raise click.ClickException(tracking.describe_failure(exc)) from None
@@ -459,23 +457,21 @@ def register(experiment, parent_run_id, run_id, select, name, alias, force, data
     from . import registry, tracking
 
     tracking.check_reachable()
-    try:  # the narrowest scope given wins: one run, then one sweep/search, then the experiment
-        runs = registry.candidates(experiment=experiment or "fmnist", parent_run_id=parent_run_id or None,
-                                   run_id=run_id or None)
-        chosen = registry.choose(runs, select)
-        for note in chosen.notes:
-            click.echo(f"note: {note}")
-        run = chosen.pick
-        seeds = len(chosen.runs)
-        click.echo(f"selected {run.data.tags.get(tracking.TAG_CONFIG_NAME, run.info.run_name)} among "
-                   f"{chosen.considered} comparable config(s): {select} "
-                   + (f"mean {chosen.value.mean:.4f} over {seeds} seeds; registering seed "
-                      f"{run.data.params.get('seed')} ({run.info.run_id}), the best of them on {select}"
-                      if seeds > 1 else f"{chosen.value.mean:.4f} (run {run.info.run_id})"))
-        result = registry.register(chosen, data_mod.load_test(data_dir), name=name, alias=alias, select=select,
-                                   force=force)
-    except registry.RegistryError as exc:
-        raise click.ClickException(str(exc)) from None
+    # the narrowest scope given wins: one run, then one sweep/search, then the experiment
+    runs = registry.candidates(experiment=experiment or "fmnist", parent_run_id=parent_run_id or None,
+                               run_id=run_id or None)
+    chosen = registry.choose(runs, select)
+    for note in chosen.notes:
+        click.echo(f"note: {note}")
+    run = chosen.pick
+    seeds = len(chosen.runs)
+    click.echo(f"selected {run.data.tags.get(tracking.TAG_CONFIG_NAME, run.info.run_name)} among "
+               f"{chosen.considered} comparable config(s): {select} "
+               + (f"mean {chosen.value.mean:.4f} over {seeds} seeds; registering seed "
+                  f"{run.data.params.get('seed')} ({run.info.run_id}), the best of them on {select}"
+                  if seeds > 1 else f"{chosen.value.mean:.4f} (run {run.info.run_id})"))
+    result = registry.register(chosen, data_mod.load_test(data_dir), name=name, alias=alias, select=select,
+                               force=force)
     test = result.test
     click.echo(f"test set: accuracy {100 * test['test_accuracy']:.2f}%, loss {test['test_loss']:.4f}, "
                f"nll {test['test_nll']:.4f} (metrics and test_evaluation/ on run {result.run_id})")

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from .errors import FmnistError
+
 MODELS = ("model1", "model2", "model3")
 LOSSES = ("ce", "bce")
 LOSS_NAMES = {"ce": "CrossEntropyLoss", "bce": "BCEWithLogitsLoss"}
@@ -46,7 +48,7 @@ TRAIN_SIZE = 60_000 - VAL_SIZE  # what is left of the 60,000 training images for
 SPLIT_SEED = 20240917
 
 
-class ConfigError(ValueError):
+class ConfigError(FmnistError, ValueError):
     """A configuration value is invalid; the message names it."""
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .config import SPLIT_SEED, VAL_SIZE
+from .errors import FmnistError
 
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -42,7 +43,7 @@ HOW_TO_GET = (
 )
 
 
-class DataError(RuntimeError):
+class DataError(FmnistError, RuntimeError):
     """Fashion-MNIST could not be found, read or verified; the message says how to fix it."""
 
 

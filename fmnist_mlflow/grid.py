@@ -14,12 +14,13 @@ from pathlib import Path
 import yaml
 
 from .config import LOSSES, MODELS, OPTIMIZERS, ConfigError, RunConfig
+from .errors import FmnistError
 
 # experiments/grid.yaml, shipped inside the package (specs/ links to experiments/ in the repository)
 DEFAULT_GRID = Path(__file__).parent / "specs" / "grid.yaml"
 
 
-class SpecError(ValueError):
+class SpecError(FmnistError, ValueError):
     """An experiment file (grid or search space) is invalid; the message names the file and value."""
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from .data import CLASS_NAMES
+from .errors import FmnistError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-class InputError(ValueError):
+class InputError(FmnistError, ValueError):
     """An input could not be turned into (N, 1, 28, 28) uint8 images; the message names it."""
 
 

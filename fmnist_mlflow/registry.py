@@ -30,13 +30,14 @@ from . import evaluation, plots, stats, tracking
 from .data import Split
 from .stats import Estimate
 from .summary import SELECT, better, pick_best
+from .errors import FmnistError
 
 MODEL_KINDS = ("train", "sweep-child", "trial", "confirm")  # run kinds that log a model
 TEST_METRICS = ("test_accuracy", "test_loss", "test_nll")
 PER_CLASS_PREFIX = "test_per_class/"  # metric test_per_class/<class>: one section in the UI, not ten charts first
 
 
-class RegistryError(RuntimeError):
+class RegistryError(FmnistError, RuntimeError):
     """Nothing to register, or the registry refused; the message says which."""
 
 

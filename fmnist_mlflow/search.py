@@ -23,6 +23,7 @@ from .data import Dataset
 from .search_report import ATTR_RUN
 from .space import Space
 from .sweep import TAG_BEST_RUN, TAG_SWEEP
+from .errors import FmnistError
 
 ATTR_PARENT = "mlflow_parent_run_id"
 TAG_STUDY = "fmnist.study"
@@ -32,7 +33,7 @@ TAG_STATE = "fmnist.trial_state"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-class SearchError(RuntimeError):
+class SearchError(FmnistError, RuntimeError):
     """The Optuna storage cannot be used; the message names it (password hidden)."""
 
 

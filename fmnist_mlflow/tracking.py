@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 from . import plots
 from .config import SPLIT_SEED, RunConfig
 from .data import CLASS_NAMES, FILES, Dataset
+from .errors import FmnistError
 
 TAG_FAILURE = "fmnist.failure_reason"
 TAG_KIND = "fmnist.kind"  # "train" (one config), "sweep" (a grid's parent), "trial", "search"
@@ -43,7 +44,7 @@ MODEL_INPUT = ("float32 images (N, 1, 28, 28): pixels in [0, 1], or raw 0-255 va
                "by its brightest pixel); normalised inside the model")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(FmnistError, RuntimeError):
     """The tracking server could not be used; the message names the URI."""
 
 

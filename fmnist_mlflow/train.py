@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from . import models
 from .config import RunConfig
 from .data import Dataset, Split
+from .errors import FmnistError
 
 EVAL_BATCH = 2048  # images per evaluation batch: large, since no gradients are kept
 NUM_CLASSES = 10
@@ -29,7 +30,7 @@ EpochCallback = Callable[[dict], None]
 BatchCallback = Callable[[int, int], None]  # (batches done, batches per epoch)
 
 
-class DivergedError(RuntimeError):
+class DivergedError(FmnistError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 
