@@ -108,7 +108,7 @@ def load_grid(path: str | Path = DEFAULT_GRID) -> Grid:
     where = str(path)
     unknown = set(spec) - set(_KEYS)
     if unknown:
-        raise SpecError(f"{where}: unknown key(s) {', '.join(brief(k) for k in sorted(map(str, unknown)))}; "
+        raise SpecError(f"{where}: unknown key(s) {', '.join(k[:40] for k in sorted(map(str, unknown)))}; "
                         f"allowed: {', '.join(_KEYS)}")
     for key, (kind, required) in _KEYS.items():
         if key not in spec:
