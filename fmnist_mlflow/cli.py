@@ -324,7 +324,7 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, epochs, su
               help="Search space file (default: experiments/search.yaml).")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default="tpe", show_default=True)
 @click.option("--pruner", type=click.Choice(PRUNERS), default=PRUNERS[0], show_default=True,
-              help="percentile: prune the bottom quarter from mid-run on (see experiments/SEARCH.md).")
+              help="percentile: prune the bottom quarter from epoch 4 of 10 on (see experiments/SEARCH.md).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
               help="Sampler seed for a reproducible single-process search (default: fresh entropy; a resumed "
               "study or another worker never replays the same suggestions).")

@@ -130,10 +130,10 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     if name == "median":
         # Judge a trial only after 3 trials completed and its own first 2 epochs (early epochs are noisy).
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
-    # "percentile", the default: prune only the bottom quarter, only from the second half of the run, and
-    # only once 6 trials completed. Scheduled runs (cosine, onecycle) trail constant-rate runs mid-run and
-    # overtake them at the end; the median pruner, judging from epoch 3, threw such trials away
-    # (experiments/SEARCH.md has the measurements behind these settings).
+    # "percentile", the default: prune only the bottom quarter, only from epoch 4 of 10 on (the earliest
+    # step Optuna prunes at is n_warmup_steps), and only once 6 trials completed. Scheduled runs (cosine,
+    # onecycle) trail constant-rate runs early and overtake them at the end; the median pruner, judging
+    # from epoch 2, threw such trials away (experiments/SEARCH.md has the measurements).
     return optuna.pruners.PercentilePruner(75.0, n_startup_trials=6, n_warmup_steps=max(1, epochs // 2) - 1,
                                            n_min_trials=4)
 

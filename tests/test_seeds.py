@@ -296,8 +296,8 @@ def test_register_selects_by_the_seed_mean_and_reports_test_accuracy_over_seeds(
 
 def test_pruner_replay_counts_good_trials_a_pruner_would_have_stopped():
     """Late bloomers (a little below the median mid-run, best at the end, like scheduled runs) replayed on
-    real Optuna pruners: the old median pruner stops them from epoch 3; the default percentile pruner
-    stops only the clearly weak bottom quarter, and only from mid-run."""
+    real Optuna pruners: the old median pruner stops them from epoch 2; the default percentile pruner
+    stops only the clearly weak bottom quarter, and only from epoch 4."""
     import optuna
 
     from fmnist_mlflow import search, search_report
