@@ -303,7 +303,7 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, epochs, su
     click.echo("")
     click.echo(result.markdown)
     if result.skipped:
-        click.echo(f"{result.skipped} config(s) had already finished in an earlier attempt and were skipped.")
+        click.echo(f"{result.skipped} (config, seed) run(s) had already finished in an earlier attempt and were skipped.")
     if result.failed:
         names = ", ".join(f"{r['model']}-{r['loss']}-{r['optimizer']} ({r['status']})" for r in result.failed)
         click.echo(f"did not finish: {names}", err=True)
