@@ -118,7 +118,7 @@ def log(study: optuna.Study, summary: SearchSummary, metric: str) -> None:
 
 def replay_line(r) -> str:
     return (f"would stop {r.would_prune} of {r.completed} completed trials ({r.epochs_saved} epochs saved), "
-            f"{r.good_pruned} of them among the {r.good} best (top quarter)")
+            f"{r.good_pruned} of them among the {r.good} best (top half)")
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ class PrunerReplay:
     pruner: str
     completed: int  # completed trials replayed
     would_prune: int  # of them, how many the pruner would have stopped early
-    good: int  # completed trials in the top quarter by final value
+    good: int  # completed trials in the top half by final value
     good_pruned: int  # good trials the pruner would have stopped: the cost of pruning
     epochs_saved: int  # epochs it would have skipped over the completed trials
 
@@ -140,7 +140,7 @@ def replay_pruner(study: optuna.Study, name: str, make_pruner, epochs: int) -> P
                  if len(t.intermediate_values) >= epochs]
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     ranked = sorted(completed, key=lambda t: t.value, reverse=maximize)
-    good = {t.number for t in ranked[: max(1, len(ranked) // 4)]} if ranked else set()
+    good = {t.number for t in ranked[: max(1, len(ranked) // 2)]} if ranked else set()
     would, good_pruned, saved = 0, 0, 0
     for trial in completed:
         others = optuna.create_study(direction=study.direction, pruner=make_pruner())

@@ -311,8 +311,8 @@ def test_pruner_replay_counts_good_trials_a_pruner_would_have_stopped():
         study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=final, intermediate_values=curve))
     median = search_report.replay_pruner(study, "median", lambda: search.make_pruner("median", 10), 10)
     percentile = search_report.replay_pruner(study, "percentile", lambda: search.make_pruner("percentile", 10), 10)
-    assert (median.completed, median.good) == (12, 3)
+    assert (median.completed, median.good) == (12, 6)
     assert median.good_pruned == 3  # all three late bloomers, the best trials of the study
     assert percentile.good_pruned == 0 and percentile.would_prune == 3  # the weak ones only
     assert median.epochs_saved > percentile.epochs_saved
-    assert "0 of them among the 3 best" in search_report.replay_line(percentile)
+    assert "0 of them among the 6 best (top half)" in search_report.replay_line(percentile)
