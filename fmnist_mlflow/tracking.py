@@ -257,6 +257,8 @@ def run(
         _end("FAILED", f"{type(exc).__name__}: {exc}")
         raise
     else:
+        if run_id and TAG_FAILURE in client().get_run(run_id).data.tags:
+            mlflow.delete_tag(TAG_FAILURE)  # a resumed run that now finishes: the old reason no longer holds
         mlflow.end_run("FINISHED")
 
 
