@@ -94,7 +94,7 @@ def test_interrupted_sweep_resumes_under_the_same_parent(store, tmp_path, tiny_d
     assert result.parent_run_id == parent.info.run_id and result.skipped == 1
     assert started == configs[1:]  # the finished config is not redone
     (parent,), children = parents_and_children()
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and tracking.TAG_FAILURE not in parent.data.tags
     assert sorted(c.info.status for c in children) == ["FINISHED"] * 4 + ["KILLED"]
     assert [r["status"] for r in result.rows] == ["FINISHED"] * 4
 
