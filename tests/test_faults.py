@@ -191,3 +191,18 @@ def test_a_server_that_accepts_connections_but_never_answers_fails_within_the_pr
         with pytest.raises(tracking.TrackingError, match="did not answer within 15 s"):
             tracking.check_reachable(uri)
         assert time.monotonic() - started < 16.5
+
+
+@pytest.mark.parametrize("command", [["train", "--device", "cpu", "--subset", "300", "--epochs", "1"],
+                                     ["predict", "--model-uri", "models:/fmnist-cnn@champion", "x.png"]])
+def test_an_unreachable_database_or_server_fails_in_seconds_with_one_line(store, monkeypatch, tmp_path, command):
+    port = free_port()  # nothing listens there
+    for uri in (f"postgresql://user:secretpw@127.0.0.1:{port}/mlflow", f"http://127.0.0.1:{port}"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        started = time.monotonic()
+        result = CliRunner().invoke(cli.main, command)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "secretpw" not in result.output
+        assert time.monotonic() - started < 20  # was 106 s (PostgreSQL) and 248 s (predict)
+    mlflow.set_tracking_uri(store)
