@@ -13,9 +13,8 @@ import torch
 from torch.nn import functional as F
 
 from .data import CLASS_NAMES, Split
-from .train import NUM_CLASSES, loss_fn
+from .train import EVAL_BATCH, NUM_CLASSES, loss_fn
 
-EVAL_BATCH = 1000  # images per forward pass
 
 
 def predict_logits(predict: Callable, x: torch.Tensor) -> torch.Tensor:

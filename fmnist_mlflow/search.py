@@ -246,14 +246,6 @@ def optimize(study: optuna.Study, objective: Callable, trials: Optional[int], ti
     study.optimize(objective, n_trials=trials, timeout=timeout, catch=(train.DivergedError,), callbacks=callbacks)
 
 
-@dataclass(frozen=True)
-class SearchResult:
-    study_name: str
-    parent_run_id: str
-    warm_start: Optional[dict]
-    summary: object  # search_report.SearchSummary
-
-
 def prepare(space: Space, storage_url: str, study_name: str, *, experiment_id: str, settings: SearchSettings,
             sampler, pruner) -> tuple:
     """Open (or create) the study and its parent run, and warm-start a new study: (study, parent, key, warm)."""

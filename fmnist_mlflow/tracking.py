@@ -394,10 +394,6 @@ def client() -> MlflowClient:
     return MlflowClient()
 
 
-def run_status(run_id: str) -> str:
-    return client().get_run(run_id).info.status
-
-
 # --- reading runs back (sweeps, searches, registry) -------------------------------------------------
 
 
