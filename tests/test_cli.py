@@ -156,7 +156,12 @@ def test_mlflow_run_train_entry_point(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     mlflow.set_tracking_uri(uri)
     try:
-        (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        found = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        # `mlflow run` without --experiment-name made its run in Default: it is left there as a launcher,
+        # and the training run went to experiment fmnist, where `fmnist register` looks
+        (run,) = [r for r in found if r.data.tags.get("fmnist.kind") == "train"]
+        (launcher,) = [r for r in found if r.data.tags.get("fmnist.kind") == "launcher"]
+        assert mlflow.get_experiment(run.info.experiment_id).name == "fmnist" and launcher.info.experiment_id == "0"
         assert run.info.status == "FINISHED"
         assert run.data.params["lr"] == "0.002" and run.data.params["model"] == "model1"
         assert run.data.tags["mlflow.runName"] == "model1-ce-adam"
