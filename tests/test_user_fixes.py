@@ -133,3 +133,27 @@ def test_store_problems_are_one_line_each(store, tmp_path):
     result = CliRunner().invoke(cli.main, [*TRAIN, "--subset", "300"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.startswith("Error: tracking store sqlite:///") and len(result.output.strip().splitlines()) == 1
+
+
+def test_experiment_name_from_the_environment_and_a_quiet_console(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = cli_env(MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME="from-env")
+    proc = subprocess.run([sys.executable, "-m", "fmnist_mlflow", "train", "--device", "cpu", "--subset", "300",
+                           "--epochs", "1"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    output = proc.stdout + proc.stderr
+    assert "INFO" not in output and "View run" not in output  # MLflow's chatter is off by default
+    assert "view it: mlflow ui --backend-store-uri" in proc.stdout  # our own link to the run
+    mlflow.set_tracking_uri(uri)
+    try:
+        (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        assert mlflow.get_experiment(run.info.experiment_id).name == "from-env"
+    finally:
+        mlflow.set_tracking_uri(None)
+    version = subprocess.run([sys.executable, "-m", "fmnist_mlflow", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("fmnist, version ")
