@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -70,12 +71,13 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     for attempt in range(5):
         try:
             interval = heartbeat_interval()
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat's
             return optuna.storages.RDBStorage(
                 url, engine_kwargs={"connect_args": connect_args}, heartbeat_interval=interval,
                 grace_period=GRACE_FACTOR * interval, heartbeat_stale_trial_callback=lost_worker_callback)
         except Exception as exc:  # SQLAlchemy and driver errors come in many types
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if "already exists" in reason and attempt < 4:
+            if ("already exists" in reason or "UNIQUE constraint" in reason) and attempt < 4:
                 time.sleep(0.5)  # another worker is creating the schema of a new storage right now
                 continue
             raise SearchError(f"cannot open Optuna storage {redact(url)}: {reason}") from None
