@@ -16,6 +16,7 @@ from typing import Optional
 import click
 
 from . import config as cfg
+from .schema import DEFAULT_STORAGE
 from .space import PRUNERS, SAMPLERS
 from .summary import SELECT as SELECT_METRICS
 
@@ -78,6 +79,31 @@ def jobs_option(fn):
     return click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
                         help="Configs run at once in worker processes (CPU threads divided between them; "
                         "on CUDA they share the GPU).")(fn)
+
+
+def storage_options(default_study: str):
+    """--storage and --study, shared by the sweep and the search: what lets workers join one study."""
+
+    def decorate(fn):
+        fn = click.option("--study", "study_name", default=None,
+                          help=f"Optuna study name (default: {default_study}). Same storage and study: resume "
+                          "it, or join the workers already on it.")(fn)
+        return click.option("--storage", default=DEFAULT_STORAGE, show_default=True,
+                            help="Optuna storage: sqlite:///FILE (one machine), postgresql://USER@HOST:PORT/DB "
+                            "(several machines), or journal:FILE (no lost-worker recovery).")(fn)
+
+    return decorate
+
+
+def check_study_name(study_name: Optional[str]) -> None:
+    if study_name is not None and (any(ch in study_name for ch in "'\"`\\") or not study_name.strip()):
+        raise click.BadParameter(f"{study_name!r}: a study name may not be empty or contain quotes, backticks or "
+                                 "backslashes (it is matched in MLflow filter strings)", param_hint="--study")
+
+
+def on_wait(running: int) -> None:
+    click.echo(f"waiting for {running} trial(s) running in other workers (one whose worker is lost is "
+               "failed and retried once its heartbeats stop)")
 
 
 def config_options(fn):
@@ -253,6 +279,7 @@ def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> N
               help="Training seeds, each config runs once per seed (default: the grid's `seeds`, [0] for the report's).")
 @device_options
 @jobs_option
+@storage_options("the grid file's name and a digest of its configs")
 @click.option("--epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Epochs per config (0: the grid's own, 10 for the report's grid).")
 @click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
@@ -261,8 +288,12 @@ def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> N
               help="MLflow experiment name; $MLFLOW_EXPERIMENT_NAME if set.")
 @data_dir_option
 @reported
-def sweep(grid_file, select, seeds, device, precision, threads, jobs, epochs, subset, experiment, data_dir) -> None:
-    """Run every config of a grid as nested runs under one parent; resumable (finished configs are skipped)."""
+def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, study_name, epochs, subset, experiment,
+          data_dir) -> None:
+    """Run every config of a grid as nested runs under one parent; resumable (finished configs are skipped).
+
+    The grid is an Optuna study: any number of `fmnist sweep` workers with the same options, on machines
+    that share --storage and the tracking server, share its configs; a lost worker's config is retried."""
     from . import data as data_mod
     import time
 
@@ -278,6 +309,7 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, epochs, su
         raise click.UsageError(str(exc)) from None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--seeds") from None
+    check_study_name(study_name)
     use_threads(threads)
     uri = tracking.check_reachable()
     dataset = data_mod.load(data_dir, subset=subset)
@@ -298,16 +330,18 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, epochs, su
     if jobs > 1:
         click.echo(f"{jobs} workers, {threads or parallel.threads_per_worker(jobs)} CPU thread(s) each")
     result = sweep_mod.run_sweep(grid, configs, dataset, experiment_id=experiment_id, select=select,
-                                 on_start=on_start, progress=progress, jobs=jobs, data_dir=data_dir,
-                                 threads=threads)
+                                 storage_url=storage, study_name=study_name, on_start=on_start, progress=progress,
+                                 on_wait=on_wait, jobs=jobs, data_dir=data_dir, threads=threads)
     click.echo("")
     click.echo(result.markdown)
     if result.skipped:
         click.echo(f"{result.skipped} (config, seed) run(s) had already finished in an earlier attempt and were skipped.")
+    if result.retried:
+        click.echo(f"{result.retried} (config, seed) run(s) were retried after the worker running them was lost.")
     if result.failed:
         names = ", ".join(f"{r['model']}-{r['loss']}-{r['optimizer']} ({r['status']})" for r in result.failed)
         click.echo(f"did not finish: {names}", err=True)
-    click.echo(f"parent run {result.parent_run_id}, {_duration(time.monotonic() - started)} wall time")
+    click.echo(f"study {result.study_name} in {tracking.redact(storage)}; parent run {result.parent_run_id}, {_duration(time.monotonic() - started)} wall time")
     click.echo(f"view it: {tracking.run_link(result.parent_run_id)}")
 
 
@@ -316,10 +350,7 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, epochs, su
               help="Trials this command runs (split over --jobs workers); 0 with --confirm: only confirm.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop starting new trials after this many seconds.")
-@click.option("--storage", default="sqlite:///optuna.db", show_default=True,
-              help="Optuna storage: sqlite:///FILE, postgresql://USER@HOST:PORT/DB (several machines), or journal:FILE.")
-@click.option("--study", "study_name", default=None, help="Study name (default: the space's name). Same "
-              "storage and study: resume it.")
+@storage_options("the space's name")
 @click.option("--space", "space_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Search space file (default: experiments/search.yaml).")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default="tpe", show_default=True)
@@ -363,10 +394,8 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
         settings = search_mod.SearchSettings(epochs=epochs, subset=subset, device=checked.device, precision=precision)
     except SpecError as exc:
         raise click.UsageError(str(exc)) from None
+    check_study_name(study_name)
     study_name = study_name or space.name
-    if any(ch in study_name for ch in "'\"`\\") or not study_name.strip():
-        raise click.BadParameter(f"{study_name!r}: a study name may not be empty or contain quotes, backticks or "
-                                 "backslashes (it is matched in MLflow filter strings)", param_hint="--study")
     use_threads(threads)
     uri = tracking.check_reachable()
     dataset = data_mod.load(data_dir, subset=subset)
@@ -374,16 +403,12 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
     study, parent_id, key, warm = search_mod.prepare(
         space, storage, study_name, experiment_id=experiment_id, settings=settings,
         sampler=search_mod.make_sampler(sampler, None), pruner=search_mod.make_pruner(pruner, epochs))
-    finished_before = sum(t.state.is_finished() for t in study.trials)
-    study.sampler = search_mod.make_sampler(sampler, search_mod.sampler_seed(seed, finished_before))
-    click.echo(f"study {study_name} ({space.direction} {space.metric}) in {search_mod.redact(storage)}: "
+    click.echo(f"study {study_name} ({space.direction} {space.metric}) in {tracking.redact(storage)}: "
                f"{sum(t.state.is_finished() for t in study.trials)} finished trial(s) so far; parent run {parent_id}; "
                f"tracking to {tracking.redact(uri)}")
     if warm:
         click.echo(f"warm start: the grid's best config enqueued as the first trial: {warm}")
-    if trials == 0:
-        pass
-    elif jobs == 1:
+    if trials:
         def progress(trial, config):
             bar = EpochProgress(config, prefix=f"  [trial {trial.number}] ")
             return bar.on_epoch_end, bar.on_batch
@@ -398,18 +423,12 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
             click.echo(f"trial {t.number} {t.state.name} [{len(done)}/{trials}{left}]: {space.metric} {value}  "
                        f"{brief_params(t.params)}")
 
-        search_mod.run_trials(study, parent_id, key, space, dataset, settings, trials=trials, timeout=timeout,
-                              progress=progress, on_trial_end=on_trial_end)
-    else:
-        jobs_list = [search_mod.WorkerJob(space_file, storage, study_name, parent_id, key, settings, n, timeout,
-                                          sampler, pruner, search_mod.sampler_seed(seed, finished_before, i),
-                                          data_dir)
-                     for i, n in enumerate(parallel.split(trials, jobs)) if n]
-        click.echo(f"{len(jobs_list)} workers, {threads or parallel.threads_per_worker(len(jobs_list))} CPU thread(s) each")
-        codes = parallel.run_workers(search_mod.worker, [(job,) for job in jobs_list], tracking.tracking_uri(),
-                                     threads=threads)
-        if any(codes):
-            raise click.ClickException(f"worker exit codes {codes}; see the trials' runs for reasons")
+        if jobs > 1:
+            workers = min(jobs, trials)
+            click.echo(f"{workers} workers, {threads or parallel.threads_per_worker(workers)} CPU thread(s) each")
+        search_mod.run(study, storage, parent_id, key, space, dataset, settings, trials=trials, timeout=timeout,
+                       jobs=jobs, sampler=sampler, pruner=pruner, seed=seed, space_file=space_file, data_dir=data_dir,
+                       threads=threads, progress=progress, on_trial_end=on_trial_end, on_wait=on_wait)
     summary = search_mod.finish(study, parent_id, space, settings)
     click.echo(f"{summary.trials} trials in the study: {summary.states}; epochs run {summary.epochs_run}, "
                f"saved by pruning {summary.epochs_saved}")

@@ -18,10 +18,9 @@ from optuna.trial import TrialState
 
 from . import runs, summary, tracking, train
 from .data import Dataset
+from .schema import (KIND_CONFIRM, KIND_SEARCH, TAG_CHAMPION, TAG_CHAMPION_GROUP, TAG_CHAMPION_TRIAL,
+                     TAG_CONFIG_HASH, TAG_CONFIRM_SEEDS, TAG_KIND, TAG_STUDY, TAG_TRIAL)
 from .space import Space
-
-KIND = "confirm"
-TAG_CHAMPION = "fmnist.champion_run_id"  # on the study's parent: the champion config's best seed run
 
 
 @dataclass(frozen=True)
@@ -48,21 +47,20 @@ def trial_config(space: Space, trial, settings, seed: int):
 def confirm(study: optuna.Study, parent_id: str, key: str, space: Space, data: Dataset, settings, *, k: int,
             seeds: tuple, on_start: Optional[Callable] = None) -> Confirmation:
     """Run the shortlist on `seeds` under the parent and rank it by the seed mean of the study's metric."""
-    from .search import TAG_STUDY, TAG_TRIAL
 
     trials = shortlist(study, k)
     plan = [(t, trial_config(space, t, settings, seed)) for t in trials for seed in seeds]
-    finished = {c.data.tags.get(tracking.TAG_CONFIG_HASH): c for c in tracking.child_runs(parent_id)
-                if c.info.status == "FINISHED" and c.data.tags.get(tracking.TAG_KIND) == KIND}
+    finished = {c.data.tags.get(TAG_CONFIG_HASH): c for c in tracking.child_runs(parent_id)
+                if c.info.status == "FINISHED" and c.data.tags.get(TAG_KIND) == KIND_CONFIRM}
     rows = []
-    with tracking.run(study.study_name, kind="search", run_id=parent_id):
+    with tracking.run(study.study_name, kind=KIND_SEARCH, run_id=parent_id):
         for n, (trial, config) in enumerate(plan):
             child = finished.get(config.digest())
             if child is None:
                 if on_start is not None:
                     on_start(n, len(plan), trial, config)
                 try:
-                    result = runs.tracked_fit(config, data, kind=KIND, parent_run_id=parent_id,
+                    result = runs.tracked_fit(config, data, kind=KIND_CONFIRM, parent_run_id=parent_id,
                                               tags={TAG_TRIAL: trial.number, TAG_STUDY: key})
                     status, history, run_id = "FINISHED", result.history, result.run_id
                 except train.DivergedError:
@@ -78,8 +76,8 @@ def confirm(study: optuna.Study, parent_id: str, key: str, space: Space, data: D
         tracking.log_text(summary.configs_csv(configs, space.metric), "confirm.csv")
         if champion is not None:
             est = getattr(champion, space.metric)
-            tags = {TAG_CHAMPION: champion.best_run_id, "fmnist.champion_trial": trial_of[champion.group].number,
-                    "fmnist.champion_config_group": champion.group, "fmnist.confirm_seeds": ",".join(map(str, seeds))}
+            tags = {TAG_CHAMPION: champion.best_run_id, TAG_CHAMPION_TRIAL: trial_of[champion.group].number,
+                    TAG_CHAMPION_GROUP: champion.group, TAG_CONFIRM_SEEDS: ",".join(map(str, seeds))}
             tracking.set_tags(tags)
             metrics = {f"champion_{space.metric}_mean": est.mean}
             if est.ci95:

@@ -29,10 +29,11 @@ from typing import Optional
 from . import evaluation, plots, stats, tracking
 from .data import Split
 from .stats import Estimate
-from .summary import SELECT, better, pick_best
+from .summary import better, pick_best
 from .errors import FmnistError
+from .schema import KIND_CONFIRM, KIND_SWEEP_CHILD, KIND_TRAIN, KIND_TRIAL
 
-MODEL_KINDS = ("train", "sweep-child", "trial", "confirm")  # run kinds that log a model
+MODEL_KINDS = (KIND_TRAIN, KIND_SWEEP_CHILD, KIND_TRIAL, KIND_CONFIRM)  # run kinds that log a model
 TEST_METRICS = ("test_accuracy", "test_loss", "test_nll")
 PER_CLASS_PREFIX = "test_per_class/"  # metric test_per_class/<class>: one section in the UI, not ten charts first
 

@@ -10,32 +10,17 @@ A diverging trial's run ends FAILED (Optuna state FAIL). Completed trials end FI
 
 from __future__ import annotations
 
-import hashlib
-import os
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import optuna
 
-from . import runs, train, tracking
+from . import engine, parallel, runs, train, tracking
 from .data import Dataset
-from .search_report import ATTR_RUN
+from .schema import (ATTR_RUN, KIND_SEARCH, KIND_SWEEP, KIND_TRIAL, TAG_BEST_RUN, TAG_KIND, TAG_STATE, TAG_STUDY,
+                     TAG_SWEEP, TAG_TRIAL)
 from .space import Space
-from .sweep import TAG_BEST_RUN, TAG_SWEEP
-from .errors import FmnistError
-
-ATTR_PARENT = "mlflow_parent_run_id"
-TAG_STUDY = "fmnist.study"
-TAG_TRIAL = "fmnist.trial"
-TAG_STATE = "fmnist.trial_state"
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-class SearchError(FmnistError, RuntimeError):
-    """The Optuna storage cannot be used; the message names it (password hidden)."""
 
 
 @dataclass(frozen=True)
@@ -44,43 +29,6 @@ class SearchSettings:
     subset: int = 0
     device: str = "auto"
     precision: str = "fp32"
-
-
-redact = tracking.redact
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage from a URL: sqlite:///, postgresql://, mysql://, or journal:PATH (a log file)."""
-    from pathlib import Path
-
-    if url.startswith("journal:"):
-        path = Path(url[len("journal:") :])
-        if not path.parent.is_dir():
-            raise SearchError(f"Optuna storage {url}: folder {path.parent} does not exist")
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    scheme = url.split(":", 1)[0]
-    if "://" not in url or scheme.split("+")[0] not in ("sqlite", "postgresql", "mysql"):
-        raise SearchError(
-            f"Optuna storage {redact(url)!r} is not a storage URL; use sqlite:///FILE, "
-            "postgresql://USER@HOST:PORT/DB or journal:FILE"
-        )
-    # A bounded wait: an unreachable database fails in seconds; sqlite waits for a busy writer instead.
-    connect_args = {"timeout": 60} if scheme.startswith("sqlite") else {"connect_timeout": 10}
-    for attempt in range(5):
-        try:
-            interval = heartbeat_interval()
-            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat's
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs={"connect_args": connect_args}, heartbeat_interval=interval,
-                grace_period=GRACE_FACTOR * interval, heartbeat_stale_trial_callback=lost_worker_callback)
-        except Exception as exc:  # SQLAlchemy and driver errors come in many types
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if ("already exists" in reason or "UNIQUE constraint" in reason) and attempt < 4:
-                time.sleep(0.5)  # another worker is creating the schema of a new storage right now
-                continue
-            raise SearchError(f"cannot open Optuna storage {redact(url)}: {reason}") from None
 
 
 def sampler_seed(seed: Optional[int], finished_before: int, worker: int = 0) -> Optional[int]:
@@ -92,26 +40,6 @@ def sampler_seed(seed: Optional[int], finished_before: int, worker: int = 0) -> 
     import numpy as np
 
     return int(np.random.SeedSequence([seed, finished_before, worker]).generate_state(1)[0])
-
-
-# Lost workers: every running trial beats every `heartbeat_interval()` seconds; a trial silent for
-# GRACE_FACTOR beats (a worker killed with SIGKILL, out of memory, or a machine gone) is failed by the next
-# worker that starts a trial, or by the next `fmnist search` on the study, and retried once.
-HEARTBEAT_S = 30
-GRACE_FACTOR = 3
-LOST_REASON = "worker lost: no heartbeat from the process running this trial (killed, or its machine gone)"
-
-
-def heartbeat_interval() -> int:
-    return int(os.environ.get("FMNIST_HEARTBEAT_S", HEARTBEAT_S))
-
-
-def lost_worker_callback(study: optuna.Study, trial) -> None:
-    """Optuna failed a stale trial: end its MLflow run KILLED with the reason, then retry its config once."""
-    run_id = trial.user_attrs.get(ATTR_RUN)
-    if run_id:
-        tracking.end_run_as(run_id, "KILLED", LOST_REASON, {TAG_STATE: "FAIL"})
-    optuna.storages.RetryFailedTrialCallback(max_retry=1)(study, trial)
 
 
 def make_sampler(name: str, seed: Optional[int]) -> optuna.samplers.BaseSampler:
@@ -140,42 +68,16 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
                                            n_min_trials=4)
 
 
-def study_key(storage_url: str, study_name: str) -> str:
-    """Tags the parent with the study it belongs to, without putting the storage URL in MLflow."""
-    return f"{study_name}@{hashlib.sha256(storage_url.encode()).hexdigest()[:8]}"
-
-
 def open_study(storage_url: str, study_name: str, space: Space, sampler, pruner) -> optuna.Study:
-    storage = open_storage(storage_url)
-    try:
-        return optuna.create_study(storage=storage, study_name=study_name, direction=space.direction,
-                                   sampler=sampler, pruner=pruner, load_if_exists=True)
-    except ValueError as exc:  # e.g. an existing study with the other direction
-        raise SearchError(f"study {study_name!r} in {redact(storage_url)}: {exc}") from None
+    return engine.open_study(storage_url, study_name, space.direction, sampler, pruner)
 
 
 def ensure_parent(study: optuna.Study, key: str, space: Space, experiment_id: str, settings: SearchSettings) -> str:
-    """The study's parent run, creating it the first time.
-
-    Workers that start together may each create one; all then elect the oldest and the others delete
-    theirs, so every worker settles on the same parent.
-    """
-    parent = study.user_attrs.get(ATTR_PARENT)
-    if parent:
-        if tracking.inside_mlflow_run():  # close `mlflow run`'s own run, pointing at the study's parent
-            tracking.create_run(study.study_name, kind="search-launcher", tags={TAG_STUDY: key, "fmnist.parent": parent},
-                                params={"study": study.study_name})
-        return parent
+    """The study's parent run, created the first time (see `engine.ensure_parent`)."""
     params = {"study": study.study_name, "space_name": space.name, "metric": space.metric, "direction": space.direction,
               "epochs": settings.epochs, "subset": settings.subset}
-    tags = {TAG_STUDY: key, **tracking.environment_tags(settings.device)}
-    mine = tracking.create_run(study.study_name, kind="search", tags=tags, params=params, experiment_id=experiment_id)
-    rivals = tracking.find_runs([experiment_id], {TAG_STUDY: key, tracking.TAG_KIND: "search"})
-    winner = min(rivals, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if rivals else mine
-    if winner != mine:
-        tracking.delete_run(mine)
-    study.set_user_attr(ATTR_PARENT, winner)
-    return winner
+    return engine.ensure_parent(study, key, name=study.study_name, kind=KIND_SEARCH, params=params,
+                                tags=tracking.environment_tags(settings.device), experiment_id=experiment_id)
 
 
 def warm_start(study: optuna.Study, space: Space, experiment_id: str) -> Optional[dict]:
@@ -184,7 +86,7 @@ def warm_start(study: optuna.Study, space: Space, experiment_id: str) -> Optiona
     from before its random start-up trials run out)."""
     if study.trials:
         return None
-    sweeps = [r for r in tracking.find_runs([experiment_id], {tracking.TAG_KIND: "sweep"}, status="FINISHED")
+    sweeps = [r for r in tracking.find_runs([experiment_id], {TAG_KIND: KIND_SWEEP}, status="FINISHED")
               if TAG_BEST_RUN in r.data.tags and TAG_SWEEP in r.data.tags]
     params = None
     if sweeps:
@@ -226,7 +128,7 @@ def objective_for(space: Space, data: Dataset, settings: SearchSettings, parent_
 
         try:
             result = runs.tracked_fit(
-                config, data, kind="trial", parent_run_id=parent_id, tags={TAG_TRIAL: trial.number, TAG_STUDY: key},
+                config, data, kind=KIND_TRIAL, parent_run_id=parent_id, tags={TAG_TRIAL: trial.number, TAG_STUDY: key},
                 on_epoch_end=on_epoch_end, on_batch=on_batch, killed_on=(optuna.TrialPruned,), on_start=on_start,
             )
         except optuna.TrialPruned:
@@ -242,28 +144,28 @@ def objective_for(space: Space, data: Dataset, settings: SearchSettings, parent_
     return objective
 
 
-def optimize(study: optuna.Study, objective: Callable, trials: Optional[int], timeout: Optional[float],
-             on_trial_end: Optional[Callable] = None) -> None:
-    callbacks = [lambda study, trial: on_trial_end(trial)] if on_trial_end else None
-    study.optimize(objective, n_trials=trials, timeout=timeout, catch=(train.DivergedError,), callbacks=callbacks)
-
-
 def prepare(space: Space, storage_url: str, study_name: str, *, experiment_id: str, settings: SearchSettings,
             sampler, pruner) -> tuple:
-    """Open (or create) the study and its parent run, and warm-start a new study: (study, parent, key, warm)."""
+    """Open (or create) the study and its parent run, end runs orphaned by an earlier attempt, and
+    warm-start a new study: (study, parent, key, warm)."""
     study = open_study(storage_url, study_name, space, sampler, pruner)
-    key = study_key(storage_url, study_name)
+    key = engine.study_key(storage_url, study_name)
     parent_id = ensure_parent(study, key, space, experiment_id, settings)
+    engine.reap_orphans(study, parent_id)
     return study, parent_id, key, warm_start(study, space, experiment_id)
 
 
 def run_trials(study, parent_id: str, key: str, space: Space, data: Dataset, settings: SearchSettings, *,
                trials: Optional[int], timeout: Optional[float], progress: Optional[Callable] = None,
-               on_trial_end: Optional[Callable] = None) -> None:
-    """Run trials under the parent (open while they run; KILLED if interrupted)."""
-    with tracking.run(study.study_name, kind="search", run_id=parent_id):
-        objective = objective_for(space, data, settings, parent_id, key, progress)
-        optimize(study, objective, trials, timeout, on_trial_end)
+               on_trial_end: Optional[Callable] = None, on_wait: Optional[Callable[[int], None]] = None) -> int:
+    """Run `trials` trials (None: until `timeout`) under the parent, open while they run (KILLED if
+    interrupted); then stay to redo the trials of lost workers (see `engine.work`). Returns trials run."""
+    deadline = time.monotonic() + timeout if timeout else None
+    objective = objective_for(space, data, settings, parent_id, key, progress)
+    callbacks = [lambda study, trial: on_trial_end(trial)] if on_trial_end else []
+    with tracking.run(study.study_name, kind=KIND_SEARCH, run_id=parent_id):
+        return engine.work(study, objective, more=lambda study, ran: trials is None or ran < trials,
+                           catch=(train.DivergedError,), callbacks=callbacks, deadline=deadline, on_wait=on_wait)
 
 
 @dataclass(frozen=True)
@@ -296,6 +198,26 @@ def worker(job: WorkerJob) -> None:
     run_trials(study, job.parent_id, job.key, space, data, job.settings, trials=job.trials, timeout=job.timeout)
 
 
+def run(study, storage_url: str, parent_id: str, key: str, space: Space, data: Dataset, settings: SearchSettings, *,
+        trials: int,
+        timeout: Optional[float], jobs: int, sampler: str, pruner: str, seed: Optional[int], space_file: str,
+        data_dir: Optional[str], threads: int = 0, progress: Optional[Callable] = None,
+        on_trial_end: Optional[Callable] = None, on_wait: Optional[Callable[[int], None]] = None) -> int:
+    """Run `trials` trials of a prepared study: in this process, or split over `jobs` worker processes
+    (each with its own sampler seed, see `sampler_seed`). Returns the number of workers."""
+    finished_before = sum(t.state.is_finished() for t in study.trials)
+    if jobs == 1:
+        study.sampler = make_sampler(sampler, sampler_seed(seed, finished_before))
+        run_trials(study, parent_id, key, space, data, settings, trials=trials, timeout=timeout, progress=progress,
+                   on_trial_end=on_trial_end, on_wait=on_wait)
+        return 1
+    jobs_list = [WorkerJob(space_file, storage_url, study.study_name, parent_id, key, settings, n,
+                           timeout, sampler, pruner, sampler_seed(seed, finished_before, i), data_dir)
+                 for i, n in enumerate(parallel.split(trials, jobs)) if n]
+    engine.run_workers(worker, [(job,) for job in jobs_list], threads)
+    return len(jobs_list)
+
+
 def finish(study, parent_id: str, space: Space, settings: SearchSettings):
     """Write the study's summary on its parent run; returns the summary."""
     from . import search_report
@@ -303,6 +225,6 @@ def finish(study, parent_id: str, space: Space, settings: SearchSettings):
     replays = tuple(search_report.replay_pruner(study, name, lambda name=name: make_pruner(name, settings.epochs),
                                                 settings.epochs) for name in ("percentile", "median"))
     summary = search_report.summarize(study, parent_id, settings.epochs, replays)
-    with tracking.run(study.study_name, kind="search", run_id=parent_id):
+    with tracking.run(study.study_name, kind=KIND_SEARCH, run_id=parent_id):
         search_report.log(study, summary, space.metric)
     return summary

@@ -16,9 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from . import tracking
-from .sweep import TAG_BEST_RUN
-
-ATTR_RUN = "mlflow_run_id"  # the trial's user attribute holding its MLflow run id
+from .schema import ATTR_RUN, TAG_BEST_RUN, TAG_BEST_TRIAL, TAG_PRUNER_REPLAY, TAG_TRIALS
 
 
 @dataclass(frozen=True)
@@ -101,8 +99,8 @@ def log(study: optuna.Study, summary: SearchSummary, metric: str) -> None:
     tracking.log_text(trials_csv(study), "trials.csv")
     for name, fig in figures(study).items():
         tracking.log_figure(fig, name)
-    tags = {"fmnist.trials": summary.trials, **{f"fmnist.trials_{k.lower()}": v for k, v in summary.states.items()},
-            **{f"fmnist.pruner_replay.{r.pruner}": replay_line(r) for r in summary.replays}}
+    tags = {TAG_TRIALS: summary.trials, **{f"{TAG_TRIALS}_{k.lower()}": v for k, v in summary.states.items()},
+            **{f"{TAG_PRUNER_REPLAY}.{r.pruner}": replay_line(r) for r in summary.replays}}
     metrics = {"epochs_run": summary.epochs_run, "pruned_epochs_saved": summary.epochs_saved}
     if summary.best:
         b = summary.best
@@ -110,7 +108,7 @@ def log(study: optuna.Study, summary: SearchSummary, metric: str) -> None:
                      **{f"best_{k}": v for k, v in b["params"].items()}})
         metrics[f"best_{metric}"] = b["value"]
         if b["run_id"]:
-            tracking.set_run_tags(b["run_id"], {"fmnist.best_trial": "true"})
+            tracking.set_run_tags(b["run_id"], {TAG_BEST_TRIAL: "true"})
     tracking.set_tags({k: str(v) for k, v in tags.items()})
     tracking.log_metrics(metrics)
 

@@ -57,6 +57,11 @@ def to_csv(rows: list) -> str:
     return out.getvalue()
 
 
+def direction(select: str) -> str:
+    """The Optuna direction of a selection metric."""
+    return "maximize" if SELECT[select] else "minimize"
+
+
 def better(select: str, a: float, b: float) -> bool:
     """Whether `a` is at least as good as `b` on the selection metric."""
     return a >= b if SELECT[select] else a <= b

@@ -1,28 +1,39 @@
-"""The fixed grid as nested MLflow runs: one parent per sweep, one child per config; resumable.
+"""The fixed grid as an Optuna study driven by GridSampler, logged as nested MLflow runs: one parent per
+sweep, one child per (config, seed); resumable, and shared by any number of workers.
 
-A sweep is identified by the digest of its configs (tag `fmnist.sweep`). Running the same sweep again in
-the same experiment resumes its parent and skips the configs whose child FINISHED; FAILED and KILLED ones
-run again. A config that diverges fails alone; the others go on. When the configs are done, the parent
-gets the summary table (CSV, Markdown), the loss curves per loss function, the accuracy chart, and the
-best config by the selection metric (as tags and metrics: a resumed sweep may change its best, and
-MLflow params cannot change).
+Each grid point is one (config, seed), named by its digest. The study (by default `<grid>-<digest>` in
+sqlite:///optuna.db) records which points are taken and done; every `fmnist sweep` on the same storage,
+study and tracking server takes the next free point from it, so N workers on N machines share one grid
+and no point runs twice to completion. GridSampler hands points out in grid order: seed by seed (a partial
+sweep still compares every config on the same seeds), slow model3 first (parallel workers end together).
+Running the sweep again resumes it: FINISHED points are skipped, failed ones are queued again. A config
+that diverges fails alone. A worker that is lost has its point retried by the others (see `engine`). When
+no point is left, the parent gets the summary table (CSV, Markdown), the loss curves per loss function,
+the accuracy chart, and the best config by the selection metric (as tags and metrics: a resumed sweep may
+change its best, and MLflow params cannot change).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from . import plots, runs, summary, tracking, train
+import optuna
+from optuna.trial import TrialState
+
+from . import engine, plots, runs, summary, tracking, train
 from .data import Dataset
 from .grid import Grid, sweep_digest
+from .schema import (DEFAULT_STORAGE, ATTR_CONFIG, ATTR_DUPLICATE, ATTR_RUN, ATTR_SWEEP, KIND_SWEEP, KIND_SWEEP_CHILD, TAG_BEST_RUN,
+                     TAG_CONFIG_HASH, TAG_FAILED_CONFIGS, TAG_RETRIED, TAG_SELECT, TAG_STUDY, TAG_SWEEP, TAG_TRIAL)
 
-TAG_SWEEP = "fmnist.sweep"
-TAG_BEST_RUN = "fmnist.best_run_id"
+PARAM = "config"  # the grid's one Optuna parameter: the digest of a (config, seed)
 
-# (index among configs to run, how many to run, config, seconds elapsed, estimated seconds left or None)
+# (index among the points this process ran, points left when it started, config, seconds elapsed,
+# estimated seconds left or None)
 StartCallback = Callable[[int, int, object, float, Optional[float]], None]
 # config -> (on_epoch_end, on_batch) for that config's run
 ProgressFactory = Callable[[object], tuple]
@@ -34,10 +45,45 @@ class SweepResult:
     rows: list  # summary rows, one per (config, seed), in grid order
     configs: list  # summary.ConfigRow per config, aggregated over seeds
     best: Optional[summary.ConfigRow]  # best config by the seed mean of the selection metric
-    skipped: int  # (config, seed) runs already FINISHED in an earlier attempt
+    skipped: int  # (config, seed) runs already FINISHED before this command started
     failed: list = field(default_factory=list)  # rows of runs that did not finish
     markdown: str = ""
     histories: dict = field(default_factory=dict)  # (model, loss, optimizer) -> {seed: per-epoch metrics}
+    retried: int = 0  # points redone because the worker running them was lost
+    study_name: str = ""
+
+
+class OrderedGridSampler(optuna.samplers.GridSampler):
+    """GridSampler that hands out its points in the order given: Optuna shuffles them (to spread a grid cut
+    short by n_trials), which would break the seed-by-seed order. Every worker builds the same order."""
+
+    def __init__(self, points: list):
+        super().__init__({PARAM: points})
+        self.points = list(points)
+        self._all_grids = list(itertools.product(*self._search_space.values()))
+
+
+def grid_order(configs: list) -> list:
+    """Seed by seed, model3 (the slowest) first within a seed; otherwise the grid file's order."""
+    return sorted(configs, key=lambda c: (c.seed, c.model != "model3"))
+
+
+def default_study_name(grid: Grid, configs: list) -> str:
+    return f"{grid.name}-{sweep_digest(configs)[:8]}"
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """What one `--jobs` worker process needs to join a prepared sweep (all picklable)."""
+
+    grid_name: str
+    configs: tuple
+    storage_url: str
+    study_name: str
+    parent_id: str
+    key: str
+    select: str
+    data_dir: Optional[str]
 
 
 def run_sweep(
@@ -46,90 +92,157 @@ def run_sweep(
     data: Dataset,
     *,
     experiment_id: str,
+    storage_url: str = DEFAULT_STORAGE,
+    study_name: Optional[str] = None,
     select: str = "val_accuracy",
     on_start: Optional[StartCallback] = None,
     progress: Optional[ProgressFactory] = None,
+    on_wait: Optional[Callable[[int], None]] = None,
     jobs: int = 1,
     data_dir: Optional[str] = None,
     threads: int = 0,
 ) -> SweepResult:
-    """Run `configs` under the grid's parent run (resumed if it exists) and summarize them on it.
+    """Run the points of `configs` still to do under the sweep's parent run and summarize them on it.
 
-    With `jobs > 1` the configs still to run go to that many worker processes (each loads the data
-    itself, from `data_dir`), which take the next config from a shared queue when one finishes.
+    This process is one worker; with `jobs > 1` it starts that many worker processes instead (each loads
+    the data itself, from `data_dir`). Other `fmnist sweep` commands on the same storage and study share
+    the points.
     """
-    digest = sweep_digest(configs)
-    parent_id = None
-    if not tracking.inside_mlflow_run():  # inside `mlflow run` the parent is the run it created
-        earlier = tracking.find_runs([experiment_id], {TAG_SWEEP: digest, tracking.TAG_KIND: "sweep"})
-        parent_id = earlier[0].info.run_id if earlier else None
-    with tracking.run(grid.name, kind="sweep", run_id=parent_id, tags={TAG_SWEEP: digest},
-                      experiment_id=experiment_id) as parent:
-        parent_id = parent.info.run_id
-        tracking.log_params_once(sweep_params(grid, configs))
-        tracking.set_tags(tracking.environment_tags(configs[0].device))
-        tracking.reap_orphans(parent_id)
-        finished = {
-            child.data.tags.get(tracking.TAG_CONFIG_HASH)
-            for child in tracking.child_runs(parent_id)
-            if child.info.status == "FINISHED"
-        }
-        # seed by seed: a partial sweep still compares every config on the same seeds
-        todo = sorted((c for c in configs if c.digest() not in finished), key=lambda c: c.seed)
-        if jobs > 1 and len(todo) > 1:
-            run_parallel(todo, parent_id, min(jobs, len(todo)), data_dir, data.subset, threads)
-        else:
-            run_serial(todo, parent_id, data, on_start, progress)
-        result = summarize(parent_id, configs, select)
-        result.skipped = len(configs) - len(todo)
+    study_name = study_name or default_study_name(grid, configs)
+    study, parent_id, key = open_sweep(grid, configs, storage_url, study_name, experiment_id, select)
+    done_before = len(completed(study))
+    engine.reap_orphans(study, parent_id)
+    queue_failed(study, grid_order(configs))
+    todo = len(configs) - done_before
+    if jobs > 1 and todo > 1:
+        job = SweepJob(grid.name, tuple(configs), storage_url, study_name, parent_id, key, select, data_dir)
+        engine.run_workers(worker, [(job, data.subset)] * min(jobs, todo), threads)
+    else:
+        with tracking.run(grid.name, kind=KIND_SWEEP, run_id=parent_id):
+            objective = objective_for(configs, data, parent_id, key, select, on_start, progress, todo=todo)
+            engine.work(study, objective, more=points_left, catch=(train.DivergedError,), on_wait=on_wait)
+    result = summarize(parent_id, configs, select)
+    result.skipped, result.study_name = done_before, study_name
+    result.retried = sum(engine.retried(t) is not None for t in study.get_trials(deepcopy=False))
+    with tracking.run(grid.name, kind=KIND_SWEEP, run_id=parent_id):
         log_summary(result, select)
     return result
 
 
-def _fit_child(config, data: Dataset, parent_id: str, on_epoch_end=None, on_batch=None) -> None:
-    try:
-        runs.tracked_fit(config, data, kind="sweep-child", parent_run_id=parent_id,
-                         on_epoch_end=on_epoch_end, on_batch=on_batch)
-    except train.DivergedError:
-        pass  # the child ended FAILED with its reason; the summary reports it. Anything else (the tracking
-        # server gone, out of memory) would fail every config alike: it stops the sweep.
+def open_sweep(grid: Grid, configs: list, storage_url: str, study_name: str, experiment_id: str,
+               select: str) -> tuple:
+    """The sweep's study and parent run, created the first time: (study, parent_id, key)."""
+    digest = sweep_digest(configs)
+    study = open_grid_study(storage_url, study_name, configs, select)
+    held = study.user_attrs.get(ATTR_SWEEP)
+    if held is None:
+        study.set_user_attr(ATTR_SWEEP, digest)
+    elif held != digest:
+        raise engine.StorageError(
+            f"study {study_name!r} in {engine.redact(storage_url)} holds another grid (digest {held}, this one "
+            f"{digest}): every worker needs the same grid file, --seeds, --epochs, --subset and --precision")
+    key = engine.study_key(storage_url, study_name)
+    parent_id = engine.ensure_parent(
+        study, key, name=grid.name, kind=KIND_SWEEP, params=sweep_params(grid, configs),
+        tags={TAG_SWEEP: digest, **tracking.environment_tags(configs[0].device)}, experiment_id=experiment_id)
+    return study, parent_id, key
 
 
-def run_serial(todo: list, parent_id: str, data: Dataset, on_start, progress) -> None:
+def open_grid_study(storage_url: str, study_name: str, configs: list, select: str) -> optuna.Study:
+    sampler = OrderedGridSampler([c.digest() for c in grid_order(configs)])
+    return engine.open_study(storage_url, study_name, summary.direction(select), sampler)
+
+
+def completed(study: optuna.Study) -> set:
+    return {t.params[PARAM] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+
+
+def points_left(study: optuna.Study, ran: int) -> bool:
+    """Whether a point is still free: one never handed out, or one queued again (failed, or retried)."""
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials):
+        return True
+    taken = {t.system_attrs.get("grid_id") for t in trials}
+    return any(i not in taken for i in range(len(study.sampler.points)))
+
+
+def queue_failed(study: optuna.Study, ordered: list) -> int:
+    """Queue again the points handed out before whose trials all failed (diverged, interrupted, or their
+    process lost the tracking server): a resumed sweep runs them. Returns how many."""
+    trials = study.get_trials(deepcopy=False)
+    busy = {t.params.get(PARAM) for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)}
+    points = [c.digest() for c in ordered]
+    handed_out = {t.params.get(PARAM) for t in trials}
+    distribution = optuna.distributions.CategoricalDistribution(points)
+    queued = 0
+    for grid_id, config in enumerate(ordered):
+        point = points[grid_id]
+        if point in handed_out and point not in busy:
+            study.add_trial(optuna.trial.create_trial(
+                state=TrialState.WAITING, params={PARAM: point}, distributions={PARAM: distribution},
+                user_attrs={ATTR_CONFIG: label(config)},
+                system_attrs={"grid_id": grid_id, "search_space": {PARAM: points}}))
+            queued += 1
+    return queued
+
+
+def label(config) -> str:
+    return f"{config.run_name} seed {config.seed}"
+
+
+def taken_by(study: optuna.Study, trial_number: int, point: str) -> Optional[int]:
+    """Another trial that has done, or is doing, this point first: GridSampler hands out a point twice when
+    workers race for the last ones (documented, and still so in Optuna 5)."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+        if t.number != trial_number and t.params.get(PARAM) == point and (
+                t.state == TrialState.COMPLETE or t.number < trial_number):
+            return t.number
+    return None
+
+
+def objective_for(configs: list, data: Dataset, parent_id: str, key: str, select: str,
+                  on_start: Optional[StartCallback] = None, progress: Optional[ProgressFactory] = None,
+                  todo: int = 0) -> Callable:
+    by_point = {c.digest(): c for c in configs}
+    points = [c.digest() for c in grid_order(configs)]
     started = time.monotonic()
-    for k, config in enumerate(todo):
-        elapsed = time.monotonic() - started
+    ran = [0]
+
+    def objective(trial: optuna.Trial) -> float:
+        point = trial.suggest_categorical(PARAM, points)
+        config = by_point[point]
+        trial.set_user_attr(ATTR_CONFIG, label(config))
+        first = taken_by(trial.study, trial.number, point)
+        if first is not None:
+            trial.set_user_attr(ATTR_DUPLICATE, first)
+            raise optuna.TrialPruned(f"{label(config)} is trial {first}'s: not run twice")
         if on_start is not None:
-            on_start(k, len(todo), config, elapsed, elapsed / k * (len(todo) - k) if k else None)
+            k, elapsed = ran[0], time.monotonic() - started
+            on_start(k, max(todo, k + 1), config, elapsed, elapsed / k * (todo - k) if k and todo > k else None)
+        ran[0] += 1
         on_epoch_end, on_batch = progress(config) if progress else (None, None)
-        _fit_child(config, data, parent_id, on_epoch_end, on_batch)
+        result = runs.tracked_fit(
+            config, data, kind=KIND_SWEEP_CHILD, parent_run_id=parent_id,
+            tags={TAG_TRIAL: trial.number, TAG_STUDY: key}, on_epoch_end=on_epoch_end, on_batch=on_batch,
+            on_start=lambda run_id: trial.set_user_attr(ATTR_RUN, run_id))
+        # A diverging config fails alone (its run ended FAILED with the reason; `catch` keeps the worker
+        # going). Anything else (the tracking server gone, out of memory) would fail every config alike:
+        # it stops the worker.
+        return result.final[select]
+
+    return objective
 
 
-def run_parallel(todo: list, parent_id: str, jobs: int, data_dir: Optional[str], subset: int, threads: int = 0) -> None:
-    import multiprocessing
-
-    from . import parallel
-
-    queue = multiprocessing.get_context("spawn").Queue()
-    for config in sorted(todo, key=lambda c: (c.seed, c.model != "model3")):  # seed by seed, slow model3 first
-        queue.put(config)
-    parallel.run_workers(worker, [(queue, parent_id, data_dir, subset)] * jobs, tracking.tracking_uri(), threads)
-
-
-def worker(queue, parent_id: str, data_dir: Optional[str], subset: int) -> None:
-    """A `--jobs` worker process: take configs from the queue until it is empty."""
-    import queue as queue_mod
-
+def worker(job: SweepJob, subset: int) -> None:
+    """Entry point of a `--jobs` worker process: load the data and work on the sweep's study."""
     from .data import load
 
-    data = load(data_dir, subset=subset)
-    while True:
-        try:
-            config = queue.get(timeout=1)
-        except queue_mod.Empty:
-            return
-        _fit_child(config, data, parent_id)
-        print(f"done: {config.run_name}", flush=True)
+    data = load(job.data_dir, subset=subset)
+    configs = list(job.configs)
+    study = open_grid_study(job.storage_url, job.study_name, configs, job.select)
+    with tracking.run(job.grid_name, kind=KIND_SWEEP, run_id=job.parent_id):
+        objective = objective_for(configs, data, job.parent_id, job.key, job.select)
+        engine.work(study, objective, more=points_left, catch=(train.DivergedError,))
 
 
 def sweep_params(grid: Grid, configs: list) -> dict:
@@ -146,7 +259,7 @@ def summarize(parent_id: str, configs: list, select: str) -> SweepResult:
     """One row per (config, seed) from its newest child (a FINISHED one if any), in grid order."""
     by_hash: dict = {}
     for child in tracking.child_runs(parent_id):  # newest first
-        key = child.data.tags.get(tracking.TAG_CONFIG_HASH)
+        key = child.data.tags.get(TAG_CONFIG_HASH)
         if key not in by_hash or (by_hash[key].info.status != "FINISHED" and child.info.status == "FINISHED"):
             by_hash[key] = child
     rows, histories = [], {}
@@ -176,7 +289,7 @@ def log_summary(result: SweepResult, select: str) -> None:
         tracking.log_figure(plots.accuracy_bars(done), "val_accuracy.png")
     failed = [f"{r['model']}-{r['loss']}-{r['optimizer']}" + (f" seed {r['seed']}" if len(result.rows) > len(result.configs) else "")
               for r in result.failed]
-    tags = {"fmnist.failed_configs": ", ".join(failed) or "none", "fmnist.select": select}
+    tags = {TAG_FAILED_CONFIGS: ", ".join(failed) or "none", TAG_SELECT: select, TAG_RETRIED: str(result.retried)}
     if result.best:
         b = result.best
         tied = [c.name for c in result.configs if c.same_as_best and not c.is_best]

@@ -30,12 +30,9 @@ from . import plots
 from .config import SPLIT_SEED, RunConfig
 from .data import CLASS_NAMES, FILES, Dataset
 from .errors import FmnistError
+from .schema import (KIND_LAUNCHER, TAG_CONFIG_GROUP, TAG_CONFIG_HASH, TAG_CONFIG_NAME, TAG_FAILURE, TAG_KIND,
+                     TAG_THREADS, TAG_WORKER)
 
-TAG_FAILURE = "fmnist.failure_reason"
-TAG_KIND = "fmnist.kind"  # "train" (one config), "sweep" (a grid's parent), "trial", "search"
-TAG_CONFIG_HASH = "fmnist.config_hash"  # one (config, seed): what resume matches
-TAG_CONFIG_GROUP = "fmnist.config_group"  # shared by the seeds of one config: group by it in the UI
-TAG_CONFIG_NAME = "fmnist.config"  # a readable name of the config, shared by its seeds
 EPOCH_METRICS = ("train_loss", "val_loss", "val_nll", "val_accuracy", "epoch_seconds")
 REACH_TIMEOUT_S = 15.0  # give up on an unreachable tracking server after this long
 MODEL_ARTIFACT = "model"
@@ -184,7 +181,7 @@ def use_experiment(name: str) -> str:
             return os.environ["MLFLOW_EXPERIMENT_ID"]
         launcher = os.environ.pop("MLFLOW_RUN_ID")
         os.environ.pop("MLFLOW_EXPERIMENT_ID")
-        client().set_tag(launcher, TAG_KIND, "launcher")
+        client().set_tag(launcher, TAG_KIND, KIND_LAUNCHER)
         client().set_tag(launcher, "mlflow.note.content", f"`mlflow run` put this run in Default; the work was "
                          f"logged to experiment {name!r}.")
     try:
@@ -232,7 +229,8 @@ def run(
     """
     # With no run_id, MLflow adopts $MLFLOW_RUN_ID (and unsets it, so that nested runs are new runs).
     adopt = run_id is None and parent_run_id is None and inside_mlflow_run()
-    tags = {TAG_KIND: kind, **{k: str(v) for k, v in (tags or {}).items()}}  # the REST API takes strings only
+    tags = {TAG_KIND: kind, **({} if run_id else {TAG_WORKER: worker_name()}),
+            **{k: str(v) for k, v in (tags or {}).items()}}  # the REST API takes strings only
     active = mlflow.start_run(
         run_id=run_id,
         # a child goes where its parent is, whatever experiment this process has selected
@@ -262,9 +260,13 @@ def run(
         mlflow.end_run("FINISHED")
 
 
+def worker_name() -> str:
+    return f"{platform.node()}:{os.getpid()}"
+
+
 def environment_tags(device: str) -> dict:
     # Same seed, same metrics on the CPU only at the same thread count: record it.
-    tags = {"torch_version": torch.__version__, "device_name": device_name(device), "torch_threads": torch.get_num_threads()}
+    tags = {"torch_version": torch.__version__, "device_name": device_name(device), TAG_THREADS: torch.get_num_threads()}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -418,10 +420,6 @@ def child_runs(parent_run_id: str) -> list:
     return find_runs([parent.info.experiment_id], {"mlflow.parentRunId": parent_run_id})
 
 
-TAG_ORPHAN_REASON = ("orphaned: found RUNNING when its sweep resumed (its process was killed, or lost the "
-                     "tracking server, before it could end the run)")
-
-
 def end_run_as(run_id: str, status: str, reason: str, tags: Optional[dict] = None) -> None:
     """End a run another process left open (its process is gone), with the reason."""
     c = client()
@@ -429,17 +427,6 @@ def end_run_as(run_id: str, status: str, reason: str, tags: Optional[dict] = Non
         c.set_tag(run_id, key, str(value))
     if c.get_run(run_id).info.status == "RUNNING":
         c.set_terminated(run_id, status)
-
-
-def reap_orphans(parent_run_id: str) -> int:
-    """End KILLED the children of a resumed sweep that are still RUNNING: the process that ran them is gone
-    (one sweep process per parent; the grid run by several workers at once is not supported yet)."""
-    reaped = 0
-    for child in child_runs(parent_run_id):
-        if child.info.status == "RUNNING":
-            end_run_as(child.info.run_id, "KILLED", TAG_ORPHAN_REASON)
-            reaped += 1
-    return reaped
 
 
 def history(run_id: str) -> list:
@@ -554,6 +541,16 @@ def get_run(run_id: str):
         return client().get_run(run_id)
     except mlflow.exceptions.MlflowException as exc:
         raise TrackingError(f"run {run_id!r}: {str(exc).splitlines()[0] if str(exc) else 'not found'}") from None
+
+
+def find_run(run_id: str):
+    """A run by id, or None if this tracking store has no such run (a store that fails still raises)."""
+    try:
+        return client().get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
 
 
 def _registered(name: str) -> bool:

@@ -60,7 +60,8 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+            log = getattr(proc, "log_path", None)
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-3000:] if log else ''}")
         try:
             if requests.get(url, timeout=2).ok:
                 return
@@ -80,6 +81,20 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def start_mlflow_server(root: Path, port: int, *extra: str) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port with a sqlite backend and served artifacts under `root`. Its log goes
+    to root/server.log: a pipe nobody reads fills up and stalls the server once it has logged ~64 KB."""
+    log = open(root / "server.log", "a")
+    proc = subprocess.Popen(
+        [f"{VENV_BIN}/mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'backend.db'}", "--artifacts-destination", str(root / "artifacts"),
+         *extra],
+        stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=root,
+    )
+    proc.log_path = root / "server.log"
+    return proc
+
+
 @pytest.fixture
 def mlflow_server(tmp_path, monkeypatch):
     """A real `mlflow server` on 127.0.0.1 (free port, temp sqlite backend and artifact dir)."""
@@ -88,11 +103,7 @@ def mlflow_server(tmp_path, monkeypatch):
     port = free_port()
     root = tmp_path / "server"
     root.mkdir()
-    proc = subprocess.Popen(
-        [f"{VENV_BIN}/mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'backend.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=root,
-    )
+    proc = start_mlflow_server(root, port)
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{uri}/health", proc)

@@ -13,17 +13,12 @@ import requests
 import yaml
 from click.testing import CliRunner
 
-from conftest import VENV_BIN, cli_env, free_port, reset_mlflow, stop, wait_http
-from fmnist_mlflow import cli, predict, tracking
+from conftest import cli_env, start_mlflow_server, free_port, reset_mlflow, stop, wait_http
+from fmnist_mlflow import cli, engine, predict, tracking
 
 
 def start_server(root, port, *extra):
-    proc = subprocess.Popen(
-        [f"{VENV_BIN}/mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'backend.db'}", "--artifacts-destination", str(root / "artifacts"),
-         *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=root,
-    )
+    proc = start_mlflow_server(root, port, *extra)
     wait_http(f"http://127.0.0.1:{port}/health", proc)
     return proc
 
@@ -167,7 +162,7 @@ def test_a_search_worker_killed_with_sigkill_is_noticed_its_run_ended_and_its_tr
     worker.wait()
     lost_run = study.trials[0].user_attrs[search.ATTR_RUN]
     assert mlflow.get_run(lost_run).info.status == "RUNNING"
-    time.sleep(search.GRACE_FACTOR * 1 + 2)  # past the grace period
+    time.sleep(engine.GRACE_FACTOR * 1 + 2)  # past the grace period
     resumed = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     study = optuna.load_study(study_name="lost", storage=storage)

@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import cli_env, free_port
-from fmnist_mlflow import cli, search, tracking
+from fmnist_mlflow import schema, cli, search, tracking
 from fmnist_mlflow.space import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_tiny_search_end_to_end_then_resume(store, tmp_path):
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "optimization_history.png"} <= artifacts
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    assert study.user_attrs[search.ATTR_PARENT] == parent.info.run_id
+    assert study.user_attrs[schema.ATTR_PARENT] == parent.info.run_id
     best_run = parent.data.tags["fmnist.best_run_id"]
     assert best_run == study.best_trial.user_attrs["mlflow_run_id"]
     assert parent.data.metrics["best_val_accuracy"] == study.best_value
@@ -100,7 +100,7 @@ def _assert_one_parent_and_whole_trials(storage, study_name, expected):
     assert len(trials) == expected
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parents[0].info.run_id}
     assert sorted(int(t.data.tags[search.TAG_TRIAL]) for t in trials) == sorted(numbers)
-    assert study.user_attrs[search.ATTR_PARENT] == parents[0].info.run_id
+    assert study.user_attrs[schema.ATTR_PARENT] == parents[0].info.run_id
 
 
 def test_two_concurrent_workers_share_one_study_and_parent(mlflow_server, tmp_path):

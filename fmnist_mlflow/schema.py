@@ -1,0 +1,53 @@
+"""The run schema: every MLflow tag key, run kind and Optuna attribute name the package writes and queries.
+
+Resume, warm start, registry selection and recovery all find runs by these names; a typo in one place would
+break them silently, so each name is defined here once and imported everywhere else.
+"""
+
+DEFAULT_STORAGE = "sqlite:///optuna.db"  # the Optuna storage of sweeps and searches: the working directory's
+
+# --- run kinds (tag KIND) ---------------------------------------------------------------------------------
+KIND_TRAIN = "train"  # one config from `fmnist train`
+KIND_SWEEP = "sweep"  # a grid's parent run
+KIND_SWEEP_CHILD = "sweep-child"  # one (config, seed) of a grid
+KIND_SEARCH = "search"  # an Optuna study's parent run
+KIND_TRIAL = "trial"  # one trial of a search
+KIND_CONFIRM = "confirm"  # a search's best trial re-run on a fresh seed (`fmnist search --confirm`)
+KIND_LAUNCHER = "launcher"  # the run `mlflow run` made, when the work was logged elsewhere (tag PARENT says where)
+KINDS = (KIND_TRAIN, KIND_SWEEP, KIND_SWEEP_CHILD, KIND_SEARCH, KIND_TRIAL, KIND_CONFIRM, KIND_LAUNCHER)
+
+# --- tags on every run -----------------------------------------------------------------------------------
+TAG_KIND = "fmnist.kind"  # one of KINDS
+TAG_FAILURE = "fmnist.failure_reason"  # why a run ended FAILED or KILLED
+TAG_CONFIG_HASH = "fmnist.config_hash"  # one (config, seed): what resume matches
+TAG_CONFIG_GROUP = "fmnist.config_group"  # shared by the seeds of one config: group by it in the UI
+TAG_CONFIG_NAME = "fmnist.config"  # a readable name of the config, shared by its seeds
+TAG_THREADS = "torch_threads"  # CPU threads the training process used
+TAG_WORKER = "fmnist.worker"  # host:pid of the process that started the run (which worker ran what)
+
+# --- tags on parents (sweep, search) -----------------------------------------------------------------------
+TAG_SWEEP = "fmnist.sweep"  # a sweep parent: the digest of its configs
+TAG_STUDY = "fmnist.study"  # the Optuna study a parent (or trial) belongs to: name@storage digest
+TAG_PARENT = "fmnist.parent"  # on a launcher: the parent run that holds the work
+TAG_BEST_RUN = "fmnist.best_run_id"  # a sweep parent: the best config's best seed run
+TAG_SELECT = "fmnist.select"  # a sweep parent: the validation metric that picked the best
+TAG_FAILED_CONFIGS = "fmnist.failed_configs"  # a sweep parent: configs that did not finish
+TAG_RETRIED = "fmnist.retried"  # a parent: how many trials were retried after their worker was lost
+TAG_CHAMPION = "fmnist.champion_run_id"  # a search parent: the confirmed champion config's best seed run
+TAG_CHAMPION_TRIAL = "fmnist.champion_trial"
+TAG_CHAMPION_GROUP = "fmnist.champion_config_group"
+TAG_CONFIRM_SEEDS = "fmnist.confirm_seeds"  # a search parent: the seeds the champion was confirmed on
+TAG_TRIALS = "fmnist.trials"  # a search parent: trials in the study (and fmnist.trials_<state> per state)
+TAG_PRUNER_REPLAY = "fmnist.pruner_replay"  # a search parent, + ".<pruner>": what that pruner would have stopped
+
+# --- tags on trials -----------------------------------------------------------------------------------------
+TAG_TRIAL = "fmnist.trial"  # the Optuna trial number
+TAG_STATE = "fmnist.trial_state"  # the Optuna state: COMPLETE, PRUNED or FAIL
+TAG_BEST_TRIAL = "fmnist.best_trial"  # "true" on the run of a study's best trial
+
+# --- Optuna study and trial attributes ----------------------------------------------------------------------
+ATTR_PARENT = "mlflow_parent_run_id"  # study: the MLflow parent run every worker logs under
+ATTR_SWEEP = "fmnist_sweep"  # study of a grid: the digest of its configs (workers must agree on it)
+ATTR_RUN = "mlflow_run_id"  # trial: its MLflow run
+ATTR_CONFIG = "config"  # trial of a grid: a readable name of its (config, seed)
+ATTR_DUPLICATE = "duplicate_of"  # trial of a grid: it found its config taken by this trial and ran nothing

@@ -1,0 +1,120 @@
+"""Several machines, simulated: worker processes that share only a real PostgreSQL (the Optuna storage) and a
+real `mlflow server` that serves the artifacts, each in its own working directory; one is SIGKILLed in the
+middle of its config, and the others notice, end its run and redo its work."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from conftest import cli_env
+from fmnist_mlflow import engine, schema, tracking
+
+HEARTBEAT_S = 1  # the workers beat every second and a trial is lost after 3 silent seconds
+
+
+def start_workers(tmp_path, mlflow_server, args: list, n: int = 3) -> list:
+    env = cli_env(MLFLOW_TRACKING_URI=mlflow_server, FMNIST_HEARTBEAT_S=str(HEARTBEAT_S))
+    workers = []
+    for i in range(n):
+        home = tmp_path / f"machine{i}"  # no folder in common: the artifacts go through the server
+        home.mkdir()
+        log = open(home / "worker.log", "w")  # a file, not a pipe: nobody reads a pipe while they run
+        worker = subprocess.Popen([sys.executable, "-m", "fmnist_mlflow", *args], env=env, cwd=home, stdout=log,
+                                  stderr=subprocess.STDOUT, text=True)
+        worker.log_path = home / "worker.log"
+        workers.append(worker)
+    return workers
+
+
+def kill_one_mid_config(workers: list, kind: str) -> str:
+    """SIGKILL the worker whose run of `kind` has logged its first epoch and not its last; its run id."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        for run in mlflow.search_runs(search_all_experiments=True, output_format="list"):
+            pid = int(run.data.tags.get(schema.TAG_WORKER, ":0").rsplit(":", 1)[1])
+            if (run.data.tags.get(schema.TAG_KIND) == kind and run.info.status == "RUNNING"
+                    and "val_accuracy" in run.data.metrics and pid in {w.pid for w in workers}):
+                os.kill(pid, signal.SIGKILL)  # no chance to clean up: the run stays RUNNING
+                next(w for w in workers if w.pid == pid).wait()
+                return run.info.run_id
+        time.sleep(0.3)
+    pytest.fail("no worker got into a config")
+
+
+def wait_all(workers: list) -> list:
+    for w in workers:
+        w.wait(timeout=600)
+    return [w.log_path.read_text() for w in workers]
+
+
+def assert_recovered(lost_run_id: str, outputs: list, workers: list, tmp_path) -> list:
+    survivors = [(w, o) for w, o in zip(workers, outputs) if w.returncode != -signal.SIGKILL]
+    assert len(survivors) == 2 and all(w.returncode == 0 for w, _ in survivors), "\n=====\n".join(o[-3000:] for o in outputs)
+    lost = mlflow.get_run(lost_run_id)
+    assert lost.info.status == "KILLED" and lost.data.tags[schema.TAG_FAILURE].startswith("worker lost")
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+    assert not any((tmp_path / f"machine{i}" / "mlruns").exists() for i in range(3))
+    return runs
+
+
+def test_three_sweep_workers_share_one_grid_and_redo_a_sigkilled_workers_config(mlflow_server, postgres_url, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "name": "shared", "models": ["model1"], "losses": ["ce", "bce"], "optimizers": ["adam", "sgd", "rmsprop"],
+        "lr": {"adam": 0.001, "sgd": 0.05, "rmsprop": 0.001}, "batch_size": 64, "epochs": 4, "seeds": [0]}))
+    args = ["sweep", "--grid", str(grid), "--storage", postgres_url, "--subset", "3000", "--device", "cpu",
+            "--threads", "1"]
+    workers = start_workers(tmp_path, mlflow_server, args)
+    lost_run_id = kill_one_mid_config(workers, schema.KIND_SWEEP_CHILD)
+    runs = assert_recovered(lost_run_id, wait_all(workers), workers, tmp_path)
+
+    (parent,) = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == schema.KIND_SWEEP]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    finished = [c.data.tags[schema.TAG_CONFIG_HASH] for c in children if c.info.status == "FINISHED"]
+    assert len(finished) == 6 and len(set(finished)) == 6  # every config FINISHED, none twice
+    lost = mlflow.get_run(lost_run_id)
+    assert lost.data.tags[schema.TAG_CONFIG_HASH] in finished  # the killed config was redone
+    assert len({c.data.tags[schema.TAG_WORKER] for c in children}) == 3  # all three machines took configs
+    assert parent.info.status == "FINISHED" and parent.data.tags[schema.TAG_RETRIED] == "1"
+    summary = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/summary.csv").splitlines()
+    assert len(summary) == 7 and all(",FINISHED," in line for line in summary[1:])
+
+    (name,) = optuna.get_all_study_names(postgres_url)
+    trials = optuna.load_study(study_name=name, storage=postgres_url).trials
+    retries = [t for t in trials if engine.retried(t) is not None]
+    assert len(retries) == 1 and retries[0].state.name == "COMPLETE"
+    assert retries[0].user_attrs[schema.ATTR_RUN] != lost_run_id
+
+
+def test_three_search_workers_redo_a_sigkilled_workers_trial(mlflow_server, postgres_url, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": "shared", "fixed": {"model": "model1", "loss": "ce", "seed": 0},
+        "search": {"optimizer": {"choices": ["adam", "rmsprop"]}, "lr": {"adam": {"low": 1e-3, "high": 3e-3},
+                                                                              "rmsprop": {"low": 5e-4, "high": 2e-3}}}}))
+    args = ["search", "--space", str(space), "--storage", postgres_url, "--trials", "2", "--epochs", "4",
+            "--subset", "3000", "--device", "cpu", "--threads", "1", "--pruner", "none"]
+    workers = start_workers(tmp_path, mlflow_server, args)
+    lost_run_id = kill_one_mid_config(workers, schema.KIND_TRIAL)
+    runs = assert_recovered(lost_run_id, wait_all(workers), workers, tmp_path)
+
+    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    (lost_trial,) = [t for t in study.trials if t.state.name == "FAIL"]
+    (retry,) = [t for t in study.trials if engine.retried(t) is not None]
+    assert engine.retried(retry) == lost_trial.number and retry.params == lost_trial.params
+    assert retry.state.name == "COMPLETE" and retry.user_attrs[schema.ATTR_RUN] != lost_run_id
+    (parent,) = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == schema.KIND_SEARCH]
+    trial_runs = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == schema.KIND_TRIAL]
+    assert {r.data.tags["mlflow.parentRunId"] for r in trial_runs} == {parent.info.run_id}
+    assert sorted(r.info.status for r in trial_runs).count("FINISHED") == len(study.trials) - 1
+    assert parent.info.status == "FINISHED"
+    assert study.user_attrs[schema.ATTR_PARENT] == parent.info.run_id
+    assert tracking.find_run(lost_run_id).data.tags[schema.TAG_STATE] == "FAIL"
