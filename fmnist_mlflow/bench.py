@@ -123,13 +123,13 @@ def tracking_overhead(plan: BenchPlan, device: str, report) -> dict:
     """Wall time of a fully tracked run against the same training untracked, on full data."""
     import mlflow
 
-    from . import runs, tracking
+    from . import connection, runs, tracking
 
     dataset = data_mod.load(subset=plan.tracked_subset)
     config = RunConfig(model="model1", epochs=plan.tracked_epochs, device=device, subset=plan.tracked_subset)
     with tempfile.TemporaryDirectory() as tmp:
         previous = mlflow.get_tracking_uri()
-        tracking.use_uri(f"sqlite:///{tmp}/mlflow.db")
+        connection.use_uri(f"sqlite:///{tmp}/mlflow.db")
         cwd = os.getcwd()
         os.chdir(tmp)  # artifacts land in the temp dir's ./mlruns
         try:
@@ -142,7 +142,7 @@ def tracking_overhead(plan: BenchPlan, device: str, report) -> dict:
             })
         finally:
             os.chdir(cwd)
-            tracking.use_uri(previous)
+            connection.use_uri(previous)
     untracked, tracked = statistics.median(res["untracked"]), statistics.median(res["tracked"])
     fraction = (tracked - untracked) / untracked
     report(f"tracking: untracked {untracked:.1f} s, tracked {tracked:.1f} s for {plan.tracked_epochs} epochs of "
@@ -155,7 +155,7 @@ def grid_jobs(plan: BenchPlan, device: str, report) -> dict:
     import mlflow
 
     from . import grid as grid_mod
-    from . import sweep, tracking
+    from . import connection, sweep, tracking
 
     g = grid_mod.load_grid()
     configs = g.configs(epochs=1, subset=plan.grid_subset, device=device)
@@ -167,14 +167,16 @@ def grid_jobs(plan: BenchPlan, device: str, report) -> dict:
         os.chdir(tmp)
         try:
             for jobs in (1, plan.jobs, 1, plan.jobs)[: 2 if plan.rounds <= 3 else 4]:
-                tracking.use_uri(f"sqlite:///{tmp}/jobs{jobs}-{len(times)}.db")  # a fresh store: nothing to resume
+                store = f"sqlite:///{tmp}/jobs{jobs}-{sum(map(len, times.values()))}"  # fresh: nothing to resume
+                connection.use_uri(f"{store}.db")
                 experiment_id = tracking.use_experiment("bench")
                 started = time.perf_counter()
-                sweep.run_sweep(g, configs, dataset, experiment_id=experiment_id, jobs=jobs)
+                sweep.run_sweep(g, configs, dataset, experiment_id=experiment_id, jobs=jobs,
+                                storage_url=f"{store}-optuna.db")
                 times.setdefault(jobs, []).append(time.perf_counter() - started)
         finally:
             os.chdir(cwd)
-            tracking.use_uri(previous)
+            connection.use_uri(previous)
     one, many = statistics.median(times[1]), statistics.median(times[plan.jobs])
     report(f"grid (18 configs, 1 epoch, {plan.grid_subset:,} images): --jobs 1 {one:.1f} s, --jobs {plan.jobs} "
            f"{many:.1f} s: {one / many:.2f}x")

@@ -6,123 +6,21 @@ line (exit 1); Ctrl-C and SIGTERM end the open MLflow run KILLED and exit 130.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import signal
 import sys
 from typing import Optional
 
 import click
 
 from . import config as cfg
-from .schema import DEFAULT_STORAGE
+from .cli_options import (build_config, check_study_name, config_options, data_dir_option, device_options,
+                          jobs_option, storage_options, tracking_options)
+from .console import EpochProgress, brief_params, duration, on_wait
 from .space import PRUNERS, SAMPLERS
 from .summary import SELECT as SELECT_METRICS
 
 EXIT_INTERRUPTED = 130
-
-
-class AutoOr(click.ParamType):
-    """A float in a range, or the word `auto` (meaning the config's per-model/optimizer default)."""
-
-    def __init__(self, low: float, high: Optional[float], low_open: bool, high_open: bool):
-        self.inner = click.FloatRange(low, high, min_open=low_open, max_open=high_open)
-        self.name = f"{self.inner.name}|auto"
-
-    def convert(self, value, param, ctx):
-        if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
-            return None
-        return self.inner.convert(value, param, ctx)
-
-    def get_metavar(self, param, ctx=None):
-        return "FLOAT|auto"
-
-
-def data_dir_option(fn):
-    return click.option(
-        "--data-dir",
-        type=click.Path(file_okay=False),
-        default=None,
-        help="Folder with the Fashion-MNIST IDX files (default: $FMNIST_DATA_DIR, else a per-user cache dir; "
-        "then Debian's dataset-fashion-mnist, then torchvision's download).",
-    )(fn)
-
-
-def tracking_options(fn):
-    """Options every tracked command shares."""
-    fn = click.option(
-        "--experiment", default="fmnist", show_default=True, envvar="MLFLOW_EXPERIMENT_NAME",
-        help="MLflow experiment name; $MLFLOW_EXPERIMENT_NAME if set (inside `mlflow run`, "
-        "the run's own experiment is used)."
-    )(fn)
-    fn = click.option(
-        "--subset", type=click.IntRange(min=0), default=0, show_default=True,
-        help="Train on the first N training and N//5 validation images (0: all; for smoke runs)."
-    )(fn)
-    fn = click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs per run.")(fn)
-    return data_dir_option(fn)
-
-
-def device_options(fn):
-    """Where and how a run computes: shared by train, sweep and search."""
-    fn = click.option("--precision", type=click.Choice(cfg.PRECISIONS), default="fp32", show_default=True,
-                      help="bf16: autocast the forward pass (pays on GPUs).")(fn)
-    fn = click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-                      help="CPU threads per training process (0: all cores, or cores / N with --jobs N). "
-                      "Give 1 to each of several workers started on one machine.")(fn)
-    return click.option("--device", type=click.Choice(cfg.DEVICES), default="auto", show_default=True,
-                        help="auto: CUDA when available.")(fn)
-
-
-def jobs_option(fn):
-    return click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-                        help="Configs run at once in worker processes (CPU threads divided between them; "
-                        "on CUDA they share the GPU).")(fn)
-
-
-def storage_options(default_study: str):
-    """--storage and --study, shared by the sweep and the search: what lets workers join one study."""
-
-    def decorate(fn):
-        fn = click.option("--study", "study_name", default=None,
-                          help=f"Optuna study name (default: {default_study}). Same storage and study: resume "
-                          "it, or join the workers already on it.")(fn)
-        return click.option("--storage", default=DEFAULT_STORAGE, show_default=True,
-                            help="Optuna storage: sqlite:///FILE (one machine), postgresql://USER@HOST:PORT/DB "
-                            "(several machines), or journal:FILE (no lost-worker recovery).")(fn)
-
-    return decorate
-
-
-def check_study_name(study_name: Optional[str]) -> None:
-    if study_name is not None and (any(ch in study_name for ch in "'\"`\\") or not study_name.strip()):
-        raise click.BadParameter(f"{study_name!r}: a study name may not be empty or contain quotes, backticks or "
-                                 "backslashes (it is matched in MLflow filter strings)", param_hint="--study")
-
-
-def on_wait(running: int) -> None:
-    click.echo(f"waiting for {running} trial(s) running in other workers (one whose worker is lost is "
-               "failed and retried once its heartbeats stop)")
-
-
-def config_options(fn):
-    """The options that make up one RunConfig."""
-    options = [
-        click.option("--model", type=click.Choice(cfg.MODELS), default="model1", show_default=True, help="Network."),
-        click.option("--loss", type=click.Choice(cfg.LOSSES), default="ce", show_default=True,
-                     help="ce: CrossEntropyLoss; bce: BCEWithLogitsLoss on one-hot targets."),
-        click.option("--optimizer", type=click.Choice(cfg.OPTIMIZERS), default="adam", show_default=True),
-        click.option("--lr", type=AutoOr(0, None, True, False), default="auto", show_default=True,
-                     help=f"Learning rate > 0; auto: {cfg.DEFAULT_LR}."),
-        click.option("--dropout", type=AutoOr(0, 1, False, True), default="auto", show_default=True,
-                     help=f"Dropout rate in [0, 1); auto: {cfg.DEFAULT_DROPOUT}."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same metrics on CPU."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
 
 
 def use_threads(threads: int) -> int:
@@ -134,14 +32,6 @@ def use_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
-def build_config(**values) -> cfg.RunConfig:
-    """A validated RunConfig; a ConfigError (e.g. cuda absent) becomes a usage error, exit 2."""
-    try:
-        return cfg.RunConfig(**values)
-    except cfg.ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
-
-
 def reported(fn):
     """Turn library errors into one readable line (exit 1) and interrupts into exit 130."""
 
@@ -151,63 +41,21 @@ def reported(fn):
         import sqlalchemy.exc
         from mlflow.exceptions import MlflowException
 
-        from . import tracking
+        from . import connection, parallel
         from .errors import FmnistError
 
         try:
-            with sigterm_as_interrupt():
+            with parallel.sigterm_as_interrupt():
                 return fn(*args, **kwargs)
         except FmnistError as exc:
             raise click.ClickException(str(exc)) from None
         except (MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError) as exc:
-            raise click.ClickException(tracking.describe_failure(exc)) from None
+            raise click.ClickException(connection.describe_failure(exc)) from None
         except KeyboardInterrupt:
             click.echo("interrupted: the run was marked KILLED", err=True)
             sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM raises KeyboardInterrupt, so runs end KILLED instead of being left RUNNING."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-class EpochProgress:
-    """A progress bar per epoch (on a terminal) and one summary line per epoch."""
-
-    def __init__(self, config: cfg.RunConfig, prefix: str = ""):
-        self.config = config
-        self.prefix = prefix
-        self.bar = None
-        self.epoch = 1
-
-    def on_batch(self, done: int, total: int) -> None:
-        if self.bar is None:
-            label = f"{self.prefix}{self.config.run_name} epoch {self.epoch}/{self.config.epochs}"
-            self.bar = click.progressbar(length=total, label=label, file=sys.stderr)
-            self.bar.__enter__()
-        self.bar.update(1)
-        if done == total:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-
-    def on_epoch_end(self, m: dict) -> None:
-        click.echo(
-            f"{self.prefix}{self.config.run_name} epoch {m['epoch']:>2}/{self.config.epochs}  "
-            f"train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  val_nll {m['val_nll']:.4f}  "
-            f"val_acc {100 * m['val_accuracy']:.2f}%  {m['epoch_seconds']:.1f}s"
-        )
-        self.epoch = m["epoch"] + 1
 
 
 # Bounded HTTP retries to the tracking server: MLflow's defaults (7 retries, backoff factor 2, 120 s
@@ -255,11 +103,11 @@ def data(data_dir: Optional[str]) -> None:
 def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> None:
     """Train one configuration as one MLflow run (params, per-epoch metrics, curves, model)."""
     from . import data as data_mod
-    from . import runs, tracking
+    from . import connection, runs, tracking
 
     config = build_config(**values)
     use_threads(threads)
-    uri = tracking.check_reachable()
+    uri = connection.check_reachable()
     dataset = data_mod.load(data_dir, subset=config.subset)
     tracking.use_experiment(experiment)
     click.echo(f"{config.run_name}: {dataset.sizes['train_size']:,} train / {dataset.sizes['val_size']:,} val "
@@ -298,7 +146,7 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, s
     import time
 
     from . import grid as grid_mod
-    from . import parallel, tracking
+    from . import connection, parallel, tracking
     from . import sweep as sweep_mod
 
     try:
@@ -311,7 +159,7 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, s
         raise click.BadParameter(str(exc), param_hint="--seeds") from None
     check_study_name(study_name)
     use_threads(threads)
-    uri = tracking.check_reachable()
+    uri = connection.check_reachable()
     dataset = data_mod.load(data_dir, subset=subset)
     experiment_id = tracking.use_experiment(experiment)
     n_seeds = len({c.seed for c in configs})
@@ -320,8 +168,8 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, s
     started = time.monotonic()
 
     def on_start(k, n, config, elapsed, eta):
-        left = "" if eta is None else f", ~{_duration(eta)} left"
-        click.echo(f"[{k + 1}/{n}] {config.run_name} (elapsed {_duration(elapsed)}{left})")
+        left = "" if eta is None else f", ~{duration(eta)} left"
+        click.echo(f"[{k + 1}/{n}] {config.run_name} (elapsed {duration(elapsed)}{left})")
 
     def progress(config):
         bar = EpochProgress(config, prefix="  ")
@@ -336,12 +184,10 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, s
     click.echo(result.markdown)
     if result.skipped:
         click.echo(f"{result.skipped} (config, seed) run(s) had already finished in an earlier attempt and were skipped.")
-    if result.retried:
-        click.echo(f"{result.retried} (config, seed) run(s) were retried after the worker running them was lost.")
     if result.failed:
         names = ", ".join(f"{r['model']}-{r['loss']}-{r['optimizer']} ({r['status']})" for r in result.failed)
         click.echo(f"did not finish: {names}", err=True)
-    click.echo(f"study {result.study_name} in {tracking.redact(storage)}; parent run {result.parent_run_id}, {_duration(time.monotonic() - started)} wall time")
+    click.echo(f"study {result.study_name} in {tracking.redact(storage)}; parent run {result.parent_run_id}, {duration(time.monotonic() - started)} wall time")
     click.echo(f"view it: {tracking.run_link(result.parent_run_id)}")
 
 
@@ -374,7 +220,7 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
     from . import data as data_mod
     import time
 
-    from . import parallel, search as search_mod, tracking
+    from . import connection, parallel, search as search_mod, tracking
     from .grid import SpecError, parse_seeds
     from .space import DEFAULT_SPACE, load_space
 
@@ -397,7 +243,7 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
     check_study_name(study_name)
     study_name = study_name or space.name
     use_threads(threads)
-    uri = tracking.check_reachable()
+    uri = connection.check_reachable()
     dataset = data_mod.load(data_dir, subset=subset)
     experiment_id = tracking.use_experiment(experiment)
     study, parent_id, key, warm = search_mod.prepare(
@@ -418,7 +264,7 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
         def on_trial_end(t):
             done.append(t.number)
             elapsed = time.monotonic() - started
-            left = f", ~{_duration(elapsed / len(done) * (trials - len(done)))} left" if len(done) < trials else ""
+            left = f", ~{duration(elapsed / len(done) * (trials - len(done)))} left" if len(done) < trials else ""
             value = "-" if t.value is None else f"{t.value:.4f}"
             click.echo(f"trial {t.number} {t.state.name} [{len(done)}/{trials}{left}]: {space.metric} {value}  "
                        f"{brief_params(t.params)}")
@@ -431,7 +277,8 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
                        threads=threads, progress=progress, on_trial_end=on_trial_end, on_wait=on_wait)
     summary = search_mod.finish(study, parent_id, space, settings)
     click.echo(f"{summary.trials} trials in the study: {summary.states}; epochs run {summary.epochs_run}, "
-               f"saved by pruning {summary.epochs_saved}")
+               f"saved by pruning {summary.epochs_saved}"
+               + (f"; {summary.retried} retried after their worker was lost" if summary.retried else ""))
     from .search_report import replay_line
 
     for replay in summary.replays:
@@ -473,9 +320,9 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
 def register(experiment, parent_run_id, run_id, select, name, alias, force, data_dir) -> None:
     """Pick the best finished run, evaluate it once on the test set, register it and move the alias."""
     from . import data as data_mod
-    from . import registry, tracking
+    from . import connection, registry, tracking
 
-    tracking.check_reachable()
+    connection.check_reachable()
     # the narrowest scope given wins: one run, then one sweep/search, then the experiment
     runs = registry.candidates(experiment=experiment or "fmnist", parent_run_id=parent_run_id or None,
                                run_id=run_id or None)
@@ -520,12 +367,12 @@ def predict(model_uri, top_k, as_json, inputs) -> None:
     from . import data as data_mod
     import json
 
-    from . import predict as predict_mod, tracking
+    from . import connection, model_store, predict as predict_mod
 
     if model_uri.startswith(("models:", "runs:")):
-        tracking.check_reachable()  # a registry lookup: fail in seconds if the tracking store is not there
+        connection.check_reachable()  # a registry lookup: fail in seconds if the tracking store is not there
     try:
-        model = tracking.load_pyfunc(model_uri)
+        model = model_store.load_pyfunc(model_uri)
     except Exception as exc:  # MLflow raises several kinds for a bad URI
         raise click.ClickException(f"cannot load model {model_uri}: {str(exc).splitlines()[0]}") from None
     names = (model.metadata.metadata or {}).get("class_names", list(data_mod.CLASS_NAMES))
@@ -567,17 +414,6 @@ def bench(quick, device) -> None:
     plan = bench_mod.QUICK if quick else bench_mod.FULL
     result = bench_mod.run(plan, build_config(device=device).device, report=click.echo)
     click.echo(json.dumps(result))
-
-
-def brief_params(params: dict) -> str:
-    from .confirm import brief_params as brief
-
-    return brief(params)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from . import parallel, tracking
 from .errors import FmnistError
 from .schema import (ATTR_PARENT, ATTR_RUN, KIND_LAUNCHER, KIND_SWEEP_CHILD, KIND_TRIAL, TAG_KIND,
-                     TAG_PARENT, TAG_STATE, TAG_STUDY)
+                     TAG_PARENT, TAG_STATE, TAG_STUDY, TAG_TRIAL)
 
 # Optuna logs each failed trial as a warning with its traceback; the run's failure reason and the CLI's
 # one-line error already say what happened.
@@ -154,21 +154,24 @@ def check_parent(study: optuna.Study, parent: str, experiment_id: str) -> None:
     where = f"study {study.study_name!r} logs under MLflow run {parent}"
     if found is None or found.info.lifecycle_stage == "deleted":
         raise StorageError(f"{where}, which the tracking store {redact(tracking.tracking_uri())} does not have "
-                           "(another tracking store?); give another --study or --storage")
+                           "(a new tracking store beside an old optuna.db?); give another --study or --storage, or "
+                           "delete the study")
     if found.info.experiment_id != experiment_id:
         raise StorageError(f"{where} in experiment {found.info.experiment_id}, not this one ({experiment_id}); "
                            "give another --study or --experiment")
 
 
 def reap_orphans(study: optuna.Study, parent_id: str) -> int:
-    """End KILLED the trial runs under the parent that are RUNNING although their trial has ended (or never
-    began): their process is gone. Runs of trials still RUNNING are left to the heartbeats."""
+    """End KILLED the trial runs under the parent that are RUNNING although their trial has ended: their
+    process is gone. A run names its trial (tag TAG_TRIAL) from its first moment; runs of trials still
+    RUNNING are left to the heartbeats."""
     optuna.storages.fail_stale_trials(study)
-    live = {t.user_attrs.get(ATTR_RUN) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    running = {str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     reaped = 0
     for child in tracking.child_runs(parent_id):
         kind = child.data.tags.get(TAG_KIND)
-        if child.info.status == "RUNNING" and kind in (KIND_SWEEP_CHILD, KIND_TRIAL) and child.info.run_id not in live:
+        if child.info.status == "RUNNING" and kind in (KIND_SWEEP_CHILD, KIND_TRIAL) and \
+                child.data.tags.get(TAG_TRIAL) not in running:
             tracking.end_run_as(child.info.run_id, "KILLED", ORPHAN_REASON)
             reaped += 1
     return reaped
@@ -207,13 +210,3 @@ def run_workers(target: Callable, arg_lists: list, threads: int = 0) -> None:
     codes = parallel.run_workers(target, arg_lists, tracking.tracking_uri(), threads)
     if any(codes):
         raise WorkerError(f"worker exit codes {codes}; see the runs for reasons")
-
-
-def end_trial_run(run_id: Optional[str], state: str) -> None:
-    """Tag a trial's run with its Optuna state (best effort when the trial failed: the server may be why)."""
-    if run_id:
-        try:
-            tracking.set_run_tags(run_id, {TAG_STATE: state})
-        except Exception:
-            if state == "COMPLETE":
-                raise

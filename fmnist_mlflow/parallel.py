@@ -7,6 +7,7 @@ KILLED. On CUDA they share the one GPU.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -17,20 +18,31 @@ def threads_per_worker(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt, so runs end KILLED instead of being left RUNNING (the CLI's
+    commands and every worker process run inside this)."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _main(target: Callable, tracking_uri: str, threads: int, args: tuple) -> None:
     import torch
 
-    from . import tracking
+    from . import connection
 
-    signal.signal(signal.SIGTERM, _interrupt)
     torch.set_num_threads(threads)
-    tracking.use_uri(tracking_uri)
+    connection.use_uri(tracking_uri)
     try:
-        target(*args)
+        with sigterm_as_interrupt():
+            target(*args)
     except KeyboardInterrupt:
         raise SystemExit(130)
 

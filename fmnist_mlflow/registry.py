@@ -26,12 +26,14 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from . import evaluation, plots, stats, tracking
+from mlflow.entities import Run
+
+from . import connection, evaluation, model_store, plots, stats, tracking
 from .data import Split
 from .stats import Estimate
 from .summary import better, pick_best
 from .errors import FmnistError
-from .schema import KIND_CONFIRM, KIND_SWEEP_CHILD, KIND_TRAIN, KIND_TRIAL
+from .schema import KIND_CONFIRM, KIND_SWEEP_CHILD, KIND_TRAIN, KIND_TRIAL, TAG_ALIAS_HISTORY
 
 MODEL_KINDS = (KIND_TRAIN, KIND_SWEEP_CHILD, KIND_TRIAL, KIND_CONFIRM)  # run kinds that log a model
 TEST_METRICS = ("test_accuracy", "test_loss", "test_nll")
@@ -99,8 +101,8 @@ def comparable(runs: list) -> tuple:
 
 @dataclass(frozen=True)
 class Selection:
-    runs: list  # the chosen config's finished seed runs
-    pick: object  # the seed run to register: best on the selection metric
+    runs: list[Run]  # the chosen config's finished seed runs
+    pick: Run  # the seed run to register: best on the selection metric
     value: Estimate  # the selection metric over the seeds
     considered: int  # configs compared
     notes: tuple  # what was left out, and why
@@ -142,7 +144,7 @@ def evaluate_once(run, test: Split) -> dict:
         return {m: run.data.metrics[m] for m in TEST_METRICS}
     from .predict import model_input
 
-    model = tracking.load_pyfunc(tracking.model_uri(run.info.run_id))
+    model = model_store.load_pyfunc(model_store.model_uri(run.info.run_id))
     result = evaluation.evaluate(lambda x: model.predict(model_input(model, x)), test, run.data.params.get("loss", "ce"))
     title = f"{run.info.run_name} on the test set: {100 * result['test_accuracy']:.2f}%"
     metrics = {m: result[m] for m in TEST_METRICS}
@@ -150,7 +152,7 @@ def evaluate_once(run, test: Split) -> dict:
     per_class = {f"{PER_CLASS_PREFIX}{name.replace('/', '_').replace(' ', '_')}": acc
                  for name, acc in result["per_class_accuracy"].items()}
     csv = "class,test_accuracy\n" + "".join(f"{k},{v:.4f}\n" for k, v in result["per_class_accuracy"].items())
-    tracking.log_to_run(run.info.run_id, metrics={**metrics, **per_class}, texts={"test_evaluation/per_class.csv": csv},
+    model_store.log_to_run(run.info.run_id, metrics={**metrics, **per_class}, texts={"test_evaluation/per_class.csv": csv},
                         figures={"test_evaluation/confusion_matrix.png": plots.confusion(result["confusion"], title),
                                  "test_evaluation/misclassified.png": plots.misclassified(test, result, title)})
     return metrics
@@ -177,8 +179,8 @@ def register(selection: Selection, test: Split, *, name: str, alias: str, select
         tags.update({"test_accuracy_std": f"{test_acc.std:.6f}", "test_accuracy_ci95_low": f"{test_acc.ci95[0]:.6f}",
                      "test_accuracy_ci95_high": f"{test_acc.ci95[1]:.6f}"})
     description = describe(run, selection, test_acc, select)
-    version = tracking.register_model_version(run.info.run_id, name, tags, description)
-    current = tracking.alias_version(name, alias)
+    version = model_store.register_model_version(run.info.run_id, name, tags, description)
+    current = model_store.alias_version(name, alias)
     previous = str(current.version) if current else None
     if current is None:
         moved, reason = True, "first holder"
@@ -193,9 +195,9 @@ def register(selection: Selection, test: Split, *, name: str, alias: str, select
         else:
             moved, reason = False, f"version {current.version} is better on {select} ({held:.4f} vs {value:.4f}); use --force"
     if moved:
-        tracking.move_alias(name, alias, version)
+        model_store.move_alias(name, alias, version)
         entry = {"version": version, "previous": previous, "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        tracking.append_model_tag_json(name, f"fmnist.alias_history.{alias}", entry)
+        model_store.append_model_tag_json(name, f"{TAG_ALIAS_HISTORY}.{alias}", entry)
     return Registration(name, version, run.info.run_id, select, value, test_metrics, test_acc, alias, moved,
                         previous, reason)
 
@@ -208,7 +210,7 @@ def held_value(version, select: str) -> float:
     for run_id in filter(None, ids.split(",")):
         try:
             value = tracking.get_run(run_id).data.metrics.get(select)
-        except tracking.TrackingError:
+        except connection.TrackingError:
             continue
         if value is not None:
             values.append(value)
@@ -227,4 +229,4 @@ def describe(run, selection: Selection, test_acc: Estimate, select: str) -> str:
 
 
 def alias_history(name: str, alias: str) -> list:
-    return tracking.model_tag_json(name, f"fmnist.alias_history.{alias}")
+    return model_store.model_tag_json(name, f"{TAG_ALIAS_HISTORY}.{alias}")

@@ -9,20 +9,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from . import plots, tracking, train
+import torch
+
+from . import model_store, plots, tracking, train
 from .config import RunConfig
 from .data import Dataset
+from .schema import KIND_TRAIN
 
 
 @dataclass(frozen=True)
 class TrackedResult:
     run_id: str
-    history: list  # one metrics dict per epoch
+    history: list[train.EpochMetrics]
     model_uri: str  # models:/m-... of the logged model
-    model: object  # the trained torch module, in eval mode
+    model: torch.nn.Module  # trained, in eval mode
 
     @property
-    def final(self) -> dict:
+    def final(self) -> train.EpochMetrics:
         return self.history[-1]
 
 
@@ -30,7 +33,7 @@ def tracked_fit(
     config: RunConfig,
     data: Dataset,
     *,
-    kind: str = "train",
+    kind: str = KIND_TRAIN,
     parent_run_id: Optional[str] = None,
     tags: Optional[dict] = None,
     on_epoch_end: Optional[train.EpochCallback] = None,
@@ -46,7 +49,7 @@ def tracked_fit(
     """
     history: list = []
 
-    def epoch_end(metrics: dict) -> None:
+    def epoch_end(metrics: train.EpochMetrics) -> None:
         history.append(metrics)
         tracking.log_epoch(metrics)
         if on_epoch_end is not None:
@@ -64,7 +67,7 @@ def tracked_fit(
             if history:  # the curves so far help explain a failed or stopped run too
                 tracking.log_figure(plots.run_curves(history, config.run_name), "loss_curves.png")
         final = history[-1]
-        model_uri = tracking.log_model(
+        model_uri = model_store.log_model(
             result.model, {"config": config.to_params()}, name=config.run_name, params=config.to_params(),
             metrics={k: final[k] for k in ("val_accuracy", "val_nll", "val_loss")}, step=final["epoch"],
             dataset=datasets["validation"])

@@ -30,6 +30,7 @@ TAG_SWEEP = "fmnist.sweep"  # a sweep parent: the digest of its configs
 TAG_STUDY = "fmnist.study"  # the Optuna study a parent (or trial) belongs to: name@storage digest
 TAG_PARENT = "fmnist.parent"  # on a launcher: the parent run that holds the work
 TAG_BEST_RUN = "fmnist.best_run_id"  # a sweep parent: the best config's best seed run
+TAG_BEST_GROUP = "best_config_group"  # a sweep parent: the best config's group (beside best_model, best_lr, ...)
 TAG_SELECT = "fmnist.select"  # a sweep parent: the validation metric that picked the best
 TAG_FAILED_CONFIGS = "fmnist.failed_configs"  # a sweep parent: configs that did not finish
 TAG_RETRIED = "fmnist.retried"  # a parent: how many trials were retried after their worker was lost
@@ -39,6 +40,9 @@ TAG_CHAMPION_GROUP = "fmnist.champion_config_group"
 TAG_CONFIRM_SEEDS = "fmnist.confirm_seeds"  # a search parent: the seeds the champion was confirmed on
 TAG_TRIALS = "fmnist.trials"  # a search parent: trials in the study (and fmnist.trials_<state> per state)
 TAG_PRUNER_REPLAY = "fmnist.pruner_replay"  # a search parent, + ".<pruner>": what that pruner would have stopped
+
+# --- tags on registered models -------------------------------------------------------------------------
+TAG_ALIAS_HISTORY = "fmnist.alias_history"  # + ".<alias>": JSON list of the alias's moves and their reasons
 
 # --- tags on trials -----------------------------------------------------------------------------------------
 TAG_TRIAL = "fmnist.trial"  # the Optuna trial number

@@ -1,8 +1,9 @@
 """The Optuna extension: search dropout rate and learning rate beyond the grid, as nested MLflow runs.
 
-One study, one parent run: the parent's id lives in the study's user attributes, so running the search
-again on the same storage and study resumes it, and several workers (processes or machines) sharing the
-storage and tracking server fill one parent. Each trial is a child run opened when the trial starts;
+A sibling of the sweep on the same engine (`engine`): one study, one parent run whose id lives in the
+study, so running the search again on the same storage and study resumes it, and several workers
+(processes or machines) sharing the storage and tracking server fill one parent; a lost worker's trial
+is retried. Each trial is a child run opened when the trial starts;
 each epoch reports the validation metric to Optuna. A pruned trial's run ends KILLED with the tag
 `fmnist.trial_state = PRUNED` (and no model): never FINISHED, so it cannot pass for a finished success.
 A diverging trial's run ends FAILED (Optuna state FAIL). Completed trials end FINISHED (COMPLETE).
@@ -199,8 +200,7 @@ def worker(job: WorkerJob) -> None:
 
 
 def run(study, storage_url: str, parent_id: str, key: str, space: Space, data: Dataset, settings: SearchSettings, *,
-        trials: int,
-        timeout: Optional[float], jobs: int, sampler: str, pruner: str, seed: Optional[int], space_file: str,
+        trials: int, timeout: Optional[float], jobs: int, sampler: str, pruner: str, seed: Optional[int], space_file: str,
         data_dir: Optional[str], threads: int = 0, progress: Optional[Callable] = None,
         on_trial_end: Optional[Callable] = None, on_wait: Optional[Callable[[int], None]] = None) -> int:
     """Run `trials` trials of a prepared study: in this process, or split over `jobs` worker processes
@@ -224,7 +224,9 @@ def finish(study, parent_id: str, space: Space, settings: SearchSettings):
 
     replays = tuple(search_report.replay_pruner(study, name, lambda name=name: make_pruner(name, settings.epochs),
                                                 settings.epochs) for name in ("percentile", "median"))
-    summary = search_report.summarize(study, parent_id, settings.epochs, replays)
+    engine.reap_orphans(study, parent_id)  # runs whose worker died before its trial could name them
+    summary = search_report.summarize(study, parent_id, settings.epochs, replays,
+                                      retried=sum(engine.retried(t) is not None for t in study.get_trials(deepcopy=False)))
     with tracking.run(study.study_name, kind=KIND_SEARCH, run_id=parent_id):
         search_report.log(study, summary, space.metric)
     return summary

@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from . import tracking
-from .schema import ATTR_RUN, TAG_BEST_RUN, TAG_BEST_TRIAL, TAG_PRUNER_REPLAY, TAG_TRIALS
+from .schema import ATTR_RUN, TAG_BEST_RUN, TAG_BEST_TRIAL, TAG_PRUNER_REPLAY, TAG_RETRIED, TAG_TRIALS
 
 
 @dataclass(frozen=True)
@@ -28,9 +28,10 @@ class SearchSummary:
     epochs_run: int  # epochs trained over all finished and pruned trials
     epochs_saved: int  # epochs pruning skipped: what pruned trials would have run to the end
     replays: tuple = ()  # PrunerReplay per pruner: how it would have treated the completed trials
+    retried: int = 0  # trials redone because the worker running them was lost
 
 
-def summarize(study: optuna.Study, parent_run_id: str, epochs: int, replays: tuple = ()) -> SearchSummary:
+def summarize(study: optuna.Study, parent_run_id: str, epochs: int, replays: tuple = (), retried: int = 0) -> SearchSummary:
     trials = study.get_trials(deepcopy=False)
     states: dict = {}
     for t in trials:
@@ -41,7 +42,7 @@ def summarize(study: optuna.Study, parent_run_id: str, epochs: int, replays: tup
     if any(t.state == TrialState.COMPLETE for t in trials):
         b = study.best_trial
         best = {"number": b.number, "value": b.value, "params": b.params, "run_id": b.user_attrs.get(ATTR_RUN)}
-    return SearchSummary(parent_run_id, len(trials), states, best, sum(ran.values()), saved, replays)
+    return SearchSummary(parent_run_id, len(trials), states, best, sum(ran.values()), saved, replays, retried)
 
 
 def trials_csv(study: optuna.Study) -> str:
@@ -49,7 +50,7 @@ def trials_csv(study: optuna.Study) -> str:
     names = sorted({name for t in trials for name in t.params})
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["number", "state", "value", *names, "epochs_run", "seconds", "mlflow_run_id"])
+    writer.writerow(["number", "state", "value", *names, "epochs_run", "seconds", ATTR_RUN])
     for t in trials:
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else ""
         writer.writerow([t.number, t.state.name, "" if t.value is None else t.value,
@@ -99,7 +100,7 @@ def log(study: optuna.Study, summary: SearchSummary, metric: str) -> None:
     tracking.log_text(trials_csv(study), "trials.csv")
     for name, fig in figures(study).items():
         tracking.log_figure(fig, name)
-    tags = {TAG_TRIALS: summary.trials, **{f"{TAG_TRIALS}_{k.lower()}": v for k, v in summary.states.items()},
+    tags = {TAG_TRIALS: summary.trials, TAG_RETRIED: summary.retried, **{f"{TAG_TRIALS}_{k.lower()}": v for k, v in summary.states.items()},
             **{f"{TAG_PRUNER_REPLAY}.{r.pruner}": replay_line(r) for r in summary.replays}}
     metrics = {"epochs_run": summary.epochs_run, "pruned_epochs_saved": summary.epochs_saved}
     if summary.best:

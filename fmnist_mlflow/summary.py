@@ -1,8 +1,7 @@
 """A sweep's summary: one row per run, aggregated per config over its seeds, as CSV and Markdown, beside
 the source report's numbers.
 
-Run rows are plain dicts (`model`, `loss`, `optimizer`, `lr`, `seed`, `group`, `status`, `train_loss`,
-`val_loss`, `val_nll`, `val_accuracy`, `train_seconds`, `run_id`). `aggregate` turns them into one
+Run rows are `RunRow`s (typed dicts: the columns of summary.csv). `aggregate` turns them into one
 `ConfigRow` per config: n seeds, mean, std and 95% interval of `val_accuracy` and `val_nll` (see
 `stats`), ranked by the mean of the selection metric, with Welch's test against the best config.
 Selection never uses `train_loss` (see `best`).
@@ -14,11 +13,14 @@ import csv
 import dataclasses
 import io
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, TypedDict
 
 from . import stats
-from .config import LOSS_NAMES
+from .config import LOSS_NAMES, RunConfig
 from .stats import Estimate
+
+if TYPE_CHECKING:  # torch stays out of `fmnist --help`, which imports SELECT from here
+    from .train import EpochMetrics
 
 # The report's table: training loss at epoch 10, (model, loss) -> (Adam, SGD, RMSprop).
 REPORT_TRAIN_LOSS = {
@@ -35,21 +37,39 @@ REPORT_PICK = ("model3", "bce", "sgd")  # the lowest number in the table, which 
 # Selection metrics and whether larger is better. Training loss is deliberately absent: it rewards
 # over-fitting, and CE and BCE values are on different scales.
 SELECT = {"val_accuracy": True, "val_nll": False}
-COLUMNS = ("model", "loss", "optimizer", "lr", "seed", "status", "train_loss", "val_loss", "val_nll",
-           "val_accuracy", "train_seconds", "group", "run_id")  # fmt: skip
 
 
-def row(config, status: str, history: list, run_id: str) -> dict:
+class RunRow(TypedDict):
+    """One (config, seed) of a sweep: its config, end state and final metrics (None if it never finished
+    an epoch); a row of summary.csv, in this order."""
+
+    model: str
+    loss: str
+    optimizer: str
+    lr: float
+    seed: int
+    status: str  # the MLflow run status, or "NOT RUN"
+    train_loss: Optional[float]
+    val_loss: Optional[float]
+    val_nll: Optional[float]
+    val_accuracy: Optional[float]
+    train_seconds: float  # the sum of the epochs' training passes
+    group: str  # RunConfig.group: shared by the seeds of one config
+    run_id: str
+
+
+COLUMNS = tuple(RunRow.__annotations__)
+
+
+def row(config: RunConfig, status: str, history: list[EpochMetrics], run_id: str) -> RunRow:
     last = history[-1] if history else {}
-    return {
-        "model": config.model, "loss": config.loss, "optimizer": config.optimizer, "lr": config.lr,
-        "seed": config.seed, "group": config.group, "status": status, "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss"),
-        "val_nll": last.get("val_nll"), "val_accuracy": last.get("val_accuracy"),
-        "train_seconds": sum(m.get("epoch_seconds", 0.0) for m in history), "run_id": run_id,
-    }  # fmt: skip
+    return RunRow(model=config.model, loss=config.loss, optimizer=config.optimizer, lr=config.lr, seed=config.seed,
+                  status=status, train_loss=last.get("train_loss"), val_loss=last.get("val_loss"),
+                  val_nll=last.get("val_nll"), val_accuracy=last.get("val_accuracy"),
+                  train_seconds=sum(m.get("epoch_seconds", 0.0) for m in history), group=config.group, run_id=run_id)
 
 
-def to_csv(rows: list) -> str:
+def to_csv(rows: list[RunRow]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -100,7 +120,7 @@ class ConfigRow:
         return "FINISHED" if len(self.seeds) == self.runs else f"{len(self.seeds)}/{self.runs} FINISHED"
 
 
-def aggregate(rows: list, select: str = "val_accuracy") -> list:
+def aggregate(rows: list[RunRow], select: str = "val_accuracy") -> list:
     """One ConfigRow per config (in the order rows first name it), compared with the best by `select`."""
     groups: dict = {}
     for r in rows:
@@ -185,7 +205,7 @@ def fmt_estimate(est: Optional[Estimate], percent: bool) -> tuple:
     return f"{mean} ± {scale * est.std:.{digits}f}", f"[{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
 
 
-def to_markdown(rows: list, select: str = "val_accuracy") -> str:
+def to_markdown(rows: list[RunRow], select: str = "val_accuracy") -> str:
     """Configs ranked by the seed mean, with intervals and the test against the best; then the report's
     layout with our numbers beside the report's."""
     configs = aggregate(rows, select)

@@ -1,8 +1,8 @@
 """The fixed grid as an Optuna study driven by GridSampler, logged as nested MLflow runs: one parent per
 sweep, one child per (config, seed); resumable, and shared by any number of workers.
 
-Each grid point is one (config, seed), named by its digest. The study (by default `<grid>-<digest>` in
-sqlite:///optuna.db) records which points are taken and done; every `fmnist sweep` on the same storage,
+Each grid point is one (config, seed), named by its digest. The study (by default `<grid>-<digest>-e<experiment>`
+in sqlite:///optuna.db) records which points are taken and done; every `fmnist sweep` on the same storage,
 study and tracking server takes the next free point from it, so N workers on N machines share one grid
 and no point runs twice to completion. GridSampler hands points out in grid order: seed by seed (a partial
 sweep still compares every config on the same seeds), slow model3 first (parallel workers end together).
@@ -25,18 +25,19 @@ import optuna
 from optuna.trial import TrialState
 
 from . import engine, plots, runs, summary, tracking, train
+from .config import RunConfig
 from .data import Dataset
 from .grid import Grid, sweep_digest
-from .schema import (DEFAULT_STORAGE, ATTR_CONFIG, ATTR_DUPLICATE, ATTR_RUN, ATTR_SWEEP, KIND_SWEEP, KIND_SWEEP_CHILD, TAG_BEST_RUN,
+from .schema import (DEFAULT_STORAGE, ATTR_CONFIG, TAG_BEST_GROUP, ATTR_DUPLICATE, ATTR_RUN, ATTR_SWEEP, KIND_SWEEP, KIND_SWEEP_CHILD, TAG_BEST_RUN,
                      TAG_CONFIG_HASH, TAG_FAILED_CONFIGS, TAG_RETRIED, TAG_SELECT, TAG_STUDY, TAG_SWEEP, TAG_TRIAL)
 
 PARAM = "config"  # the grid's one Optuna parameter: the digest of a (config, seed)
 
 # (index among the points this process ran, points left when it started, config, seconds elapsed,
 # estimated seconds left or None)
-StartCallback = Callable[[int, int, object, float, Optional[float]], None]
+StartCallback = Callable[[int, int, RunConfig, float, Optional[float]], None]
 # config -> (on_epoch_end, on_batch) for that config's run
-ProgressFactory = Callable[[object], tuple]
+ProgressFactory = Callable[[RunConfig], tuple]
 
 
 @dataclass
@@ -68,8 +69,10 @@ def grid_order(configs: list) -> list:
     return sorted(configs, key=lambda c: (c.seed, c.model != "model3"))
 
 
-def default_study_name(grid: Grid, configs: list) -> str:
-    return f"{grid.name}-{sweep_digest(configs)[:8]}"
+def default_study_name(grid: Grid, configs: list, experiment_id: str) -> str:
+    """`<grid>-<digest of its configs>-e<experiment id>`: the same grid logged to another experiment is
+    another sweep (with its own parent there); workers on one tracking server agree on all three."""
+    return f"{grid.name}-{sweep_digest(configs)[:8]}-e{experiment_id}"
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ def run_sweep(
     the data itself, from `data_dir`). Other `fmnist sweep` commands on the same storage and study share
     the points.
     """
-    study_name = study_name or default_study_name(grid, configs)
+    study_name = study_name or default_study_name(grid, configs, experiment_id)
     study, parent_id, key = open_sweep(grid, configs, storage_url, study_name, experiment_id, select)
     done_before = len(completed(study))
     engine.reap_orphans(study, parent_id)
@@ -121,9 +124,13 @@ def run_sweep(
         with tracking.run(grid.name, kind=KIND_SWEEP, run_id=parent_id):
             objective = objective_for(configs, data, parent_id, key, select, on_start, progress, todo=todo)
             engine.work(study, objective, more=points_left, catch=(train.DivergedError,), on_wait=on_wait)
+    engine.reap_orphans(study, parent_id)  # runs whose worker died before its trial could name them
     result = summarize(parent_id, configs, select)
     result.skipped, result.study_name = done_before, study_name
     result.retried = sum(engine.retried(t) is not None for t in study.get_trials(deepcopy=False))
+    if result.retried:
+        result.markdown += (f"\n\n{result.retried} (config, seed) run(s) were retried after the worker running them "
+                            "was lost (their first runs ended KILLED, `fmnist.failure_reason` \"worker lost\").\n")
     with tracking.run(grid.name, kind=KIND_SWEEP, run_id=parent_id):
         log_summary(result, select)
     return result
@@ -240,8 +247,11 @@ def worker(job: SweepJob, subset: int) -> None:
     data = load(job.data_dir, subset=subset)
     configs = list(job.configs)
     study = open_grid_study(job.storage_url, job.study_name, configs, job.select)
+    def on_start(k, n, config, elapsed, eta) -> None:
+        print(f"worker {os.getpid()}: {label(config)} (its config {k + 1})", flush=True)
+
     with tracking.run(job.grid_name, kind=KIND_SWEEP, run_id=job.parent_id):
-        objective = objective_for(configs, data, job.parent_id, job.key, job.select)
+        objective = objective_for(configs, data, job.parent_id, job.key, job.select, on_start)
         engine.work(study, objective, more=points_left, catch=(train.DivergedError,))
 
 
@@ -294,7 +304,7 @@ def log_summary(result: SweepResult, select: str) -> None:
         b = result.best
         tied = [c.name for c in result.configs if c.same_as_best and not c.is_best]
         tags.update({TAG_BEST_RUN: b.best_run_id, "best_model": b.model, "best_loss": b.loss,
-                     "best_optimizer": b.optimizer, "best_lr": str(b.lr), "best_config_group": b.group,
+                     "best_optimizer": b.optimizer, "best_lr": str(b.lr), TAG_BEST_GROUP: b.group,
                      "best_n_seeds": str(len(b.seeds)), "best_indistinguishable": ", ".join(tied) or "none"})
         metrics = {"best_val_accuracy": b.val_accuracy.mean, "best_val_nll": b.val_nll.mean}
         if b.val_accuracy.std is not None:

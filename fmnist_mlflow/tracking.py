@@ -1,7 +1,8 @@
-"""The one module that talks to MLflow: reachability, runs and their end states, params, metrics, models.
+"""Runs in MLflow: the experiment, runs and their end states, params, tags, metrics, figures, and reading
+runs back. With `connection` (is the store there?) and `model_store` (logged models, the registry) it is
+all of the package that talks to MLflow.
 
-The tracking URI comes from `MLFLOW_TRACKING_URI`, else MLflow's default (`sqlite:///mlflow.db` in the
-working directory). Inside `mlflow run`, the run MLflow created (`MLFLOW_RUN_ID`) is the one we log to.
+Inside `mlflow run`, the run MLflow created (`MLFLOW_RUN_ID`) is the one we log to.
 Every run we open ends in a terminal state: FINISHED, FAILED (with a `fmnist.failure_reason` tag) or
 KILLED (Ctrl-C, SIGTERM, or a pruned trial); none is left RUNNING.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import os
 import platform
 import subprocess
@@ -22,124 +22,18 @@ from typing import Iterator, Optional
 from urllib.parse import urlparse
 
 import mlflow
-import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
 from . import plots
 from .config import SPLIT_SEED, RunConfig
-from .data import CLASS_NAMES, FILES, Dataset
-from .errors import FmnistError
+from .data import FILES, Dataset
+from .connection import TrackingError, redact, tracking_uri
+from .train import EpochMetrics
 from .schema import (KIND_LAUNCHER, TAG_CONFIG_GROUP, TAG_CONFIG_HASH, TAG_CONFIG_NAME, TAG_FAILURE, TAG_KIND,
                      TAG_THREADS, TAG_WORKER)
 
-EPOCH_METRICS = ("train_loss", "val_loss", "val_nll", "val_accuracy", "epoch_seconds")
-REACH_TIMEOUT_S = 15.0  # give up on an unreachable tracking server after this long
-MODEL_ARTIFACT = "model"
-INPUT_EXAMPLE_BATCH = 4  # > 1 so that torch.export keeps the batch dimension dynamic
-MODEL_INPUT = ("float32 images (N, 1, 28, 28): pixels in [0, 1], or raw 0-255 values (each image's scale is told "
-               "by its brightest pixel); normalised inside the model")
-
-
-class TrackingError(FmnistError, RuntimeError):
-    """The tracking server could not be used; the message names the URI."""
-
-
-def tracking_uri() -> str:
-    return mlflow.get_tracking_uri()
-
-
-def redact(url: str) -> str:
-    """A URL with its password replaced by ***, whatever its scheme, parseable or not."""
-    import re
-
-    return re.sub(r"(://[^/:@\s]*):[^@/\s]*@", r"\1:***@", url)
-
-
-def check_reachable(uri: Optional[str] = None, timeout: float = REACH_TIMEOUT_S) -> str:
-    """Fail within `timeout` seconds, naming the URI (password hidden), if the tracking store cannot be used.
-
-    For a server: its /health must answer, and then a real API call must succeed, so that a server that
-    refuses this host name (MLflow's "Invalid Host header": see --allowed-hosts) or needs credentials
-    fails here in seconds with the reason, not later with a traceback.
-    """
-    uri = uri or tracking_uri()
-    shown = redact(uri)
-    scheme = urlparse(uri).scheme
-    if scheme in ("http", "https"):
-        import requests
-
-        deadline = time.monotonic() + timeout
-        error = "no answer"
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                response = requests.get(uri.rstrip("/") + "/health", timeout=min(5.0, left))
-                if response.ok:
-                    _check_api(uri, shown, min(5.0, max(1.0, deadline - time.monotonic())))
-                    return uri
-                error = f"HTTP {response.status_code}"
-            except requests.RequestException as exc:
-                error = type(exc).__name__
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-        raise TrackingError(
-            f"MLflow tracking server {shown} did not answer within {timeout:.0f} s ({error}). "
-            "Start it (mlflow server --host 127.0.0.1 --port PORT) or set MLFLOW_TRACKING_URI."
-        )
-    if scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
-        _check_database(uri, shown)
-        return uri
-    if scheme == "sqlite":
-        path = uri[len("sqlite:///") :]
-        folder = Path(path).parent if path else Path(".")
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise TrackingError(f"tracking store {uri}: folder {folder} does not exist or is not writable")
-    return uri
-
-
-def _check_api(uri: str, shown: str, timeout: float) -> None:
-    import requests
-
-    try:
-        response = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
-                                params={"max_results": 1}, timeout=timeout)
-    except requests.RequestException as exc:
-        raise TrackingError(f"MLflow tracking server {shown}: its API did not answer ({type(exc).__name__})") from None
-    if response.ok:
-        return
-    reason = " ".join(response.text.split())[:200]
-    hint = ""
-    if response.status_code == 403 and "host" in reason.lower():
-        hint = (" The server refuses this host name: start it with --allowed-hosts listing the name clients use "
-                "(e.g. --allowed-hosts 'tracking.example.org,tracking.example.org:5000').")
-    elif response.status_code in (401, 403):
-        hint = " The server needs credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."
-    raise TrackingError(f"MLflow tracking server {shown} answered /health but refused an API call: "
-                        f"HTTP {response.status_code} {reason}.{hint}")
-
-
-def _check_database(uri: str, shown: str) -> None:
-    """A database tracking URI: connect once with a short timeout."""
-    try:
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 5})
-        with engine.connect():
-            pass
-        engine.dispose()
-    except Exception as exc:  # driver and SQLAlchemy errors come in many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrackingError(f"tracking store {shown} cannot be reached: {redact(first)}") from None
-
-
-def describe_failure(exc: BaseException) -> str:
-    """One line for an error raised while talking to the tracking store."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    if len(text) > 300:
-        text = text[:300] + "..."
-    return f"tracking store {redact(tracking_uri())} failed: {redact(text)}"
+EPOCH_METRICS = tuple(k for k in EpochMetrics.__annotations__ if k != "epoch")  # logged per step = epoch
 
 
 def run_link(run_id: str) -> str:
@@ -155,10 +49,6 @@ def run_link(run_id: str) -> str:
 def inside_mlflow_run() -> bool:
     """True until the run `mlflow run` created has been adopted by `run()`."""
     return bool(os.environ.get("MLFLOW_RUN_ID"))
-
-
-def use_uri(uri: str) -> None:
-    mlflow.set_tracking_uri(uri)
 
 
 DEFAULT_EXPERIMENT_ID = "0"  # MLflow's "Default" experiment
@@ -345,51 +235,13 @@ def split_digest(context: str, subset: int) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def log_epoch(metrics: dict) -> None:
+def log_epoch(metrics: EpochMetrics) -> None:
     mlflow.log_metrics({k: metrics[k] for k in EPOCH_METRICS}, step=metrics["epoch"])
 
 
 def log_figure(fig, artifact_file: str) -> None:
     mlflow.log_figure(fig, artifact_file)
     plots.close(fig)
-
-
-def log_model(model: torch.nn.Module, extra_metadata: Optional[dict] = None, *, name: str = MODEL_ARTIFACT,
-              params: Optional[dict] = None, metrics: Optional[dict] = None, step: Optional[int] = None,
-              dataset=None) -> str:
-    """Log the model in MLflow's default pt2 (torch.export) format; returns its `models:/m-...` URI.
-
-    Input: float32 images (N, 1, 28, 28), any N, in [0, 1] or raw 0-255 pixels. float32, not uint8: a
-    served model casts the JSON it receives to the signature's dtype, and uint8 would turn [0, 1] floats
-    into blank images. Output: float32 logits (N, 10) in `class_names` order.
-    """
-    model = _cpu_copy(model)
-    example = np.zeros((INPUT_EXAMPLE_BATCH, 1, 28, 28), dtype=np.float32)
-    metadata = {
-        "class_names": list(CLASS_NAMES),
-        "input": MODEL_INPUT,
-        "output": "float32 logits (N, 10); softmax gives probabilities, index = class_names position",
-        **(extra_metadata or {}),
-    }
-    info = mlflow.pytorch.log_model(
-        model,
-        name=name,
-        params={k: str(v) for k, v in (params or {}).items()},
-        input_example=example,
-        # Explicit requirements: inferring them would load the model again in a subprocess.
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-        metadata=metadata,
-    )
-    if metrics:
-        mlflow.log_metrics(metrics, step=step, model_id=info.model_id, dataset=dataset)
-    return info.model_uri
-
-
-def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    copied = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
-    return copied
 
 
 def client() -> MlflowClient:
@@ -429,8 +281,8 @@ def end_run_as(run_id: str, status: str, reason: str, tags: Optional[dict] = Non
         c.set_terminated(run_id, status)
 
 
-def history(run_id: str) -> list:
-    """The per-epoch metrics of a finished run, as `fit` returned them."""
+def history(run_id: str) -> list[EpochMetrics]:
+    """The per-epoch metrics of a run, as `fit` reported them."""
     by_step: dict = {}
     for key in EPOCH_METRICS:
         for metric in client().get_metric_history(run_id, key):
@@ -477,64 +329,6 @@ def delete_run(run_id: str) -> None:
 # --- models and the registry ------------------------------------------------------------------------
 
 
-def logged_model(run_id: str):
-    """The logged model of a run (MLflow 3 keeps it with its own id), or None."""
-    experiment = client().get_run(run_id).info.experiment_id
-    models = mlflow.search_logged_models(experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'",
-                                         output_format="list")
-    return models[0] if models else None
-
-
-def model_uri(run_id: str) -> str:
-    """The URI of the model a run logged."""
-    model = logged_model(run_id)
-    return f"models:/{model.model_id}" if model else f"runs:/{run_id}/{MODEL_ARTIFACT}"
-
-
-def load_pyfunc(uri: str):
-    return mlflow.pyfunc.load_model(uri)
-
-
-def log_to_run(run_id: str, *, metrics: dict, texts: dict, figures: dict) -> None:
-    """Add metrics and artifacts to a run that may have ended (its status does not change)."""
-    c = client()
-    model = logged_model(run_id)
-    for key, value in metrics.items():  # linked to the run's logged model, so the Models view shows them
-        c.log_metric(run_id, key, value, model_id=model.model_id if model else None)
-    for path, text in texts.items():
-        c.log_text(run_id, text, path)
-    for path, fig in figures.items():
-        c.log_figure(run_id, fig, path)
-        plots.close(fig)
-
-
-REGISTERED_MODEL_DESCRIPTION = (
-    "Fashion-MNIST CNNs trained and selected by fmnist-mlflow (validation split, never the test set). "
-    "Each version's description and tags give its config, seeds and test accuracy over seeds.")
-
-
-def register_model_version(run_id: str, name: str, tags: dict, description: str = "") -> str:
-    """The version of `name` holding this run's model (the existing one if registered before, its tags and
-    description brought up to date), else a new one."""
-    c = client()
-    if not _registered(name):
-        try:
-            c.create_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
-        except mlflow.exceptions.MlflowException:
-            pass  # created by another process at the same moment
-    for version in c.search_model_versions(f"name = '{name}'"):
-        if version.tags.get("source_run_id") == run_id:
-            for key, value in tags.items():
-                c.set_model_version_tag(name, version.version, key, value)
-            if description:
-                c.update_model_version(name, version.version, description=description)
-            return str(version.version)
-    version = mlflow.register_model(model_uri(run_id), name, tags=tags)
-    if description:
-        c.update_model_version(name, version.version, description=description)
-    return str(version.version)
-
-
 def get_run(run_id: str):
     """A run by id, or TrackingError in one line (unknown id, deleted run)."""
     try:
@@ -551,32 +345,3 @@ def find_run(run_id: str):
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
-
-
-def _registered(name: str) -> bool:
-    try:
-        client().get_registered_model(name)
-        return True
-    except mlflow.exceptions.MlflowException:
-        return False
-
-
-def alias_version(name: str, alias: str):
-    try:
-        return client().get_model_version_by_alias(name, alias)
-    except mlflow.exceptions.MlflowException:
-        return None
-
-
-def move_alias(name: str, alias: str, version: str) -> None:
-    client().set_registered_model_alias(name, alias, version)
-
-
-def model_tag_json(name: str, key: str) -> list:
-    if not _registered(name):
-        return []
-    return json.loads(client().get_registered_model(name).tags.get(key, "[]"))
-
-
-def append_model_tag_json(name: str, key: str, entry: dict) -> None:
-    client().set_registered_model_tag(name, key, json.dumps(model_tag_json(name, key) + [entry]))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, TypedDict
 
 import torch
 from torch import nn
@@ -26,7 +26,20 @@ from .errors import FmnistError
 EVAL_BATCH = 2048  # images per evaluation batch: large, since no gradients are kept
 NUM_CLASSES = 10
 
-EpochCallback = Callable[[dict], None]
+
+
+class EpochMetrics(TypedDict):
+    """One epoch's metrics: what `fit` reports, MLflow logs (per step = epoch) and `tracking.history` reads back."""
+
+    epoch: int  # 1-based
+    train_loss: float  # per-example mean of the trained loss, as measured during the epoch
+    val_loss: float  # the same loss on the validation split
+    val_nll: float  # negative log-likelihood on validation: comparable across CE and BCE
+    val_accuracy: float  # a fraction in [0, 1]
+    epoch_seconds: float  # wall time of the training pass
+
+
+EpochCallback = Callable[[EpochMetrics], None]
 BatchCallback = Callable[[int, int], None]  # (batches done, batches per epoch)
 
 
@@ -37,10 +50,10 @@ class DivergedError(FmnistError, RuntimeError):
 @dataclass
 class FitResult:
     model: nn.Module  # trained, in eval mode, on the training device
-    history: list = field(default_factory=list)  # one metrics dict per epoch, see `fit`
+    history: list[EpochMetrics] = field(default_factory=list)
 
     @property
-    def final(self) -> dict:
+    def final(self) -> EpochMetrics:
         return self.history[-1]
 
 
@@ -174,9 +187,7 @@ def fit(
 ) -> FitResult:
     """Train `config` on `data.train`, validating on `data.val` after every epoch.
 
-    Each epoch's metrics: `epoch` (1-based), `train_loss` (per-example mean of the trained loss, as
-    measured during the epoch), `val_loss` (same loss on validation), `val_nll`, `val_accuracy`, and
-    `epoch_seconds` (wall time of the training pass). Raises `DivergedError` on a non-finite loss or
+    `on_epoch_end` gets each epoch's `EpochMetrics`. Raises `DivergedError` on a non-finite loss or
     non-finite validation metrics (a model that ends NaN must never pass for a finished run).
     """
     data = data.to(config.device)
@@ -200,14 +211,8 @@ def fit(
                 f"validation loss became {val['nll']} after epoch {epoch} "
                 f"({config.optimizer}, lr={config.lr:g}): the weights are not finite; try a smaller learning rate"
             )
-        metrics = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "val_loss": val["loss"],
-            "val_nll": val["nll"],
-            "val_accuracy": val["accuracy"],
-            "epoch_seconds": seconds,
-        }
+        metrics = EpochMetrics(epoch=epoch, train_loss=train_loss, val_loss=val["loss"], val_nll=val["nll"],
+                               val_accuracy=val["accuracy"], epoch_seconds=seconds)
         result.history.append(metrics)
         if on_epoch_end is not None:
             on_epoch_end(metrics)

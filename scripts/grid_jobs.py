@@ -44,9 +44,11 @@ def run(jobs: int, args, root: Path) -> dict:
 def summary_rows(home: Path) -> list:
     import mlflow
 
+    from fmnist_mlflow import schema
+
     client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     (parent,) = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
-                 if r.data.tags.get("fmnist.kind") == "sweep"]
+                 if r.data.tags.get(schema.TAG_KIND) == schema.KIND_SWEEP]
     mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
     text = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/summary.csv")
     return list(csv.DictReader(io.StringIO(text)))

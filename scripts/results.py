@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from fmnist_mlflow import data, registry, stats, tracking
+from fmnist_mlflow import data, registry, schema, stats, tracking
 from fmnist_mlflow.summary import REPORT_PICK
 
 CONFIG_KEYS = ("model", "loss", "optimizer", "lr", "momentum", "dropout", "batch_size", "epochs", "weight_decay",
@@ -60,16 +60,16 @@ def main() -> None:
     parser.add_argument("--sweep-parent")
     parser.add_argument("--search-parent")
     args = parser.parse_args()
-    sweep_parent = args.sweep_parent or newest("sweep", "best_config_group")
-    search_parent = args.search_parent or newest("search", "fmnist.champion_config_group")
+    sweep_parent = args.sweep_parent or newest(schema.KIND_SWEEP, schema.TAG_BEST_GROUP)
+    search_parent = args.search_parent or newest(schema.KIND_SEARCH, schema.TAG_CHAMPION_GROUP)
     sweep_tags = tracking.get_run(sweep_parent).data.tags
     search_tags = tracking.get_run(search_parent).data.tags
     test = data.load_test()
     out = {
-        "grid_champion": describe(group_runs(sweep_parent, **{tracking.TAG_CONFIG_GROUP: sweep_tags["best_config_group"]}),
+        "grid_champion": describe(group_runs(sweep_parent, **{tracking.TAG_CONFIG_GROUP: sweep_tags[schema.TAG_BEST_GROUP]}),
                                   test),
         "search_champion": describe(group_runs(search_parent, **{
-            tracking.TAG_CONFIG_GROUP: search_tags["fmnist.champion_config_group"]}), test),
+            tracking.TAG_CONFIG_GROUP: search_tags[schema.TAG_CHAMPION_GROUP]}), test),
         "report_pick": describe(group_runs(sweep_parent, **{tracking.TAG_CONFIG_NAME: "-".join(REPORT_PICK)}), test),
     }
     grid, search = out["grid_champion"]["test_accuracy"], out["search_champion"]["test_accuracy"]

@@ -14,7 +14,7 @@ from conftest import cli_env, free_port
 from fmnist_mlflow import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_ARGS = ["train", "--epochs", "1", "--subset", "600"]
+TRAIN_ARGS = ["train", "--epochs", "1", "--subset", "600", "--device", "cpu"]  # the tests check device params
 
 
 def runs(experiment="fmnist"):

@@ -14,7 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import cli_env, start_mlflow_server, free_port, reset_mlflow, stop, wait_http
-from fmnist_mlflow import cli, engine, predict, tracking
+from fmnist_mlflow import cli, connection, engine, predict, tracking
 
 
 def start_server(root, port, *extra):
@@ -88,14 +88,14 @@ def test_allowed_hosts_the_readme_recipe_and_a_clear_error_for_a_refused_host_na
         refused = requests.get(api, params={"max_results": 1}, headers={"Host": f"other.example:{port}"}, timeout=10)
         health = requests.get(f"{uri}/health", headers={"Host": f"other.example:{port}"}, timeout=10)
         assert ok.status_code == 200 and refused.status_code == 403 and health.ok  # /health alone proves nothing
-        assert tracking.check_reachable(uri) == uri
+        assert connection.check_reachable(uri) == uri
     finally:
         stop(server)
     server = start_server(root, port, "--allowed-hosts", "only.example")  # refuses 127.0.0.1
     try:
         started = time.monotonic()
-        with pytest.raises(tracking.TrackingError, match="refused an API call: HTTP 403.*--allowed-hosts"):
-            tracking.check_reachable(uri)
+        with pytest.raises(connection.TrackingError, match="refused an API call: HTTP 403.*--allowed-hosts"):
+            connection.check_reachable(uri)
         assert time.monotonic() - started < 15
     finally:
         stop(server)
@@ -183,8 +183,8 @@ def test_a_server_that_accepts_connections_but_never_answers_fails_within_the_pr
         listener.listen(16)  # accepts (the kernel completes the handshake) and never answers
         uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
         started = time.monotonic()
-        with pytest.raises(tracking.TrackingError, match="did not answer within 15 s"):
-            tracking.check_reachable(uri)
+        with pytest.raises(connection.TrackingError, match="did not answer within 15 s"):
+            connection.check_reachable(uri)
         assert time.monotonic() - started < 16.5
 
 

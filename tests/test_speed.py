@@ -74,3 +74,14 @@ def test_bench_runs_every_comparison_on_a_tiny_plan(store):
     assert json.loads(json.dumps(result)) == result
     assert any(line.startswith("model1: classic") for line in lines)
     assert mlflow.get_tracking_uri() == store  # the bench's temp stores did not leak
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_sweep_with_two_workers_sharing_the_gpu(store):
+    result = CliRunner().invoke(cli.main, ["sweep", "--device", "cuda", "--jobs", "2", "--epochs", "1", "--subset",
+                                           "2000"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    parents, children = children_by_name()
+    assert len(children) == 18 and {c.info.status for c in children.values()} == {"FINISHED"}
+    assert {c.data.params["device"] for c in children.values()} == {"cuda"}
+    assert len({c.data.tags["fmnist.worker"] for c in children.values()}) == 2

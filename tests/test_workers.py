@@ -115,6 +115,6 @@ def test_three_search_workers_redo_a_sigkilled_workers_trial(mlflow_server, post
     trial_runs = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == schema.KIND_TRIAL]
     assert {r.data.tags["mlflow.parentRunId"] for r in trial_runs} == {parent.info.run_id}
     assert sorted(r.info.status for r in trial_runs).count("FINISHED") == len(study.trials) - 1
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.data.tags[schema.TAG_RETRIED] == "1"
     assert study.user_attrs[schema.ATTR_PARENT] == parent.info.run_id
     assert tracking.find_run(lost_run_id).data.tags[schema.TAG_STATE] == "FAIL"

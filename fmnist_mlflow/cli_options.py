@@ -1,0 +1,119 @@
+"""The options the `fmnist` commands share, and the checks that turn bad values into usage errors (exit 2)
+before any work: Click types, a RunConfig built once, a study name safe in MLflow filter strings.
+
+Light on purpose: `fmnist --help` imports this without torch or MLflow.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+
+from . import config as cfg
+from .schema import DEFAULT_STORAGE
+
+
+class AutoOr(click.ParamType):
+    """A float in a range, or the word `auto` (meaning the config's per-model/optimizer default)."""
+
+    def __init__(self, low: float, high: Optional[float], low_open: bool, high_open: bool):
+        self.inner = click.FloatRange(low, high, min_open=low_open, max_open=high_open)
+        self.name = f"{self.inner.name}|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+            return None
+        return self.inner.convert(value, param, ctx)
+
+    def get_metavar(self, param, ctx=None):
+        return "FLOAT|auto"
+
+
+def data_dir_option(fn):
+    return click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Folder with the Fashion-MNIST IDX files (default: $FMNIST_DATA_DIR, else a per-user cache dir; "
+        "then Debian's dataset-fashion-mnist, then torchvision's download).",
+    )(fn)
+
+
+def tracking_options(fn):
+    """Options every tracked command shares."""
+    fn = click.option(
+        "--experiment", default="fmnist", show_default=True, envvar="MLFLOW_EXPERIMENT_NAME",
+        help="MLflow experiment name; $MLFLOW_EXPERIMENT_NAME if set (inside `mlflow run`, "
+        "the run's own experiment is used)."
+    )(fn)
+    fn = click.option(
+        "--subset", type=click.IntRange(min=0), default=0, show_default=True,
+        help="Train on the first N training and N//5 validation images (0: all; for smoke runs)."
+    )(fn)
+    fn = click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs per run.")(fn)
+    return data_dir_option(fn)
+
+
+def device_options(fn):
+    """Where and how a run computes: shared by train, sweep and search."""
+    fn = click.option("--precision", type=click.Choice(cfg.PRECISIONS), default="fp32", show_default=True,
+                      help="bf16: autocast the forward pass (pays on GPUs).")(fn)
+    fn = click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+                      help="CPU threads per training process (0: all cores, or cores / N with --jobs N). "
+                      "Give 1 to each of several workers started on one machine.")(fn)
+    return click.option("--device", type=click.Choice(cfg.DEVICES), default="auto", show_default=True,
+                        help="auto: CUDA when available.")(fn)
+
+
+def jobs_option(fn):
+    return click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+                        help="Configs run at once in worker processes (CPU threads divided between them; "
+                        "on CUDA they share the GPU).")(fn)
+
+
+def storage_options(default_study: str):
+    """--storage and --study, shared by the sweep and the search: what lets workers join one study."""
+
+    def decorate(fn):
+        fn = click.option("--study", "study_name", default=None,
+                          help=f"Optuna study name (default: {default_study}). Same storage and study: resume "
+                          "it, or join the workers already on it.")(fn)
+        return click.option("--storage", default=DEFAULT_STORAGE, show_default=True,
+                            help="Optuna storage: sqlite:///FILE (one machine), postgresql://USER@HOST:PORT/DB "
+                            "(several machines), or journal:FILE (no lost-worker recovery).")(fn)
+
+    return decorate
+
+
+def check_study_name(study_name: Optional[str]) -> None:
+    if study_name is not None and (any(ch in study_name for ch in "'\"`\\") or not study_name.strip()):
+        raise click.BadParameter(f"{study_name!r}: a study name may not be empty or contain quotes, backticks or "
+                                 "backslashes (it is matched in MLflow filter strings)", param_hint="--study")
+
+
+def config_options(fn):
+    """The options that make up one RunConfig."""
+    options = [
+        click.option("--model", type=click.Choice(cfg.MODELS), default="model1", show_default=True, help="Network."),
+        click.option("--loss", type=click.Choice(cfg.LOSSES), default="ce", show_default=True,
+                     help="ce: CrossEntropyLoss; bce: BCEWithLogitsLoss on one-hot targets."),
+        click.option("--optimizer", type=click.Choice(cfg.OPTIMIZERS), default="adam", show_default=True),
+        click.option("--lr", type=AutoOr(0, None, True, False), default="auto", show_default=True,
+                     help=f"Learning rate > 0; auto: {cfg.DEFAULT_LR}."),
+        click.option("--dropout", type=AutoOr(0, 1, False, True), default="auto", show_default=True,
+                     help=f"Dropout rate in [0, 1); auto: {cfg.DEFAULT_DROPOUT}."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same metrics on CPU."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def build_config(**values) -> cfg.RunConfig:
+    """A validated RunConfig; a ConfigError (e.g. cuda absent) becomes a usage error, exit 2."""
+    try:
+        return cfg.RunConfig(**values)
+    except cfg.ConfigError as exc:
+        raise click.UsageError(str(exc)) from None

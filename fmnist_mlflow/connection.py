@@ -1,0 +1,127 @@
+"""Where the tracking store is, and whether it can be used: checked before any work, in seconds, naming
+the URI with its password hidden.
+
+The tracking URI comes from `MLFLOW_TRACKING_URI`, else MLflow's default (`sqlite:///mlflow.db` in the
+working directory). A server must answer /health and a real API call (a server that refuses this host
+name, or needs credentials, fails here with the reason); a database must accept a connection.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+import mlflow
+
+from .errors import FmnistError
+
+
+REACH_TIMEOUT_S = 15.0  # give up on an unreachable tracking server after this long
+
+
+class TrackingError(FmnistError, RuntimeError):
+    """The tracking server could not be used; the message names the URI."""
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def redact(url: str) -> str:
+    """A URL with its password replaced by ***, whatever its scheme, parseable or not."""
+    import re
+
+    return re.sub(r"(://[^/:@\s]*):[^@/\s]*@", r"\1:***@", url)
+
+
+def check_reachable(uri: Optional[str] = None, timeout: float = REACH_TIMEOUT_S) -> str:
+    """Fail within `timeout` seconds, naming the URI (password hidden), if the tracking store cannot be used.
+
+    For a server: its /health must answer, and then a real API call must succeed, so that a server that
+    refuses this host name (MLflow's "Invalid Host header": see --allowed-hosts) or needs credentials
+    fails here in seconds with the reason, not later with a traceback.
+    """
+    uri = uri or tracking_uri()
+    shown = redact(uri)
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        import requests
+
+        deadline = time.monotonic() + timeout
+        error = "no answer"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                response = requests.get(uri.rstrip("/") + "/health", timeout=min(5.0, left))
+                if response.ok:
+                    _check_api(uri, shown, min(5.0, max(1.0, deadline - time.monotonic())))
+                    return uri
+                error = f"HTTP {response.status_code}"
+            except requests.RequestException as exc:
+                error = type(exc).__name__
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        raise TrackingError(
+            f"MLflow tracking server {shown} did not answer within {timeout:.0f} s ({error}). "
+            "Start it (mlflow server --host 127.0.0.1 --port PORT) or set MLFLOW_TRACKING_URI."
+        )
+    if scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
+        _check_database(uri, shown)
+        return uri
+    if scheme == "sqlite":
+        path = uri[len("sqlite:///") :]
+        folder = Path(path).parent if path else Path(".")
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingError(f"tracking store {uri}: folder {folder} does not exist or is not writable")
+    return uri
+
+
+def _check_api(uri: str, shown: str, timeout: float) -> None:
+    import requests
+
+    try:
+        response = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
+                                params={"max_results": 1}, timeout=timeout)
+    except requests.RequestException as exc:
+        raise TrackingError(f"MLflow tracking server {shown}: its API did not answer ({type(exc).__name__})") from None
+    if response.ok:
+        return
+    reason = " ".join(response.text.split())[:200]
+    hint = ""
+    if response.status_code == 403 and "host" in reason.lower():
+        hint = (" The server refuses this host name: start it with --allowed-hosts listing the name clients use "
+                "(e.g. --allowed-hosts 'tracking.example.org,tracking.example.org:5000').")
+    elif response.status_code in (401, 403):
+        hint = " The server needs credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."
+    raise TrackingError(f"MLflow tracking server {shown} answered /health but refused an API call: "
+                        f"HTTP {response.status_code} {reason}.{hint}")
+
+
+def _check_database(uri: str, shown: str) -> None:
+    """A database tracking URI: connect once with a short timeout."""
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 5})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:  # driver and SQLAlchemy errors come in many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(f"tracking store {shown} cannot be reached: {redact(first)}") from None
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for an error raised while talking to the tracking store."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return f"tracking store {redact(tracking_uri())} failed: {redact(text)}"
+
+
+def use_uri(uri: str) -> None:
+    mlflow.set_tracking_uri(uri)

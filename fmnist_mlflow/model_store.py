@@ -1,0 +1,150 @@
+"""Logged models and the model registry in MLflow: log a trained model (pt2, with its signature and
+metadata), find a run's model, register a version, move an alias, keep an alias's history.
+
+Models are logged from a CPU copy in MLflow's torch.export format with float32 input, so that they load
+and serve anywhere without this package or pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import mlflow
+import numpy as np
+import torch
+
+from . import plots
+from .data import CLASS_NAMES
+from .tracking import client
+
+MODEL_ARTIFACT = "model"
+
+INPUT_EXAMPLE_BATCH = 4  # > 1 so that torch.export keeps the batch dimension dynamic
+
+MODEL_INPUT = ("float32 images (N, 1, 28, 28): pixels in [0, 1], or raw 0-255 values (each image's scale is told "
+               "by its brightest pixel); normalised inside the model")
+
+
+def log_model(model: torch.nn.Module, extra_metadata: Optional[dict] = None, *, name: str = MODEL_ARTIFACT,
+              params: Optional[dict] = None, metrics: Optional[dict] = None, step: Optional[int] = None,
+              dataset=None) -> str:
+    """Log the model in MLflow's default pt2 (torch.export) format; returns its `models:/m-...` URI.
+
+    Input: float32 images (N, 1, 28, 28), any N, in [0, 1] or raw 0-255 pixels. float32, not uint8: a
+    served model casts the JSON it receives to the signature's dtype, and uint8 would turn [0, 1] floats
+    into blank images. Output: float32 logits (N, 10) in `class_names` order.
+    """
+    model = _cpu_copy(model)
+    example = np.zeros((INPUT_EXAMPLE_BATCH, 1, 28, 28), dtype=np.float32)
+    metadata = {
+        "class_names": list(CLASS_NAMES),
+        "input": MODEL_INPUT,
+        "output": "float32 logits (N, 10); softmax gives probabilities, index = class_names position",
+        **(extra_metadata or {}),
+    }
+    info = mlflow.pytorch.log_model(
+        model,
+        name=name,
+        params={k: str(v) for k, v in (params or {}).items()},
+        input_example=example,
+        # Explicit requirements: inferring them would load the model again in a subprocess.
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+        metadata=metadata,
+    )
+    if metrics:
+        mlflow.log_metrics(metrics, step=step, model_id=info.model_id, dataset=dataset)
+    return info.model_uri
+
+
+def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    copied = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
+    return copied
+
+
+def logged_model(run_id: str):
+    """The logged model of a run (MLflow 3 keeps it with its own id), or None."""
+    experiment = client().get_run(run_id).info.experiment_id
+    models = mlflow.search_logged_models(experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'",
+                                         output_format="list")
+    return models[0] if models else None
+
+
+def model_uri(run_id: str) -> str:
+    """The URI of the model a run logged."""
+    model = logged_model(run_id)
+    return f"models:/{model.model_id}" if model else f"runs:/{run_id}/{MODEL_ARTIFACT}"
+
+
+def load_pyfunc(uri: str):
+    return mlflow.pyfunc.load_model(uri)
+
+
+def log_to_run(run_id: str, *, metrics: dict, texts: dict, figures: dict) -> None:
+    """Add metrics and artifacts to a run that may have ended (its status does not change)."""
+    c = client()
+    model = logged_model(run_id)
+    for key, value in metrics.items():  # linked to the run's logged model, so the Models view shows them
+        c.log_metric(run_id, key, value, model_id=model.model_id if model else None)
+    for path, text in texts.items():
+        c.log_text(run_id, text, path)
+    for path, fig in figures.items():
+        c.log_figure(run_id, fig, path)
+        plots.close(fig)
+
+REGISTERED_MODEL_DESCRIPTION = (
+    "Fashion-MNIST CNNs trained and selected by fmnist-mlflow (validation split, never the test set). "
+    "Each version's description and tags give its config, seeds and test accuracy over seeds.")
+
+
+def register_model_version(run_id: str, name: str, tags: dict, description: str = "") -> str:
+    """The version of `name` holding this run's model (the existing one if registered before, its tags and
+    description brought up to date), else a new one."""
+    c = client()
+    if not _registered(name):
+        try:
+            c.create_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
+        except mlflow.exceptions.MlflowException:
+            pass  # created by another process at the same moment
+    for version in c.search_model_versions(f"name = '{name}'"):
+        if version.tags.get("source_run_id") == run_id:
+            for key, value in tags.items():
+                c.set_model_version_tag(name, version.version, key, value)
+            if description:
+                c.update_model_version(name, version.version, description=description)
+            return str(version.version)
+    version = mlflow.register_model(model_uri(run_id), name, tags=tags)
+    if description:
+        c.update_model_version(name, version.version, description=description)
+    return str(version.version)
+
+
+def _registered(name: str) -> bool:
+    try:
+        client().get_registered_model(name)
+        return True
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
+def alias_version(name: str, alias: str):
+    try:
+        return client().get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def move_alias(name: str, alias: str, version: str) -> None:
+    client().set_registered_model_alias(name, alias, version)
+
+
+def model_tag_json(name: str, key: str) -> list:
+    if not _registered(name):
+        return []
+    return json.loads(client().get_registered_model(name).tags.get(key, "[]"))
+
+
+def append_model_tag_json(name: str, key: str, entry: dict) -> None:
+    client().set_registered_model_tag(name, key, json.dumps(model_tag_json(name, key) + [entry]))
