@@ -68,8 +68,8 @@ def device_options(fn):
 
 def jobs_option(fn):
     return click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-                        help="Configs run at once in worker processes (CPU threads divided between them; "
-                        "on CUDA they share the GPU).")(fn)
+                        help="Worker processes on the study, each running one config or trial at a time "
+                        "(CPU threads divided between them; on CUDA they share the GPU).")(fn)
 
 
 def storage_options(default_study: str):
