@@ -127,7 +127,7 @@ def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> N
               help="Training seeds, each config runs once per seed (default: the grid's `seeds`, [0] for the report's).")
 @device_options
 @jobs_option
-@storage_options("the grid's name, a digest of its configs and the experiment id")
+@storage_options("the grid's name, a digest of its configs, a stamp of the experiment")
 @click.option("--epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Epochs per config (0: the grid's own, 10 for the report's grid).")
 @click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,

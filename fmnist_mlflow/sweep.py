@@ -1,7 +1,7 @@
 """The fixed grid as an Optuna study driven by GridSampler, logged as nested MLflow runs: one parent per
 sweep, one child per (config, seed); resumable, and shared by any number of workers.
 
-Each grid point is one (config, seed), named by its digest. The study (by default `<grid>-<digest>-e<experiment>`
+Each grid point is one (config, seed), named by its digest. The study (by default `<grid>-<digest>-<experiment stamp>`
 in sqlite:///optuna.db) records which points are taken and done; every `fmnist sweep` on the same storage,
 study and tracking server takes the next free point from it, so N workers on N machines share one grid
 and no point runs twice to completion. GridSampler hands points out in grid order: seed by seed (a partial
@@ -70,9 +70,10 @@ def grid_order(configs: list) -> list:
 
 
 def default_study_name(grid: Grid, configs: list, experiment_id: str) -> str:
-    """`<grid>-<digest of its configs>-e<experiment id>`: the same grid logged to another experiment is
-    another sweep (with its own parent there); workers on one tracking server agree on all three."""
-    return f"{grid.name}-{sweep_digest(configs)[:8]}-e{experiment_id}"
+    """`<grid>-<digest of its configs>-<stamp of the experiment>`: the same grid logged to another
+    experiment, or to a new tracking store beside an old optuna.db, is another sweep with its own parent;
+    workers on one tracking server agree on all three."""
+    return f"{grid.name}-{sweep_digest(configs)[:8]}-{tracking.experiment_stamp(experiment_id)}"
 
 
 @dataclass(frozen=True)

@@ -256,6 +256,13 @@ def experiment_id(name: str) -> Optional[str]:
     return experiment.experiment_id if experiment else None
 
 
+def experiment_stamp(experiment_id: str) -> str:
+    """Names one experiment in one tracking store: its id and creation time, hashed. Every worker on the
+    same server gets the same stamp; a new store (ids start again at 1) gets another."""
+    created = client().get_experiment(experiment_id).creation_time
+    return hashlib.sha256(f"{experiment_id}:{created}".encode()).hexdigest()[:6]
+
+
 def find_runs(experiment_ids: list, tags: dict, status: Optional[str] = None) -> list:
     """Runs carrying all `tags` (and `status`, if given), newest first."""
     filters = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import cli_env
+from conftest import cli_env, reset_mlflow
 from fmnist_mlflow import cli, grid, sweep, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +102,21 @@ def test_interrupted_sweep_resumes_under_the_same_parent(store, tmp_path, tiny_d
     assert again.skipped == 4 and len(parents_and_children()[1]) == 5  # idempotent
 
 
+def test_a_new_tracking_store_beside_an_old_optuna_db_starts_a_new_sweep(store, tmp_path, monkeypatch):
+    path = write_grid(tmp_path)
+    assert sweep_cli("--grid", str(path), "--epochs", "1").exit_code == 0
+    (first,), _ = parents_and_children()
+    reset_mlflow()
+    other = f"sqlite:///{tmp_path / 'other.db'}"  # the same optuna.db, another tracking store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    mlflow.set_tracking_uri(other)
+    result = sweep_cli("--grid", str(path), "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    (second,), children = parents_and_children()
+    assert second.info.run_id != first.info.run_id and len(children) == 2
+    assert "0 (config, seed) run(s) had already finished" not in result.output and "[2/2]" in result.output
+
+
 def test_diverging_config_fails_alone(store, tmp_path):
     path = write_grid(tmp_path, optimizers=["adam", "sgd"], lr={"adam": 0.001, "sgd": 1e12})
     result = sweep_cli("--grid", str(path))
@@ -157,7 +172,8 @@ def test_mlflow_run_main_entry_point_is_the_sweep(tmp_path):
     small = write_grid(tmp_path)
     proc = subprocess.run(
         [f"{Path(sys.executable).parent}/mlflow", "run", str(ROOT), "--env-manager", "local",
-         "-P", f"grid={small}", "-P", "epochs=1", "-P", "subset=300"],
+         "-P", f"grid={small}", "-P", "epochs=1", "-P", "subset=300",
+         "-P", f"storage=sqlite:///{tmp_path / 'optuna.db'}"],  # `mlflow run` works in the project folder
         env=cli_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
