@@ -186,8 +186,7 @@ def work(study: optuna.Study, objective: Callable, *, more: Callable[[optuna.Stu
     """
     ran = 0
     while deadline is None or time.monotonic() < deadline:
-        optuna.storages.fail_stale_trials(study)
-        if more(study, ran) or retry_waiting(study):
+        if more(study, ran) or retry_waiting(study):  # (Optuna fails stale trials as each trial starts)
             study.optimize(objective, n_trials=1, catch=catch, callbacks=list(callbacks))
             ran += 1
             continue
@@ -197,7 +196,13 @@ def work(study: optuna.Study, objective: Callable, *, more: Callable[[optuna.Stu
         if on_wait is not None:
             on_wait(len(running))
         time.sleep(heartbeat_interval())
+        optuna.storages.fail_stale_trials(study)  # a lost worker's trial: failed here, its retry queued
     return ran
+
+
+def retried_count(study: optuna.Study) -> int:
+    """How many trials of the study redo the work of a lost worker."""
+    return sum(retried(t) is not None for t in study.get_trials(deepcopy=False))
 
 
 def retry_waiting(study: optuna.Study) -> bool:

@@ -226,7 +226,7 @@ def finish(study, parent_id: str, space: Space, settings: SearchSettings):
                                                 settings.epochs) for name in ("percentile", "median"))
     engine.reap_orphans(study, parent_id)  # runs whose worker died before its trial could name them
     summary = search_report.summarize(study, parent_id, settings.epochs, replays,
-                                      retried=sum(engine.retried(t) is not None for t in study.get_trials(deepcopy=False)))
+                                      retried=engine.retried_count(study))
     with tracking.run(study.study_name, kind=KIND_SEARCH, run_id=parent_id):
         search_report.log(study, summary, space.metric)
     return summary

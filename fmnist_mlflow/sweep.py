@@ -128,7 +128,7 @@ def run_sweep(
     engine.reap_orphans(study, parent_id)  # runs whose worker died before its trial could name them
     result = summarize(parent_id, configs, select)
     result.skipped, result.study_name = done_before, study_name
-    result.retried = sum(engine.retried(t) is not None for t in study.get_trials(deepcopy=False))
+    result.retried = engine.retried_count(study)
     if result.retried:
         result.markdown += (f"\n\n{result.retried} (config, seed) run(s) were retried after the worker running them "
                             "was lost (their first runs ended KILLED, `fmnist.failure_reason` \"worker lost\").\n")
