@@ -82,7 +82,13 @@ def use_experiment(name: str) -> str:
         experiment = mlflow.set_experiment(name)
     for key, value in EXPERIMENT_TAGS.items():
         if key not in experiment.tags:
-            client().set_experiment_tag(experiment.experiment_id, key, value)
+            try:
+                client().set_experiment_tag(experiment.experiment_id, key, value)
+            except mlflow.exceptions.MlflowException:
+                # Workers starting together race to set it (a sqlite-backed server answers the loser with a
+                # UNIQUE constraint error); the tag is there either way.
+                if key not in client().get_experiment(experiment.experiment_id).tags:
+                    raise
     return experiment.experiment_id
 
 
