@@ -1,4 +1,4 @@
-"""`fmnist bench`: our trainer against the classic loop, tracking overhead, and `--jobs` scaling.
+"""`fmnist bench`: our trainer against the classic loop, fp32 against bf16, tracking overhead, `--jobs` scaling.
 
 Every comparison runs its contenders side by side in one process, alternating which goes first in each
 round, so that machine drift hits both; ratios are medians over rounds. The classic loop is the one the
@@ -20,7 +20,7 @@ import torch
 from torch.nn import functional as F
 
 from . import data as data_mod
-from . import models, train
+from . import hardware, models, train
 from .config import RunConfig
 
 
@@ -78,14 +78,35 @@ def classic_pass(dataset, model_name: str, images: int, device: str) -> float:
     return images / (time.perf_counter() - started)
 
 
-def our_pass(split: data_mod.Split, model_name: str, images: int, device: str) -> float:
-    config = RunConfig(model=model_name, dropout=0.0, device=device)
+def our_pass(split: data_mod.Split, model_name: str, images: int, device: str, precision: str = "fp32") -> float:
+    config = RunConfig(model=model_name, dropout=0.0, device=device, precision=precision)
     part = data_mod.Split(split.x[:images], split.y[:images]).to(device)
     model = train.prepare_model(config)
     optimizer = train.make_optimizer(config, model.parameters())
     generator = torch.Generator(device=device).manual_seed(0)
     started = time.perf_counter()
     train.train_epoch(model, optimizer, part, config, generator)  # returns after a device sync
+    return images / (time.perf_counter() - started)
+
+
+def floor_pass(split: data_mod.Split, model_name: str, images: int, device: str, precision: str) -> float:
+    """Images per second of the bare step loop: the same model and optimizer on batches sliced beforehand
+    (no shuffling, no loss bookkeeping, no callbacks): what the arithmetic alone costs at `precision`."""
+    config = RunConfig(model=model_name, dropout=0.0, device=device, precision=precision)
+    x = split.x[:images].to(device).contiguous(memory_format=torch.channels_last)
+    y = split.y[:images].to(device)
+    batches = [(x[i:i + config.batch_size], y[i:i + config.batch_size]) for i in range(0, images, config.batch_size)]
+    model = train.prepare_model(config)
+    optimizer = train.make_optimizer(config, model.parameters())
+    started = time.perf_counter()
+    for xb, yb in batches:
+        with train.autocast(config):
+            logits = model(xb)
+        loss = F.cross_entropy(logits.float(), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    loss.item()  # one device sync, as train_epoch does
     return images / (time.perf_counter() - started)
 
 
@@ -114,8 +135,37 @@ def throughput(plan: BenchPlan, device: str, report) -> dict:
             ratios = [o / c for o, c in zip(res["ours"], res["classic"])]
             out[model_name] = {"classic_img_s": statistics.median(res["classic"]),
                                "ours_img_s": statistics.median(res["ours"]), "speedup": statistics.median(ratios)}
-            report(f"{model_name}: classic {out[model_name]['classic_img_s']:,.0f} img/s, ours "
+            report(f"{model_name} (fp32 both): classic {out[model_name]['classic_img_s']:,.0f} img/s, ours "
                    f"{out[model_name]['ours_img_s']:,.0f} img/s, speedup {out[model_name]['speedup']:.2f}x")
+    return out
+
+
+def precision(plan: BenchPlan, device: str, report) -> dict:
+    """The bare step loop at fp32 and at bf16, and ours at the default precision (what `auto` resolves to
+    here), side by side: what bf16 buys, and how close our loop comes to the floor at the same precision."""
+    dataset = data_mod.load()
+    default = RunConfig(device=device).precision
+    has_bf16 = hardware.bf16_units(device)[0] is not False
+    out = {"default_precision": default}
+    for model_name, images in plan.images.items():
+        floor_pass(dataset.train, model_name, 640, device, "fp32"), our_pass(dataset.train, model_name, 640, device, default)
+        contenders = {"floor_fp32": lambda: floor_pass(dataset.train, model_name, images, device, "fp32"),
+                      "ours_default": lambda: our_pass(dataset.train, model_name, images, device, default)}
+        if has_bf16:
+            contenders["floor_bf16"] = lambda: floor_pass(dataset.train, model_name, images, device, "bf16")
+        res = {name: statistics.median(values) for name, values in alternate(plan.rounds, contenders).items()}
+        floor_default = res["floor_bf16"] if default == "bf16" else res["floor_fp32"]
+        entry = {f"{name}_img_s": value for name, value in res.items()}
+        entry["ours_vs_floor"] = res["ours_default"] / floor_default  # same precision: our loop's cost
+        entry["default_vs_fp32_floor"] = res["ours_default"] / res["floor_fp32"]  # what the default gives
+        if has_bf16:
+            entry["bf16_vs_fp32_floor"] = res["floor_bf16"] / res["floor_fp32"]
+        out[model_name] = entry
+        bf16 = (f", floor bf16 {res['floor_bf16']:,.0f} img/s ({entry['bf16_vs_fp32_floor']:.2f}x)" if has_bf16
+                else ", no bf16 units here")
+        report(f"{model_name} precision: floor fp32 {res['floor_fp32']:,.0f} img/s{bf16}; ours at {default} "
+               f"{res['ours_default']:,.0f} img/s ({entry['ours_vs_floor']:.2f}x its floor, "
+               f"{entry['default_vs_fp32_floor']:.2f}x the fp32 floor)")
     return out
 
 
@@ -158,7 +208,7 @@ def grid_jobs(plan: BenchPlan, device: str, report) -> dict:
     from . import connection, sweep, tracking
 
     g = grid_mod.load_grid()
-    configs = g.configs(epochs=1, subset=plan.grid_subset, device=device)
+    configs = g.configs(epochs=1, subset=plan.grid_subset, device=device, seeds=(0,))
     dataset = data_mod.load(subset=plan.grid_subset)
     times = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,13 +240,17 @@ def _timed(fn) -> float:
 
 
 def run(plan: BenchPlan, device: str, report=print) -> dict:
-    report(f"machine: {machine()}; plan: {plan}")
+    report(f"machine: {machine()}; {hardware.describe(device)}; plan: {plan}")
     speed = throughput(plan, device, report)
+    prec = precision(plan, device, report)
     overhead = tracking_overhead(plan, device, report)
     jobs = grid_jobs(plan, device, report)
     return {
         "speedup": speed["model1"]["speedup"], "speedup_model3": speed["model3"]["speedup"],
+        "default_precision": prec["default_precision"],
+        "bf16_speedup_model3": prec["model3"].get("bf16_vs_fp32_floor"),
+        "ours_vs_floor_model3": prec["model3"]["ours_vs_floor"],
         "tracking_overhead": overhead["overhead"], "jobs_speedup": jobs["jobs_speedup"],
-        "throughput": speed, "tracking": overhead, "grid": jobs, "machine": machine(),
+        "throughput": speed, "precision": prec, "tracking": overhead, "grid": jobs, "machine": machine(),
         "device": device, "plan": "quick" if plan == QUICK else "full" if plan == FULL else "custom",
     }  # fmt: skip

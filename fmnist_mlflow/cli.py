@@ -86,6 +86,8 @@ def main() -> None:
 def data(data_dir: Optional[str]) -> None:
     """Locate Fashion-MNIST, verify its four files, and show the train/validation split."""
     from . import data as data_mod
+    from . import hardware
+
     for name, path in data_mod.verify(data_dir).items():
         click.echo(f"ok  {name:<26} {path}")
     dataset = data_mod.load(data_dir)
@@ -93,6 +95,9 @@ def data(data_dir: Optional[str]) -> None:
         f"split: {len(dataset.train):,} train / {len(dataset.val):,} validation (seed {cfg.SPLIT_SEED}); "
         "10,000 test images held out for the final evaluation"
     )
+    device = cfg.RunConfig().device
+    click.echo(f"this machine: {hardware.describe(device)}; --jobs auto -> "
+               f"{hardware.default_jobs(device, 18, 0)} worker(s) for the report's grid on full data")
 
 
 @main.command()
@@ -146,7 +151,7 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, s
     import time
 
     from . import grid as grid_mod
-    from . import connection, parallel, tracking
+    from . import connection, hardware, parallel, tracking
     from . import sweep as sweep_mod
 
     try:
@@ -175,11 +180,17 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, s
         bar = EpochProgress(config, prefix="  ")
         return bar.on_epoch_end, bar.on_batch
 
-    if jobs > 1:
-        click.echo(f"{jobs} workers, {threads or parallel.threads_per_worker(jobs)} CPU thread(s) each")
+    asked = jobs
+    jobs = jobs or hardware.default_jobs(configs[0].device, len(configs), subset)
+
+    def on_workers(workers: int) -> None:
+        capped = f" (--jobs {asked} capped at the {workers} point(s) left)" if asked and asked > workers else ""
+        click.echo(f"{workers} workers, {threads or parallel.threads_per_worker(workers)} CPU thread(s) each{capped}")
+
     result = sweep_mod.run_sweep(grid, configs, dataset, experiment_id=experiment_id, select=select,
                                  storage_url=storage, study_name=study_name, on_start=on_start, progress=progress,
-                                 on_wait=on_wait, jobs=jobs, data_dir=data_dir, threads=threads)
+                                 on_wait=on_wait, jobs=jobs, data_dir=data_dir, threads=threads,
+                                 on_workers=on_workers)
     click.echo("")
     click.echo(result.markdown)
     if result.skipped:
@@ -220,7 +231,7 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
     from . import data as data_mod
     import time
 
-    from . import connection, parallel, search as search_mod, tracking
+    from . import connection, hardware, parallel, search as search_mod, tracking
     from .grid import SpecError, parse_seeds
     from .space import DEFAULT_SPACE, load_space
 
@@ -236,8 +247,10 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
     space_file = space_file or str(DEFAULT_SPACE)
     try:
         space = load_space(space_file)
-        checked = build_config(device=device, subset=subset, epochs=epochs)  # usage errors before any study or run
-        settings = search_mod.SearchSettings(epochs=epochs, subset=subset, device=checked.device, precision=precision)
+        # usage errors before any study or run; device and precision resolved once, for every worker
+        checked = build_config(device=device, subset=subset, epochs=epochs, precision=precision)
+        settings = search_mod.SearchSettings(epochs=epochs, subset=subset, device=checked.device,
+                                             precision=checked.precision)
     except SpecError as exc:
         raise click.UsageError(str(exc)) from None
     check_study_name(study_name)
@@ -269,9 +282,11 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
             click.echo(f"trial {t.number} {t.state.name} [{len(done)}/{trials}{left}]: {space.metric} {value}  "
                        f"{brief_params(t.params)}")
 
+        asked = jobs
+        jobs = min(jobs or hardware.default_jobs(settings.device, trials, subset), trials)
         if jobs > 1:
-            workers = min(jobs, trials)
-            click.echo(f"{workers} workers, {threads or parallel.threads_per_worker(workers)} CPU thread(s) each")
+            capped = f" (--jobs {asked} capped at --trials {trials})" if asked and asked > jobs else ""
+            click.echo(f"{jobs} workers, {threads or parallel.threads_per_worker(jobs)} CPU thread(s) each{capped}")
         search_mod.run(study, storage, parent_id, key, space, dataset, settings, trials=trials, timeout=timeout,
                        jobs=jobs, sampler=sampler, pruner=pruner, seed=seed, space_file=space_file, data_dir=data_dir,
                        threads=threads, progress=progress, on_trial_end=on_trial_end, on_wait=on_wait)

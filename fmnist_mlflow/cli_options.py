@@ -30,6 +30,21 @@ class AutoOr(click.ParamType):
         return "FLOAT|auto"
 
 
+class JobsType(click.ParamType):
+    """A worker count in 1..MAX_JOBS, or `auto` (None: chosen for the device and the work, see
+    hardware.default_jobs)."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+            return None
+        return click.IntRange(1, MAX_JOBS).convert(value, param, ctx)
+
+
+MAX_JOBS = 256  # worker processes of one command: far more than cores on any machine this runs on
+
+
 def data_dir_option(fn):
     return click.option(
         "--data-dir",
@@ -57,8 +72,9 @@ def tracking_options(fn):
 
 def device_options(fn):
     """Where and how a run computes: shared by train, sweep and search."""
-    fn = click.option("--precision", type=click.Choice(cfg.PRECISIONS), default="fp32", show_default=True,
-                      help="bf16: autocast the forward pass (pays on GPUs).")(fn)
+    fn = click.option("--precision", type=click.Choice(cfg.PRECISIONS), default="auto", show_default=True,
+                      help="bf16: autocast the forward pass (the model stays fp32). auto: bf16 on CUDA GPUs with "
+                      "bf16 and on CPUs with AMX-BF16 or AVX512-BF16, else fp32 (`fmnist --version` says which).")(fn)
     fn = click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
                       help="CPU threads per training process (0: all cores, or cores / N with --jobs N). "
                       "Give 1 to each of several workers started on one machine.")(fn)
@@ -67,9 +83,11 @@ def device_options(fn):
 
 
 def jobs_option(fn):
-    return click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+    return click.option("--jobs", type=JobsType(), default="auto", show_default=True,
                         help="Worker processes on the study, each running one config or trial at a time "
-                        "(CPU threads divided between them; on CUDA they share the GPU).")(fn)
+                        "(CPU threads divided between them; on CUDA they share the GPU), at most one per point "
+                        "left. auto: one single-threaded worker per CPU core for full-data runs on a CPU, "
+                        "else 1.")(fn)
 
 
 def storage_options(default_study: str):

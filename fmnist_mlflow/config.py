@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from . import hardware
 from .errors import FmnistError
 
 MODELS = ("model1", "model2", "model3")
@@ -21,7 +22,9 @@ LOSSES = ("ce", "bce")
 LOSS_NAMES = {"ce": "CrossEntropyLoss", "bce": "BCEWithLogitsLoss"}
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16")  # bf16: autocast of the forward pass; pays on GPUs (and CPUs with AMX)
+# bf16: autocast of the forward pass (weights, optimizer and the logged model stay fp32); "auto": bf16 where
+# the device multiplies bf16 natively, else fp32 (hardware.py). A config holds the resolved value.
+PRECISIONS = ("auto", "fp32", "bf16")
 # Learning-rate schedules, stepped once per batch: "constant" (the report's), "cosine" (lr -> 0 over the
 # run), "onecycle" (torch's OneCycleLR: warm up to lr over 30% of the steps, then anneal; momentum fixed).
 SCHEDULES = ("constant", "cosine", "onecycle")
@@ -65,7 +68,7 @@ class RunConfig:
     seed: int = 0  # weights init, batch order, dropout masks
     device: str = "auto"  # "auto" resolves to "cuda" when available, else "cpu"
     subset: int = 0  # 0: full split; N: first N training and N // 5 validation images (smoke runs)
-    precision: str = "fp32"  # one of PRECISIONS
+    precision: str = "auto"  # one of PRECISIONS; "auto" resolves to bf16 or fp32 for the device
     # Beyond the report (its grid keeps these defaults; the Optuna search tunes them):
     weight_decay: float = 0.0  # L2 penalty passed to the optimizer (decoupled for Adam: AdamW)
     schedule: str = "constant"  # one of SCHEDULES
@@ -89,6 +92,12 @@ class RunConfig:
             object.__setattr__(self, "dropout", DEFAULT_DROPOUT[self.model])
         if self.device == "auto":
             object.__setattr__(self, "device", _auto_device())
+        if self.device == "cuda" and not hardware.cuda_available():
+            raise ConfigError("device 'cuda' was asked for but torch sees no CUDA device")
+        try:
+            object.__setattr__(self, "precision", hardware.resolve_precision(self.precision, self.device))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         for name in ("lr", "momentum", "dropout", "weight_decay", "label_smoothing"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
@@ -113,8 +122,6 @@ class RunConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.subset < 0 or 0 < self.subset < 5 or self.subset > TRAIN_SIZE:
             raise ConfigError(f"subset must be 0 (all) or 5..{TRAIN_SIZE:,} (the training split), got {self.subset}")
-        if self.device == "cuda" and not _cuda_available():
-            raise ConfigError("device 'cuda' was asked for but torch sees no CUDA device")
 
     @property
     def run_name(self) -> str:
@@ -141,11 +148,5 @@ def _check_choice(name: str, value: str, choices: tuple) -> None:
         raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _auto_device() -> str:
-    return "cuda" if _cuda_available() else "cpu"
+    return "cuda" if hardware.cuda_available() else "cpu"

@@ -38,7 +38,7 @@ class Grid:
     seeds: tuple  # training seeds: every config runs once per seed
     source: str  # the file it was read from
 
-    def configs(self, epochs: int | None = None, subset: int = 0, device: str = "auto", precision: str = "fp32",
+    def configs(self, epochs: int | None = None, subset: int = 0, device: str = "auto", precision: str = "auto",
                 seeds: tuple | None = None) -> list:
         """One RunConfig per model x loss x optimizer x seed, in the report's table order (seeds innermost).
         `seeds` overrides the grid's own."""

@@ -29,7 +29,7 @@ class SearchSettings:
     epochs: int = 10
     subset: int = 0
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"  # the CLI passes the resolved value
 
 
 def sampler_seed(seed: Optional[int], finished_before: int, worker: int = 0) -> Optional[int]:

@@ -52,7 +52,7 @@ class Space:
     def direction(self) -> str:
         return "maximize" if SELECT[self.metric] else "minimize"
 
-    def suggest(self, trial, *, epochs: int, subset: int = 0, device: str = "auto", precision: str = "fp32") -> RunConfig:
+    def suggest(self, trial, *, epochs: int, subset: int = 0, device: str = "auto", precision: str = "auto") -> RunConfig:
         """The trial's RunConfig: fixed values, plus what the trial samples."""
         values = dict(self.fixed)
         for name, options in self.choices.items():

@@ -105,6 +105,7 @@ def run_sweep(
     jobs: int = 1,
     data_dir: Optional[str] = None,
     threads: int = 0,
+    on_workers: Optional[Callable[[int], None]] = None,
 ) -> SweepResult:
     """Run the points of `configs` still to do under the sweep's parent run and summarize them on it.
 
@@ -120,6 +121,8 @@ def run_sweep(
     todo = len(configs) - done_before
     if jobs > 1 and todo > 1:
         job = SweepJob(grid.name, tuple(configs), storage_url, study_name, parent_id, key, select, data_dir)
+        if on_workers is not None:
+            on_workers(min(jobs, todo))
         engine.run_workers(worker, [(job, data.subset)] * min(jobs, todo), threads)
     else:
         with tracking.run(grid.name, kind=KIND_SWEEP, run_id=parent_id):

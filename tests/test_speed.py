@@ -3,11 +3,13 @@
 import json
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
-from fmnist_mlflow import bench, cli, tracking
+from fmnist_mlflow import bench, cli, grid, hardware, model_store, tracking
+from fmnist_mlflow.config import ConfigError, RunConfig
 
 
 def children_by_name():
@@ -17,7 +19,7 @@ def children_by_name():
 
 
 def test_jobs_2_runs_the_same_configs_with_the_same_metrics(store, tmp_path, monkeypatch):
-    args = ["sweep", "--epochs", "1", "--subset", "400"]
+    args = ["sweep", "--epochs", "1", "--subset", "400", "--seeds", "0"]
     assert CliRunner().invoke(cli.main, [*args, "--experiment", "one"], catch_exceptions=False).exit_code == 0
     result = CliRunner().invoke(cli.main, [*args, "--experiment", "two", "--jobs", "2"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -36,7 +38,13 @@ def test_jobs_2_runs_the_same_configs_with_the_same_metrics(store, tmp_path, mon
             assert run.data.metrics[key] == pytest.approx(children_one[name].data.metrics[key], rel=2e-3, abs=2e-3), (name, key)
 
 
-def test_precision_is_validated_and_bf16_trains(store):
+def fake_cpu(monkeypatch, *flags):
+    """Pretend this CPU has exactly `flags` (the tests must not depend on the machine running them)."""
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+
+
+def test_precision_is_validated_and_bf16_trains(store, monkeypatch):
+    fake_cpu(monkeypatch, "avx2", "avx512_bf16")
     bad = CliRunner().invoke(cli.main, ["train", "--precision", "fp8"])
     assert bad.exit_code == 2 and "fp8" in bad.output
     result = CliRunner().invoke(cli.main, ["train", "--precision", "bf16", "--epochs", "1", "--subset", "300"],
@@ -44,6 +52,88 @@ def test_precision_is_validated_and_bf16_trains(store):
     assert result.exit_code == 0, result.output
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.data.params["precision"] == "bf16" and run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("flags, expected", [(("avx2", "amx_bf16", "avx512_bf16"), "bf16"),
+                                             (("avx2", "avx512f", "avx512_bf16"), "bf16"),
+                                             (("avx2", "avx512f"), "fp32"), ((), "fp32")])
+def test_auto_precision_resolves_per_cpu(monkeypatch, flags, expected):
+    fake_cpu(monkeypatch, *flags)
+    assert RunConfig(device="cpu").precision == expected
+    assert RunConfig(device="cpu", precision="fp32").precision == "fp32"
+
+
+def test_auto_precision_on_a_cpu_whose_flags_cannot_be_read_is_fp32_and_bf16_stays_allowed(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: None)
+    assert RunConfig(device="cpu").precision == "fp32"
+    assert RunConfig(device="cpu", precision="bf16").precision == "bf16"
+
+
+@pytest.mark.parametrize("supported, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_resolves_per_gpu(monkeypatch, supported, expected):
+    fake_cpu(monkeypatch)  # a CPU without bf16: the GPU's answer is what counts
+    monkeypatch.setattr(hardware, "cuda_available", lambda: True)
+    monkeypatch.setattr(hardware, "cuda_bf16", lambda: supported)
+    assert RunConfig(device="cuda").precision == expected
+    if not supported:
+        with pytest.raises(ConfigError, match="no native bf16"):
+            RunConfig(device="cuda", precision="bf16")
+
+
+def test_explicit_bf16_without_bf16_units_is_a_usage_error_before_any_run(store, monkeypatch):
+    fake_cpu(monkeypatch, "avx2")
+    for command in (["train"], ["sweep"], ["search"]):
+        result = CliRunner().invoke(cli.main, [*command, "--device", "cpu", "--precision", "bf16", "--subset", "300"])
+        assert result.exit_code == 2 and "neither AMX-BF16 nor AVX512-BF16" in result.output, (command, result.output)
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+@pytest.mark.parametrize("flags, expected", [(("amx_bf16",), "bf16"), (("avx2",), "fp32")])
+def test_the_logged_precision_is_the_resolved_one_never_auto(store, monkeypatch, flags, expected):
+    fake_cpu(monkeypatch, *flags)
+    result = CliRunner().invoke(cli.main, ["train", "--epochs", "1", "--subset", "300", "--device", "cpu"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.data.params["precision"] == expected
+
+
+def test_a_bf16_run_logs_an_fp32_model_that_loads_and_predicts_in_fp32(store, monkeypatch):
+    fake_cpu(monkeypatch, "amx_bf16")
+    result = CliRunner().invoke(cli.main, ["train", "--model", "model3", "--epochs", "1", "--subset", "300",
+                                           "--device", "cpu"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.data.params["precision"] == "bf16"
+    uri = model_store.model_uri(run.info.run_id)
+    weights = mlflow.pytorch.load_model(uri).state_dict()
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    logits = mlflow.pyfunc.load_model(uri).predict(np.random.rand(3, 1, 28, 28).astype(np.float32))
+    assert logits.shape == (3, 10) and logits.dtype == np.float32 and np.isfinite(logits).all()
+
+
+def test_jobs_auto_is_a_worker_per_core_on_full_data_and_one_elsewhere(monkeypatch):
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 2)
+    assert hardware.default_jobs("cpu", points=54, subset=0) == 2
+    assert hardware.default_jobs("cpu", points=1, subset=0) == 1
+    assert hardware.default_jobs("cpu", points=54, subset=2000) == 1  # smoke runs: start-up would dominate
+    assert hardware.default_jobs("cuda", points=54, subset=0) == 1
+    bad = CliRunner().invoke(cli.main, ["sweep", "--jobs", "0"])
+    assert bad.exit_code == 2 and "--jobs" in bad.output
+
+
+def test_the_report_grid_runs_three_seeds_by_default():
+    g = grid.load_grid(grid.DEFAULT_GRID)
+    assert g.seeds == (0, 1, 2)
+    configs = g.configs(device="cpu")
+    assert len(configs) == 54 and {c.seed for c in configs} == {0, 1, 2}
+
+
+def test_data_says_what_auto_resolves_to(monkeypatch):
+    fake_cpu(monkeypatch, "avx512_bf16")
+    result = CliRunner().invoke(cli.main, ["data"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "precision auto -> bf16 (CPU with AVX512-BF16)" in result.output
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when no GPU is present")
@@ -63,23 +153,31 @@ def test_cuda_bf16_run(store):
     assert run.data.params["device"] == "cuda" and run.data.metrics["val_accuracy"] > 0.5
 
 
-def test_bench_runs_every_comparison_on_a_tiny_plan(store):
+def test_bench_runs_every_comparison_on_a_tiny_plan(store, monkeypatch):
+    fake_cpu(monkeypatch, "avx512_bf16")
     plan = bench.BenchPlan(rounds=1, images={"model1": 256, "model3": 128}, tracked_epochs=1, grid_subset=100,
                            jobs=2, tracked_subset=300)
     lines = []
     result = bench.run(plan, "cpu", report=lines.append)
-    for key in ("speedup", "speedup_model3", "tracking_overhead", "jobs_speedup", "machine"):
+    for key in ("speedup", "speedup_model3", "tracking_overhead", "jobs_speedup", "machine", "default_precision",
+                "bf16_speedup_model3", "ours_vs_floor_model3"):
         assert key in result
     assert result["speedup"] > 0 and result["throughput"]["model3"]["classic_img_s"] > 0
+    assert result["default_precision"] == "bf16"  # the faked CPU has AVX512-BF16
+    for model in ("model1", "model3"):
+        entry = result["precision"][model]
+        assert entry["floor_fp32_img_s"] > 0 and entry["floor_bf16_img_s"] > 0 and entry["ours_default_img_s"] > 0
+        assert entry["ours_vs_floor"] == pytest.approx(entry["ours_default_img_s"] / entry["floor_bf16_img_s"])
     assert json.loads(json.dumps(result)) == result
-    assert any(line.startswith("model1: classic") for line in lines)
+    assert any(line.startswith("model1 (fp32 both): classic") for line in lines)
+    assert any(line.startswith("model3 precision: floor fp32") for line in lines)
     assert mlflow.get_tracking_uri() == store  # the bench's temp stores did not leak
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_sweep_with_two_workers_sharing_the_gpu(store):
     result = CliRunner().invoke(cli.main, ["sweep", "--device", "cuda", "--jobs", "2", "--epochs", "1", "--subset",
-                                           "2000"], catch_exceptions=False)
+                                           "2000", "--seeds", "0"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     parents, children = children_by_name()
     assert len(children) == 18 and {c.info.status for c in children.values()} == {"FINISHED"}

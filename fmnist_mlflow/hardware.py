@@ -1,0 +1,88 @@
+"""What this machine offers a training run: a CUDA device, and bf16 matrix units (what `--precision auto`
+and `--jobs auto` are resolved from).
+
+bf16 autocast pays where the hardware multiplies bf16 natively: CUDA GPUs that support it, and x86 CPUs
+with AMX-BF16 or AVX512-BF16 (measured in experiments/BENCHMARKS.md: model3's training step 2.0-2.9x faster
+with AMX, 1.6-2.0x with AVX512-BF16 only; model1 1.0-1.4x). Elsewhere torch emulates bf16 by converting,
+which is slower than fp32, so `auto` stays fp32 there and an explicit bf16 is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Optional
+
+# x86 CPU flags (Linux /proc/cpuinfo names) of native bf16 matrix arithmetic. torch has no public API that
+# says so (torch.backends.cpu.get_cpu_capability() stops at "AVX512"), hence the flags.
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> Optional[frozenset]:
+    """The CPU's feature flags, or None where they cannot be read (not Linux)."""
+    try:
+        text = CPUINFO.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, ARM
+            return frozenset(value.split())
+    return None
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cuda_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def bf16_units(device: str) -> tuple:
+    """(True, what) where `device` multiplies bf16 natively; (False, why not) where it does not; (None, why)
+    where it cannot be told (a CPU whose flags cannot be read)."""
+    if device == "cuda":
+        return (True, "CUDA bf16") if cuda_bf16() else (False, "this GPU has no native bf16 support")
+    flags = cpu_flags()
+    if flags is None:
+        return None, "this CPU's feature flags cannot be read"
+    found = [f for f in CPU_BF16_FLAGS if f in flags]
+    if found:
+        return True, f"CPU with {found[0].upper().replace('_', '-')}"
+    return False, "this CPU has neither AMX-BF16 nor AVX512-BF16: torch would emulate bf16, slower than fp32"
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto` -> bf16 where the device has bf16 units, else fp32. An explicit bf16 on hardware known to
+    lack them raises ValueError with the reason."""
+    has, why = bf16_units(device)
+    if precision == "auto":
+        return "bf16" if has else "fp32"
+    if precision == "bf16" and has is False:
+        raise ValueError(f"precision bf16 on {device}: {why}; use fp32 (or auto)")
+    return precision
+
+
+def default_jobs(device: str, points: int, subset: int) -> int:
+    """`--jobs auto`: on a CPU, one single-threaded worker per core (at most one per point) for full-data
+    runs, which measured faster than one process using every core (experiments/BENCHMARKS.md); one process
+    for smoke runs (`--subset`), whose work is smaller than a worker's start-up (imports, data: seconds),
+    and on CUDA (several workers on one GPU are unmeasured: scripts/gpu-check.sh measures them)."""
+    if device == "cuda" or subset:
+        return 1
+    return max(1, min(os.cpu_count() or 1, points))
+
+
+def describe(device: str) -> str:
+    """What `auto` resolves to here, for `fmnist data` and `--version`."""
+    has, why = bf16_units(device)
+    precision = "bf16" if has else "fp32"
+    return f"device auto -> {device}; precision auto -> {precision} ({why})"
