@@ -14,13 +14,15 @@ from typing import Optional
 import click
 
 from . import config as cfg
-from .cli_options import (build_config, check_study_name, config_options, data_dir_option, device_options,
-                          jobs_option, storage_options, tracking_options)
+from .cli_options import (build_config, check_alias, check_model_name, check_study_name, check_timeout,
+                          config_options, data_dir_option, device_options, epochs_option, experiment_option,
+                          jobs_option, storage_options, subset_option, tracking_options)
 from .console import EpochProgress, brief_params, duration, on_wait
 from .space import PRUNERS, SAMPLERS
 from .summary import SELECT as SELECT_METRICS
 
 EXIT_INTERRUPTED = 130
+DEFAULT_MODEL_URI = "models:/fmnist-cnn@champion"  # what `fmnist register` makes, with its default --name, --alias
 
 
 def use_threads(threads: int) -> int:
@@ -119,6 +121,7 @@ def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> N
                f"images on {config.device}; tracking to {tracking.redact(uri)}")
     progress = EpochProgress(config)
     result = runs.tracked_fit(config, dataset, on_epoch_end=progress.on_epoch_end, on_batch=progress.on_batch)
+    tracking.point_launcher_at(result.run_id)
     click.echo(f"run {result.run_id} FINISHED; model: {result.model_uri}")
     click.echo(f"view it: {tracking.run_link(result.run_id)}")
 
@@ -128,17 +131,15 @@ def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> N
               help="Grid file (default: experiments/grid.yaml, the report's 18 configs).")
 @click.option("--select", type=click.Choice(list(SELECT_METRICS)), default="val_accuracy", show_default=True,
               help="Validation metric that picks the best config (never training loss).")
-@click.option("--seeds", default=None, metavar="0,1,2",
-              help="Training seeds, each config runs once per seed (default: the grid's `seeds`, [0] for the report's).")
+@click.option("--seeds", default=None, metavar="0,1,2|grid",
+              help="Training seeds, each config runs once per seed (default, or `grid`: the grid file's `seeds`, "
+              "0,1,2 for the report's).")
 @device_options
 @jobs_option
 @storage_options("the grid's name, a digest of its configs, a stamp of the experiment")
-@click.option("--epochs", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Epochs per config (0: the grid's own, 10 for the report's grid).")
-@click.option("--subset", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Train on the first N training and N//5 validation images (0: all; for smoke runs).")
-@click.option("--experiment", default="fmnist", show_default=True, envvar="MLFLOW_EXPERIMENT_NAME",
-              help="MLflow experiment name; $MLFLOW_EXPERIMENT_NAME if set.")
+@epochs_option(0, "Epochs per config (0: the grid's own, 10 for the report's grid).", low=0)
+@subset_option
+@experiment_option("MLflow experiment name; $MLFLOW_EXPERIMENT_NAME if set.")
 @data_dir_option
 @reported
 def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, study_name, epochs, subset, experiment,
@@ -151,12 +152,13 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, s
     import time
 
     from . import grid as grid_mod
-    from . import connection, hardware, parallel, tracking
+    from . import connection, engine, hardware, parallel, tracking
     from . import sweep as sweep_mod
 
     try:
         grid = grid_mod.load_grid(grid_file or grid_mod.DEFAULT_GRID)
-        seed_list = grid_mod.parse_seeds(seeds) if seeds else None  # "" (MLproject's default): the grid's
+        # "grid" (MLproject's default) or none given: the grid file's seeds
+        seed_list = grid_mod.parse_seeds(seeds) if seeds and seeds.strip() != "grid" else None
         configs = grid.configs(epochs=epochs, subset=subset, device=device, precision=precision, seeds=seed_list)
     except (grid_mod.SpecError, cfg.ConfigError) as exc:
         raise click.UsageError(str(exc)) from None
@@ -164,6 +166,7 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, s
         raise click.BadParameter(str(exc), param_hint="--seeds") from None
     check_study_name(study_name)
     use_threads(threads)
+    engine.heartbeat_interval()  # a bad $FMNIST_HEARTBEAT_S: one line before any store is touched
     uri = connection.check_reachable()
     dataset = data_mod.load(data_dir, subset=subset)
     experiment_id = tracking.use_experiment(experiment)
@@ -174,7 +177,7 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, s
 
     def on_start(k, n, config, elapsed, eta):
         left = "" if eta is None else f", ~{duration(eta)} left"
-        click.echo(f"[{k + 1}/{n}] {config.run_name} (elapsed {duration(elapsed)}{left})")
+        click.echo(f"[{k + 1}/{n}] {config.label} (elapsed {duration(elapsed)}{left})")
 
     def progress(config):
         bar = EpochProgress(config, prefix="  ")
@@ -191,6 +194,7 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, s
                                  storage_url=storage, study_name=study_name, on_start=on_start, progress=progress,
                                  on_wait=on_wait, jobs=jobs, data_dir=data_dir, threads=threads,
                                  on_workers=on_workers)
+    tracking.point_launcher_at(result.parent_run_id)
     click.echo("")
     click.echo(result.markdown)
     if result.skipped:
@@ -205,7 +209,7 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, s
 @main.command()
 @click.option("--trials", type=click.IntRange(min=0), default=20, show_default=True,
               help="Trials this command runs (split over --jobs workers); 0 with --confirm: only confirm.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, callback=check_timeout,
               help="Stop starting new trials after this many seconds.")
 @storage_options("the space's name")
 @click.option("--space", "space_file", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -231,7 +235,7 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
     from . import data as data_mod
     import time
 
-    from . import connection, hardware, parallel, search as search_mod, tracking
+    from . import connection, engine, hardware, parallel, search as search_mod, tracking
     from .grid import SpecError, parse_seeds
     from .space import DEFAULT_SPACE, load_space
 
@@ -256,6 +260,7 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
     check_study_name(study_name)
     study_name = study_name or space.name
     use_threads(threads)
+    engine.heartbeat_interval()  # a bad $FMNIST_HEARTBEAT_S: one line before any store is touched
     uri = connection.check_reachable()
     dataset = data_mod.load(data_dir, subset=subset)
     experiment_id = tracking.use_experiment(experiment)
@@ -265,8 +270,11 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
     click.echo(f"study {study_name} ({space.direction} {space.metric}) in {tracking.redact(storage)}: "
                f"{sum(t.state.is_finished() for t in study.trials)} finished trial(s) so far; parent run {parent_id}; "
                f"tracking to {tracking.redact(uri)}")
+    tracking.point_launcher_at(parent_id)
     if warm:
-        click.echo(f"warm start: the grid's best config enqueued as the first trial: {warm}")
+        params, notes = warm
+        click.echo(f"warm start: the grid's best config enqueued as the first trial: {brief_params(params)}"
+                   + "".join(f"\n  note: {note}" for note in notes))
     if trials:
         def progress(trial, config):
             bar = EpochProgress(config, prefix=f"  [trial {trial.number}] ")
@@ -318,17 +326,19 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
             click.echo(f"champion: trial {done.trial_of[c.group].number}, {space.metric} mean "
                        f"{summary_mod.fmt_estimate(est, space.metric == 'val_accuracy')[0]} over seeds "
                        f"{', '.join(map(str, c.seeds))} (best seed run {c.best_run_id})")
+    click.echo(f"view it: {tracking.run_link(parent_id)}")
 
 
 @main.command()
-@click.option("--experiment", default="fmnist", show_default=True, envvar="MLFLOW_EXPERIMENT_NAME",
-              help="Choose among all finished runs of this experiment ($MLFLOW_EXPERIMENT_NAME if set).")
+@experiment_option("Choose among all finished runs of this experiment ($MLFLOW_EXPERIMENT_NAME if set).")
 @click.option("--parent-run-id", default="", help="Choose among the children of one sweep or search instead.")
 @click.option("--run-id", default="", help="Register this one run instead.")
 @click.option("--select", type=click.Choice(list(SELECT_METRICS)), default="val_accuracy", show_default=True,
               help="Validation metric that picks the run and decides whether the alias moves.")
-@click.option("--name", default="fmnist-cnn", show_default=True, help="Registered model name.")
-@click.option("--alias", default="champion", show_default=True, help="Alias to point at the new version.")
+@click.option("--name", default="fmnist-cnn", show_default=True, callback=check_model_name,
+              help="Registered model name.")
+@click.option("--alias", default="champion", show_default=True, callback=check_alias,
+              help="Alias to point at the new version.")
 @click.option("--force", is_flag=True, help="Move the alias even to a version worse on --select.")
 @data_dir_option
 @reported
@@ -363,12 +373,14 @@ def register(experiment, parent_run_id, run_id, select, name, alias, force, data
     moved = f"moved to version {result.version}" if result.alias_moved else "not moved"
     click.echo(f"registered {name} version {result.version}; alias {alias} {moved} ({result.reason})")
     for entry in registry.alias_history(name, alias):
-        click.echo(f"  history: {entry['time']} version {entry['version']} (previous {entry['previous']}): "
-                   f"{entry['reason']}")
+        previous = f"previous {entry['previous']}" if entry["previous"] else "the first"
+        click.echo(f"  history: {entry['time']} version {entry['version']} ({previous}): {entry['reason']}")
 
 
 @main.command()
-@click.option("--model-uri", required=True, help="models:/MODEL_ID (printed by train), models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/CONFIG_NAME, a path...")
+@click.option("--model-uri", default=DEFAULT_MODEL_URI, show_default=True,
+              help="models:/NAME@ALIAS (default: the registered champion), models:/MODEL_ID (printed by train), "
+              "models:/NAME/VERSION, runs:/RUN/CONFIG_NAME, a path...")
 @click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
@@ -389,6 +401,9 @@ def predict(model_uri, top_k, as_json, inputs) -> None:
     try:
         model = model_store.load_pyfunc(model_uri)
     except Exception as exc:  # MLflow raises several kinds for a bad URI
+        missing = model_store.missing_alias(model_uri)
+        if missing:
+            raise click.ClickException(f"cannot load model {model_uri}: {missing}") from None
         raise click.ClickException(f"cannot load model {model_uri}: {str(exc).splitlines()[0]}") from None
     names = (model.metadata.metadata or {}).get("class_names", list(data_mod.CLASS_NAMES))
     results, failed = [], 0

@@ -42,7 +42,73 @@ class JobsType(click.ParamType):
         return click.IntRange(1, MAX_JOBS).convert(value, param, ctx)
 
 
-MAX_JOBS = 256  # worker processes of one command: far more than cores on any machine this runs on
+MAX_JOBS = 1024  # worker processes of one command (capped again at the points or trials left)
+MAX_EPOCHS = cfg.MAX_EPOCHS
+MAX_BATCH = cfg.TRAIN_SIZE  # a batch larger than the training split is the split itself
+
+
+def max_threads() -> int:
+    """More torch threads than cores only makes them wait on each other."""
+    import os
+
+    return os.cpu_count() or 1
+
+
+# What MLflow accepts, checked here so that a bad name fails before any work (exit 2), not after the whole
+# test evaluation. The rules are MLflow's (mlflow/utils/validation.py, private there): registered model names
+# without / or :, aliases of letters, digits, _ and - (not `latest`, not v<digits>, at most 255 characters),
+# experiment names non-empty, at most 500 characters. Quotes and backslashes are refused too: these names are
+# matched in MLflow filter strings.
+FILTER_UNSAFE = "'\"`\\"
+ALIAS_RE = r"[\w\-]{1,255}"
+
+
+def check_experiment(ctx, param, value):
+    if value is not None and (not value.strip() or len(value) > 500 or any(ch in value for ch in FILTER_UNSAFE)):
+        raise click.BadParameter(f"{value!r}: an experiment name must be 1-500 characters, without quotes, backticks "
+                                 "or backslashes")
+    return value
+
+
+def check_model_name(ctx, param, value):
+    if not value.strip() or len(value) > 256 or any(ch in value for ch in "/:" + FILTER_UNSAFE):
+        raise click.BadParameter(f"{value!r}: a registered model name must be 1-256 characters, without / : quotes, "
+                                 "backticks or backslashes")
+    return value
+
+
+def check_alias(ctx, param, value):
+    import re
+
+    if not re.fullmatch(ALIAS_RE, value) or value.lower() == "latest" or re.fullmatch(r"v\d+", value):
+        raise click.BadParameter(f"{value!r}: an alias is 1-255 letters, digits, _ or -, and not 'latest' or "
+                                 "v<number> (MLflow reserves those)")
+    return value
+
+
+def check_timeout(ctx, param, value):
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value}: give a finite number of seconds")
+    return value
+
+
+def experiment_option(help_text: str):
+    return click.option("--experiment", default="fmnist", show_default=True, envvar="MLFLOW_EXPERIMENT_NAME",
+                        callback=check_experiment, help=help_text)
+
+
+def epochs_option(default: int, help_text: str, low: int = 1):
+    return click.option("--epochs", type=click.IntRange(low, MAX_EPOCHS), default=default, show_default=True,
+                        help=help_text)
+
+
+def subset_option(fn):
+    return click.option(
+        "--subset", type=click.IntRange(0, cfg.TRAIN_SIZE), default=0, show_default=True,
+        help="Train on the first N training and N//5 validation images (0: all; for smoke runs)."
+    )(fn)
 
 
 def data_dir_option(fn):
@@ -57,16 +123,10 @@ def data_dir_option(fn):
 
 def tracking_options(fn):
     """Options every tracked command shares."""
-    fn = click.option(
-        "--experiment", default="fmnist", show_default=True, envvar="MLFLOW_EXPERIMENT_NAME",
-        help="MLflow experiment name; $MLFLOW_EXPERIMENT_NAME if set (inside `mlflow run`, "
-        "the run's own experiment is used)."
-    )(fn)
-    fn = click.option(
-        "--subset", type=click.IntRange(min=0), default=0, show_default=True,
-        help="Train on the first N training and N//5 validation images (0: all; for smoke runs)."
-    )(fn)
-    fn = click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs per run.")(fn)
+    fn = experiment_option("MLflow experiment name; $MLFLOW_EXPERIMENT_NAME if set (inside `mlflow run`, "
+                           "the run's own experiment is used).")(fn)
+    fn = subset_option(fn)
+    fn = epochs_option(10, "Epochs per run.")(fn)
     return data_dir_option(fn)
 
 
@@ -75,7 +135,7 @@ def device_options(fn):
     fn = click.option("--precision", type=click.Choice(cfg.PRECISIONS), default="auto", show_default=True,
                       help="bf16: autocast the forward pass (the model stays fp32). auto: bf16 on CUDA GPUs with "
                       "bf16 and on CPUs with AMX-BF16 or AVX512-BF16, else fp32 (`fmnist --version` says which).")(fn)
-    fn = click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+    fn = click.option("--threads", type=click.IntRange(0, max_threads()), default=0, show_default=True,
                       help="CPU threads per training process (0: all cores, or cores / N with --jobs N). "
                       "Give 1 to each of several workers started on one machine.")(fn)
     return click.option("--device", type=click.Choice(cfg.DEVICES), default="auto", show_default=True,
@@ -121,7 +181,7 @@ def config_options(fn):
                      help=f"Learning rate > 0; auto: {cfg.DEFAULT_LR}."),
         click.option("--dropout", type=AutoOr(0, 1, False, True), default="auto", show_default=True,
                      help=f"Dropout rate in [0, 1); auto: {cfg.DEFAULT_DROPOUT}."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+        click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=64, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same metrics on CPU."),
     ]
     for option in reversed(options):

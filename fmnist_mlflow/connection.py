@@ -20,6 +20,7 @@ from .errors import FmnistError
 
 
 REACH_TIMEOUT_S = 15.0  # give up on an unreachable tracking server after this long
+REFUSED_TIMEOUT_S = 3.0  # ... and after this long when its port refuses connections (no server there)
 
 
 class TrackingError(FmnistError, RuntimeError):
@@ -50,7 +51,8 @@ def check_reachable(uri: Optional[str] = None, timeout: float = REACH_TIMEOUT_S)
     if scheme in ("http", "https"):
         import requests
 
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         error = "no answer"
         while True:
             left = deadline - time.monotonic()
@@ -62,11 +64,18 @@ def check_reachable(uri: Optional[str] = None, timeout: float = REACH_TIMEOUT_S)
                     _check_api(uri, shown, min(5.0, max(1.0, deadline - time.monotonic())))
                     return uri
                 error = f"HTTP {response.status_code}"
+            except requests.ConnectionError as exc:
+                error = type(exc).__name__
+                # Nothing listens on that port: a server that is starting binds it within seconds, so a
+                # refused connection is not worth the whole wait.
+                if "refused" in str(exc).lower() and time.monotonic() - started > REFUSED_TIMEOUT_S:
+                    error = "connection refused: no server on that port"
+                    break
             except requests.RequestException as exc:
                 error = type(exc).__name__
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         raise TrackingError(
-            f"MLflow tracking server {shown} did not answer within {timeout:.0f} s ({error}). "
+            f"MLflow tracking server {shown} did not answer within {time.monotonic() - started:.0f} s ({error}). "
             "Start it (mlflow server --host 127.0.0.1 --port PORT) or set MLFLOW_TRACKING_URI."
         )
     if scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):

@@ -15,17 +15,22 @@ if TYPE_CHECKING:  # torch stays out of `fmnist --help`
 
 
 class EpochProgress:
-    """A progress bar per epoch (on a terminal) and one summary line per epoch."""
+    """A progress bar per epoch on a terminal, and one summary line per epoch. Where stderr is not a
+    terminal (a log file, `mlflow run`), click would print the bar's label as a line of its own before
+    every epoch's line: there the bar is left out."""
 
     def __init__(self, config: cfg.RunConfig, prefix: str = ""):
         self.config = config
         self.prefix = prefix
         self.bar = None
         self.epoch = 1
+        self.interactive = sys.stderr.isatty()
 
     def on_batch(self, done: int, total: int) -> None:
+        if not self.interactive:
+            return
         if self.bar is None:
-            label = f"{self.prefix}{self.config.run_name} epoch {self.epoch}/{self.config.epochs}"
+            label = f"{self.prefix}{self.config.label} epoch {self.epoch}/{self.config.epochs}"
             self.bar = click.progressbar(length=total, label=label, file=sys.stderr)
             self.bar.__enter__()
         self.bar.update(1)
@@ -35,7 +40,7 @@ class EpochProgress:
 
     def on_epoch_end(self, m: "EpochMetrics") -> None:
         click.echo(
-            f"{self.prefix}{self.config.run_name} epoch {m['epoch']:>2}/{self.config.epochs}  "
+            f"{self.prefix}{self.config.label} epoch {m['epoch']:>2}/{self.config.epochs}  "
             f"train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  val_nll {m['val_nll']:.4f}  "
             f"val_acc {100 * m['val_accuracy']:.2f}%  {m['epoch_seconds']:.1f}s"
         )

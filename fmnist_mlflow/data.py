@@ -98,7 +98,8 @@ def locate(explicit: Optional[str | Path] = None, download: bool = True) -> Path
             return folder
     if named and not Path(named).is_dir():
         what = "--data-dir" if explicit else "$FMNIST_DATA_DIR"
-        raise DataError(f"data dir {named} ({what}) does not exist.\n{HOW_TO_GET}")
+        state = "is a file, not a folder" if Path(named).exists() else "does not exist"
+        raise DataError(f"data dir {named} ({what}) {state}.\n{HOW_TO_GET}")
     if download:
         try:
             from torchvision.datasets import FashionMNIST

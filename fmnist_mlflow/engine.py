@@ -56,7 +56,16 @@ class WorkerError(FmnistError, RuntimeError):
 
 
 def heartbeat_interval() -> int:
-    return int(os.environ.get("FMNIST_HEARTBEAT_S", HEARTBEAT_S))
+    """Seconds between a running trial's heartbeats: $FMNIST_HEARTBEAT_S, else HEARTBEAT_S."""
+    text = os.environ.get("FMNIST_HEARTBEAT_S", str(HEARTBEAT_S))
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 3600:
+        raise StorageError(f"FMNIST_HEARTBEAT_S={text[:40]!r}: give whole seconds between 1 and 3600 "
+                           f"(default {HEARTBEAT_S})")
+    return value
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:

@@ -92,27 +92,44 @@ _KEYS = {
 }  # fmt: skip
 
 
+MAX_SPEC_BYTES = 1_000_000  # a grid or space file is a page of YAML; refuse megabytes before parsing them
+MAX_NAMED = 5  # unknown keys named in an error; the rest are counted
+
+
 def read_yaml(path: str | Path) -> dict:
     """A YAML mapping from `path`, or SpecError naming the file."""
     path = Path(path)
     try:
-        spec = yaml.safe_load(path.read_text())
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
     except OSError as exc:
         raise SpecError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: larger than {MAX_SPEC_BYTES // 1000} kB; a grid or search-space file is a short YAML file")
+    try:
+        spec = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not a text (UTF-8) file: byte {exc.start} is 0x{raw[exc.start]:02x}") from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: broken YAML: {exc}") from None
+        raise SpecError(f"{path}: broken YAML: {brief(str(exc), 300)}") from None
     if not isinstance(spec, dict):
         raise SpecError(f"{path}: expected a mapping of keys, got {type(spec).__name__}")
     return spec
 
 
+def check_known(where: str, prefix: str, mapping: dict, allowed) -> None:
+    """SpecError naming (at most MAX_NAMED of) the keys of `mapping` that are not in `allowed`."""
+    unknown = sorted(map(str, set(mapping) - set(allowed)))
+    if unknown:
+        named = ", ".join(prefix + k[:40] for k in unknown[:MAX_NAMED])
+        more = f" and {len(unknown) - MAX_NAMED:,} more" if len(unknown) > MAX_NAMED else ""
+        raise SpecError(f"{where}: unknown key(s) {named}{more}; allowed: {', '.join(prefix + a for a in allowed)}")
+
+
 def load_grid(path: str | Path = DEFAULT_GRID) -> Grid:
     spec = read_yaml(path)
     where = str(path)
-    unknown = set(spec) - set(_KEYS)
-    if unknown:
-        raise SpecError(f"{where}: unknown key(s) {', '.join(k[:40] for k in sorted(map(str, unknown)))}; "
-                        f"allowed: {', '.join(_KEYS)}")
+    check_known(where, "", spec, _KEYS)
     for key, (kind, required) in _KEYS.items():
         if key not in spec:
             if required:
@@ -137,8 +154,14 @@ def load_grid(path: str | Path = DEFAULT_GRID) -> Grid:
             if value not in allowed:
                 raise SpecError(f"{where}: unknown {key[:-1] if key != 'losses' else 'loss'} {brief(value)} in {key}; "
                                 f"choose from {', '.join(allowed)}")
-    for key, names in (("lr", spec["optimizers"]), ("momentum", ()), ("dropout", ())):
+    if not spec["name"].strip() or any(ch in spec["name"] for ch in "'\"`\\"):
+        raise SpecError(f"{where}: name {brief(spec['name'])} may not be empty or contain quotes, backticks or "
+                        "backslashes (it names the parent run and is matched in MLflow filter strings)")
+    for key, names, allowed in (("lr", spec["optimizers"], OPTIMIZERS), ("momentum", (), OPTIMIZERS),
+                                ("dropout", (), MODELS)):
         table = spec.get(key, {})
+        # a typo (`modle3`) would otherwise silently leave that model or optimizer at its default
+        check_known(where, f"{key}.", table, allowed)
         for name, value in table.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise SpecError(f"{where}: {key}.{name} must be a number, got {brief(value)}")

@@ -118,9 +118,12 @@ def register_model_version(run_id: str, name: str, tags: dict, description: str 
             if description:
                 c.update_model_version(name, version.version, description=description)
             return str(version.version)
-    version = mlflow.register_model(model_uri(run_id), name, tags=tags)
-    if description:
-        c.update_model_version(name, version.version, description=description)
+    # The client's call, not mlflow.register_model, which prints "already exists. Creating a new version"
+    # on every registration after the first.
+    model = logged_model(run_id)
+    source = f"models:/{model.model_id}" if model else f"runs:/{run_id}/{MODEL_ARTIFACT}"
+    version = c.create_model_version(name, source, run_id=run_id, tags=tags, description=description or None,
+                                     model_id=model.model_id if model else None)
     return str(version.version)
 
 
@@ -137,6 +140,21 @@ def alias_version(name: str, alias: str):
         return client().get_model_version_by_alias(name, alias)
     except mlflow.exceptions.MlflowException:
         return None
+
+
+def missing_alias(uri: str) -> Optional[str]:
+    """For models:/NAME@ALIAS whose model or alias does not exist in the registry: why, in one sentence."""
+    if not uri.startswith("models:/") or "@" not in uri:
+        return None
+    name, _, alias = uri[len("models:/"):].partition("@")
+    try:
+        if not _registered(name):
+            return f"no registered model {name!r} in this tracking store yet; run `fmnist register` first"
+        if alias_version(name, alias) is None:
+            return f"registered model {name!r} has no alias {alias!r}; run `fmnist register` (or give --model-uri)"
+    except Exception:  # the store itself failed: the caller's message names that
+        return None
+    return None
 
 
 def move_alias(name: str, alias: str, version: str) -> None:

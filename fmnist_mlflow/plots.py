@@ -107,6 +107,20 @@ def confusion(matrix: np.ndarray, title: str) -> Figure:
     return fig
 
 
+def per_class(accuracy: dict, title: str) -> Figure:
+    """Test accuracy per class as horizontal bars on one 0-100% axis, worst class easy to spot."""
+    names = list(accuracy)
+    values = [100 * accuracy[n] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    bars = ax.barh(names, values, color="tab:blue")
+    ax.bar_label(bars, labels=[f"{v:.1f}%" for v in values], padding=3, fontsize=8)
+    ax.invert_yaxis()  # class 0 on top, as in class_names
+    ax.set(xlim=(0, 105), xlabel="test accuracy (%)", title=title)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def misclassified(test, result: dict, title: str) -> Figure:
     """The most confidently wrong test images, with true and predicted class."""
     pred, probs = result["predictions"], result["probabilities"]

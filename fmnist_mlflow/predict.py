@@ -32,6 +32,8 @@ class Batch:
 
 def read_input(path: str) -> Batch:
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{path}: is a folder; give image or .npy files (e.g. {path.rstrip('/')}/*.png)")
     if not p.is_file():
         raise InputError(f"{path}: no such file")
     suffix = p.suffix.lower()
@@ -79,6 +81,8 @@ def _read_array(path: str) -> Batch:
         raise InputError(f"{path}: shape {array.shape} is not (28, 28), (N, 28, 28) or (N, 1, 28, 28)")
     if array.dtype == np.uint8:
         return Batch(path, array)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise InputError(f"{path}: dtype {array.dtype} is not numeric; expected uint8 0-255 or floats in [0, 1]")
     if np.issubdtype(array.dtype, np.floating) and array.min() >= 0 and array.max() <= 1:
         return Batch(path, np.round(array * 255).astype(np.uint8), "scaled from [0, 1] floats")
     raise InputError(f"{path}: dtype {array.dtype} with range {array.min()}..{array.max()}; "

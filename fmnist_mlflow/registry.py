@@ -10,8 +10,8 @@ best on validation (selection never looks at the test set), with the seed figure
 description.
 
 Where a user finds the evaluation: on the selected run itself, as metrics `test_accuracy`, `test_loss`,
-`test_nll`, `test_per_class/<class>` and artifacts `test_evaluation/` (confusion matrix, misclassified
-examples, per-class CSV); the same figures are tags on the model version. The alias (default `champion`)
+`test_nll` and artifacts `test_evaluation/` (confusion matrix, per-class accuracy as a figure, a CSV and
+a Markdown table, misclassified examples); the same figures are tags on the model version. The alias (default `champion`)
 moves only to a version at least as good on the selection metric (compared from the runs themselves,
 seed means where there are seeds; a holder without a finite value never blocks), unless forced; every
 move is appended to the registered model's tag `fmnist.alias_history.<alias>` (JSON: version, previous,
@@ -37,7 +37,6 @@ from .schema import KIND_CONFIRM, KIND_SWEEP_CHILD, KIND_TRAIN, KIND_TRIAL, TAG_
 
 MODEL_KINDS = (KIND_TRAIN, KIND_SWEEP_CHILD, KIND_TRIAL, KIND_CONFIRM)  # run kinds that log a model
 TEST_METRICS = ("test_accuracy", "test_loss", "test_nll")
-PER_CLASS_PREFIX = "test_per_class/"  # metric test_per_class/<class>: one section in the UI, not ten charts first
 
 
 class RegistryError(FmnistError, RuntimeError):
@@ -131,7 +130,8 @@ def choose(runs: list, select: str) -> Selection:
         if single:
             notes.append(f"{single} single-seed config(s) were left out: one seed cannot be weighed against a mean")
         groups = {k: g for k, g in groups.items() if len(g) > 1}
-    estimates = {k: stats.estimate([r.data.metrics[select] for r in g]) for k, g in groups.items()}
+    estimates = {k: stats.estimate([r.data.metrics[select] for r in g], fraction=select == "val_accuracy")
+                 for k, g in groups.items()}
     best = pick_best(list(groups), select, key=lambda k: estimates[k].mean)
     chosen = groups[best]
     pick = pick_best(chosen, select, key=lambda r: r.data.metrics[select])
@@ -148,13 +148,17 @@ def evaluate_once(run, test: Split) -> dict:
     result = evaluation.evaluate(lambda x: model.predict(model_input(model, x)), test, run.data.params.get("loss", "ce"))
     title = f"{run.info.run_name} on the test set: {100 * result['test_accuracy']:.2f}%"
     metrics = {m: result[m] for m in TEST_METRICS}
-    # under a prefix of their own: the MLflow UI gives them their own section, after the epoch curves
-    per_class = {f"{PER_CLASS_PREFIX}{name.replace('/', '_').replace(' ', '_')}": acc
-                 for name, acc in result["per_class_accuracy"].items()}
-    csv = "class,test_accuracy\n" + "".join(f"{k},{v:.4f}\n" for k, v in result["per_class_accuracy"].items())
-    model_store.log_to_run(run.info.run_id, metrics={**metrics, **per_class}, texts={"test_evaluation/per_class.csv": csv},
-                        figures={"test_evaluation/confusion_matrix.png": plots.confusion(result["confusion"], title),
-                                 "test_evaluation/misclassified.png": plots.misclassified(test, result, title)})
+    # Per-class accuracy as one figure on a common axis and a table, not ten metrics: the UI draws each metric
+    # as its own single-bar chart on its own scale, above the epoch curves.
+    per_class = result["per_class_accuracy"]
+    csv = "class,test_accuracy\n" + "".join(f"{k},{v:.4f}\n" for k, v in per_class.items())
+    table = ("| class | test accuracy |\n|---|---|\n"
+             + "".join(f"| {k} | {100 * v:.2f}% |\n" for k, v in per_class.items()))
+    model_store.log_to_run(run.info.run_id, metrics=metrics,
+                           texts={"test_evaluation/per_class.csv": csv, "test_evaluation/per_class.md": table},
+                           figures={"test_evaluation/confusion_matrix.png": plots.confusion(result["confusion"], title),
+                                    "test_evaluation/per_class_accuracy.png": plots.per_class(per_class, title),
+                                    "test_evaluation/misclassified.png": plots.misclassified(test, result, title)})
     return metrics
 
 
@@ -164,7 +168,7 @@ def register(selection: Selection, test: Split, *, name: str, alias: str, select
     run = selection.pick
     per_seed = {r.info.run_id: evaluate_once(r, test) for r in selection.runs}
     test_metrics = per_seed[run.info.run_id]
-    test_acc = stats.estimate([m["test_accuracy"] for m in per_seed.values()])
+    test_acc = stats.estimate([m["test_accuracy"] for m in per_seed.values()], fraction=True)
     value = selection.value.mean
     config = {k: run.data.params[k] for k in ("model", "loss", "optimizer", "lr", "dropout", "epochs", "batch_size",
                                               "weight_decay", "schedule", "label_smoothing", "augment")
@@ -225,7 +229,7 @@ def describe(run, selection: Selection, test_acc: Estimate, select: str) -> str:
     return (f"{config}, seed {run.data.params.get('seed', '?')}: the best on {select} of the {seeds} seed run(s) of "
             f"the config with the best seed mean ({select} {selection.value.mean:.4f}) among {selection.considered} "
             f"comparable config(s). Test accuracy over its {seeds} seed(s): {100 * test_acc.mean:.2f}%{spread}. "
-            "Input: uint8 images (N, 1, 28, 28), raw pixels 0-255; output: 10 logits in class_names order.")
+            f"Input: {model_store.MODEL_INPUT}; output: 10 float32 logits in class_names order.")
 
 
 def alias_history(name: str, alias: str) -> list:

@@ -1,4 +1,6 @@
-"""The Optuna extension: search dropout rate and learning rate beyond the grid, as nested MLflow runs.
+"""The Optuna extension: search model3's training settings beyond the grid (the space file says which:
+optimizer and its learning rate, dropout, weight decay, schedule, batch size, label smoothing,
+augmentation), as nested MLflow runs.
 
 A sibling of the sweep on the same engine (`engine`): one study, one parent run whose id lives in the
 study, so running the search again on the same storage and study resumes it, and several workers
@@ -81,23 +83,25 @@ def ensure_parent(study: optuna.Study, key: str, space: Space, experiment_id: st
                                 tags=tracking.environment_tags(settings.device), experiment_id=experiment_id)
 
 
-def warm_start(study: optuna.Study, space: Space, experiment_id: str) -> Optional[dict]:
+def warm_start(study: optuna.Study, space: Space, experiment_id: str) -> Optional[tuple]:
     """On a new study, enqueue the best config of the experiment's newest finished grid sweep as the first
     trial, then the space file's `start_points` (known-good recipes: they give TPE good points to model
-    from before its random start-up trials run out)."""
+    from before its random start-up trials run out). Returns (the enqueued params, notes on the values
+    the space could not hold as the grid had them), or None."""
     if study.trials:
         return None
     sweeps = [r for r in tracking.find_runs([experiment_id], {TAG_KIND: KIND_SWEEP}, status="FINISHED")
               if TAG_BEST_RUN in r.data.tags and TAG_SWEEP in r.data.tags]
-    params = None
+    warm = None
     if sweeps:
         best = tracking.client().get_run(sweeps[0].data.tags[TAG_BEST_RUN]).data.params
         params = space.params_for(best)
         if params:
             study.enqueue_trial(params, user_attrs={"warm_start_from": sweeps[0].data.tags[TAG_BEST_RUN]},
                                 skip_if_exists=True)
+            warm = params, space.clamped(best)
     enqueue_start_points(study, space)
-    return params
+    return warm
 
 
 def enqueue_start_points(study: optuna.Study, space: Space) -> None:

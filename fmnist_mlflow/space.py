@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import AUGMENTS, LOSSES, MODELS, OPTIMIZERS, SCHEDULES, ConfigError, RunConfig
-from .grid import SpecError, brief as _brief, read_yaml
+from .grid import SpecError, brief as _brief, check_known, read_yaml
 from .summary import SELECT
 
 PRUNERS = ("percentile", "median", "hyperband", "none")  # the first is the default
@@ -64,6 +64,17 @@ class Space:
             r = self.lr[optimizer]
             values["lr"] = trial.suggest_float(f"lr_{optimizer}", r.low, r.high, log=r.log)
         return RunConfig(**values, epochs=epochs, subset=subset, device=device, precision=precision)
+
+    def clamped(self, config: dict) -> list:
+        """Notes on the values of `config` (e.g. the grid's best) that `params_for` had to move into the
+        space's ranges, and why."""
+        notes = []
+        for name, r in self.ranges.items():
+            if name in config and not r.low <= float(config[name]) <= r.high:
+                why = (f"a log-scale range cannot hold {config[name]}; {r.low:g} is its lowest and as good as none"
+                       if r.log and float(config[name]) <= 0 else f"the space holds {r.low:g}..{r.high:g}")
+                notes.append(f"{name} {min(max(float(config[name]), r.low), r.high):g} for the grid's {config[name]} ({why})")
+        return notes
 
     def params_for(self, config: dict) -> dict:
         """Optuna params that reproduce a config (e.g. the grid's best), keeping what this space holds."""
@@ -115,10 +126,7 @@ def _choices(where: str, name: str, value) -> tuple:
 def load_space(path: str | Path = DEFAULT_SPACE) -> Space:
     spec = read_yaml(path)
     where = str(path)
-    unknown = set(spec) - {"name", "metric", "fixed", "search", "start_points"}
-    if unknown:
-        raise SpecError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; allowed: name, metric, "
-                        "fixed, search, start_points")
+    check_known(where, "", spec, ("name", "metric", "fixed", "search", "start_points"))
     metric = spec.get("metric", "val_accuracy")
     if metric not in SELECT:
         raise SpecError(f"{where}: metric {_brief(metric)} is not one of {', '.join(SELECT)}")
@@ -187,4 +195,9 @@ def _start_point(where: str, space: Space, index: int, point: dict) -> dict:
     for name, r in space.ranges.items():
         if not r.low <= float(point[name]) <= r.high:
             raise SpecError(f"{where}: start_points[{index}].{name} {point[name]} is outside {r.low:g}..{r.high:g}")
+    if optimizer in space.lr and "lr" in point:
+        r = space.lr[optimizer]
+        if not r.low <= float(point["lr"]) <= r.high:
+            raise SpecError(f"{where}: start_points[{index}].lr {point['lr']} is outside {r.low:g}..{r.high:g} "
+                            f"(search.lr.{optimizer})")
     return params

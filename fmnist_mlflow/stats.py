@@ -1,7 +1,7 @@
 """Seed statistics: what a config's metric is across training seeds, and whether two configs differ.
 
 Per config: n, mean, sample standard deviation (ddof=1) and a 95% confidence interval of the mean from
-Student's t distribution (n - 1 degrees of freedom). With one seed there is no spread to estimate, so
+Student's t distribution (n - 1 degrees of freedom), clipped to [0, 1] for accuracies. With one seed there is no spread to estimate, so
 `std` and `ci95` are None, never a made-up interval. Two configs are compared with Welch's t-test (two
 samples, unequal variances): seeds do not pair configs (different models start from different weights
 whatever the seed), so a paired test would assume a link that is not there. scipy does the statistics.
@@ -31,7 +31,9 @@ class Estimate:
         return {"n": self.n, "mean": self.mean, "std": self.std, "ci95": [low, high] if self.ci95 else None}
 
 
-def estimate(values: Sequence[float]) -> Estimate:
+def estimate(values: Sequence[float], fraction: bool = False) -> Estimate:
+    """n, mean, std and the 95% t-interval of the mean. `fraction`: the values are fractions (accuracies),
+    so the interval is clipped to [0, 1] (a t-interval over few seeds can reach past 100%)."""
     v = np.asarray(values, dtype=float)
     if len(v) == 0:
         raise ValueError("no values to estimate from")
@@ -44,6 +46,8 @@ def estimate(values: Sequence[float]) -> Estimate:
     from scipy import stats
 
     low, high = stats.t.interval(CONFIDENCE, df=len(v) - 1, loc=mean, scale=std / math.sqrt(len(v)))
+    if fraction:
+        low, high = max(0.0, low), min(1.0, high)
     return Estimate(len(v), mean, std, (float(low), float(high)))
 
 

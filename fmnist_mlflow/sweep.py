@@ -198,7 +198,7 @@ def queue_failed(study: optuna.Study, ordered: list) -> int:
 
 
 def label(config) -> str:
-    return f"{config.run_name} seed {config.seed}"
+    return f"{config.label} seed {config.seed}"
 
 
 def taken_by(study: optuna.Study, trial_number: int, point: str) -> Optional[int]:

@@ -31,19 +31,27 @@ from .data import FILES, Dataset
 from .connection import TrackingError, redact, tracking_uri
 from .train import EpochMetrics
 from .schema import (KIND_LAUNCHER, TAG_CONFIG_GROUP, TAG_CONFIG_HASH, TAG_CONFIG_NAME, TAG_FAILURE, TAG_KIND,
-                     TAG_THREADS, TAG_WORKER)
+                     TAG_PARENT, TAG_THREADS, TAG_WORKER)
 
 EPOCH_METRICS = tuple(k for k in EpochMetrics.__annotations__ if k != "epoch")  # logged per step = epoch
 
 
+# The MLflow 3 UI opens an experiment in its GenAI view (traces, evaluations) unless the page's URL says
+# otherwise: its WorkflowTypeProvider reads the query parameter `workflowType` first, then the browser's
+# last choice (local storage "mlflow.workflowType", default "genai"); the experiment tag
+# mlflow.experimentKind does not decide it. Every link we print carries the Model training view.
+UI_VIEW = "workflowType=machine_learning"
+
+
 def run_link(run_id: str) -> str:
-    """Where a person sees the run: the server's UI page, or how to start the UI on a local store."""
+    """Where a person sees the run, in the UI's Model training view: the server's page, or how to start the
+    UI on a local store."""
     uri = tracking_uri()
     experiment = client().get_run(run_id).info.experiment_id
+    page = f"/#/experiments/{experiment}/runs/{run_id}?{UI_VIEW}"
     if urlparse(uri).scheme in ("http", "https"):
-        return f"{redact(uri).rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
-    return (f"mlflow ui --backend-store-uri {redact(uri)}, then "
-            f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}")
+        return f"{redact(uri).rstrip('/')}{page}"
+    return f"mlflow ui --backend-store-uri {redact(uri)}, then http://127.0.0.1:5000{page}"
 
 
 def inside_mlflow_run() -> bool:
@@ -66,14 +74,16 @@ def use_experiment(name: str) -> str:
     """Select (creating if needed) the experiment; inside `mlflow run` keep the one it chose, unless that is
     Default (`mlflow run .` without --experiment-name), where `fmnist register` would never look: then the
     run `mlflow run` made is ended as a launcher and the work goes to `name`."""
+    global _launcher
+    _launcher = None
     if inside_mlflow_run() and os.environ.get("MLFLOW_EXPERIMENT_ID"):
         if os.environ["MLFLOW_EXPERIMENT_ID"] != DEFAULT_EXPERIMENT_ID or name == "Default":
             return os.environ["MLFLOW_EXPERIMENT_ID"]
-        launcher = os.environ.pop("MLFLOW_RUN_ID")
+        _launcher = os.environ.pop("MLFLOW_RUN_ID")
         os.environ.pop("MLFLOW_EXPERIMENT_ID")
-        client().set_tag(launcher, TAG_KIND, KIND_LAUNCHER)
-        client().set_tag(launcher, "mlflow.note.content", f"`mlflow run` put this run in Default; the work was "
-                         f"logged to experiment {name!r}.")
+        client().set_tag(_launcher, TAG_KIND, KIND_LAUNCHER)
+        client().set_tag(_launcher, "mlflow.note.content", f"`mlflow run` put this run in Default; the work was "
+                         f"logged to experiment {name!r}. `mlflow run . --experiment-name {name}` leaves no run here.")
     try:
         experiment = mlflow.set_experiment(name)
     except mlflow.exceptions.MlflowException:
@@ -90,6 +100,24 @@ def use_experiment(name: str) -> str:
                 if key not in client().get_experiment(experiment.experiment_id).tags:
                     raise
     return experiment.experiment_id
+
+
+_launcher: Optional[str] = None  # the run `mlflow run` left in Default, once use_experiment moved the work
+
+
+def point_launcher_at(run_id: str) -> None:
+    """Tag the run `mlflow run` left in Default (if this process has one) with the run that holds the work."""
+    global _launcher
+    if _launcher is None:
+        return
+    launcher, _launcher = _launcher, None
+    target = client().get_run(run_id)
+    experiment = mlflow.get_experiment(target.info.experiment_id).name
+    client().set_tag(launcher, TAG_PARENT, run_id)
+    client().set_tag(launcher, "mlflow.note.content",
+                     f"`mlflow run` put this run in Default; the work is run {run_id} "
+                     f"({target.info.run_name}) in experiment {experiment!r}: {run_link(run_id)}. "
+                     f"`mlflow run . --experiment-name {experiment}` leaves no run here.")
 
 
 def _end(status: str, reason: Optional[str] = None) -> None:

@@ -57,7 +57,8 @@ def test_train_logs_everything_to_sqlite(store, monkeypatch):
     result = invoke(TRAIN_ARGS + ["--epochs", "2", "--model", "model3", "--dropout", "0.1"])
     assert result.exit_code == 0, result.output
     (run,) = runs()
-    assert run.info.status == "FINISHED" and run.info.run_name == "model3-ce-adam"
+    assert run.info.status == "FINISHED" and run.info.run_name.startswith("model3-ce-adam-")
+    assert run.info.run_name == run.data.tags["fmnist.config"] == f"model3-ce-adam-{run.data.tags['fmnist.config_group'][:6]}"
     params = run.data.params
     assert params["model"] == "model3" and params["lr"] == "0.001" and params["dropout"] == "0.1"
     assert params["train_size"] == "600" and params["val_size"] == "120" and params["device"] == "cpu"
@@ -71,7 +72,7 @@ def test_train_logs_everything_to_sqlite(store, monkeypatch):
 
     # MLflow 3's Models view: the model is named after its config, with params and linked validation metrics
     (logged,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
-    assert logged.name == "model3-ce-adam" and logged.params["dropout"] == "0.1"
+    assert logged.name == run.info.run_name and logged.params["dropout"] == "0.1"
     linked = {m.key: m for m in logged.metrics}
     assert linked["val_accuracy"].value == run.data.metrics["val_accuracy"]
     assert linked["val_accuracy"].dataset_name == "fashion-mnist-validation"
@@ -164,7 +165,26 @@ def test_mlflow_run_train_entry_point(tmp_path):
         assert mlflow.get_experiment(run.info.experiment_id).name == "fmnist" and launcher.info.experiment_id == "0"
         assert run.info.status == "FINISHED"
         assert run.data.params["lr"] == "0.002" and run.data.params["model"] == "model1"
-        assert run.data.tags["mlflow.runName"] == "model1-ce-adam"
+        assert run.data.tags["mlflow.runName"].startswith("model1-ce-adam-")
         assert "val_accuracy" in run.data.metrics
+        assert launcher.data.tags["fmnist.parent"] == run.info.run_id
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_mlflow_run_with_experiment_name_leaves_no_stray_run(tmp_path):
+    """What the README recommends: `mlflow run . --experiment-name fmnist` logs into the run it made."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run(
+        [f"{Path(sys.executable).parent}/mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local",
+         "--experiment-name", "fmnist", "-P", "epochs=1", "-P", "subset=300"],
+        env=cli_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mlflow.set_tracking_uri(uri)
+    try:
+        (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        assert run.data.tags["fmnist.kind"] == "train" and run.info.status == "FINISHED"
+        assert mlflow.get_experiment(run.info.experiment_id).name == "fmnist"
     finally:
         mlflow.set_tracking_uri(None)

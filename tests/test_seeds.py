@@ -143,7 +143,8 @@ def test_seeded_sweep_groups_seeds_and_resumes_per_config_and_seed(store, tmp_pa
     finished = [c for c in children() if c.info.status == "FINISHED"]
     assert len(finished) == 4
     for run in finished:  # what the UI groups seeds by: a shared tag and name, and the seed as a param
-        assert run.data.tags[tracking.TAG_CONFIG_NAME] == run.info.run_name == f"model1-ce-{run.data.params['optimizer']}"
+        assert run.data.tags[tracking.TAG_CONFIG_NAME] == run.info.run_name
+        assert run.info.run_name == f"model1-ce-{run.data.params['optimizer']}-{run.data.tags[tracking.TAG_CONFIG_GROUP][:6]}"
     groups = {}
     for run in finished:
         groups.setdefault(run.data.tags[tracking.TAG_CONFIG_GROUP], set()).add(run.data.params["seed"])

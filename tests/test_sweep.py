@@ -31,6 +31,11 @@ def sweep_cli(*args):
     return CliRunner().invoke(cli.main, ["sweep", "--subset", "300", *args], catch_exceptions=False)
 
 
+def label(run) -> str:
+    """model-loss-optimizer of a run named model-loss-optimizer-<config digest>."""
+    return run.info.run_name.rsplit("-", 1)[0]
+
+
 def all_runs():
     return mlflow.search_runs(search_all_experiments=True, output_format="list")
 
@@ -50,8 +55,8 @@ def test_small_grid_makes_one_parent_with_finished_children_and_artifacts(store,
     assert parent.info.status == "FINISHED" and parent.info.run_name == "small"
     assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
-    assert {c.info.run_name for c in children} == {"model1-ce-adam", "model1-bce-adam", "model1-ce-rmsprop",
-                                                   "model1-bce-rmsprop"}
+    assert {label(c) for c in children} == {"model1-ce-adam", "model1-bce-adam", "model1-ce-rmsprop",
+                                            "model1-bce-rmsprop"}
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"summary.csv", "summary.md", "loss_curves.png", "val_accuracy.png"} <= artifacts
     best_id = parent.data.tags[sweep.TAG_BEST_RUN]
@@ -122,7 +127,7 @@ def test_diverging_config_fails_alone(store, tmp_path):
     result = sweep_cli("--grid", str(path))
     assert result.exit_code == 0, result.output
     (parent,), children = parents_and_children()
-    status = {c.info.run_name: c.info.status for c in children}
+    status = {label(c): c.info.status for c in children}
     assert status == {"model1-ce-adam": "FINISHED", "model1-bce-adam": "FINISHED",
                       "model1-ce-sgd": "FAILED", "model1-bce-sgd": "FAILED"}
     failed = [c for c in children if c.info.status == "FAILED"]
@@ -190,5 +195,13 @@ def test_mlflow_run_main_entry_point_is_the_sweep(tmp_path):
         assert experiment.name == "fmnist" and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
         (launcher,) = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "launcher"]
         assert launcher.info.experiment_id == "0" and "fmnist" in launcher.data.tags["mlflow.note.content"]
+        # it points at the parent, says how to avoid it, and its seeds param says what the sweep used
+        assert launcher.data.tags["fmnist.parent"] == parent.info.run_id
+        assert parent.info.run_id in launcher.data.tags["mlflow.note.content"]
+        assert "--experiment-name fmnist" in launcher.data.tags["mlflow.note.content"]
+        assert launcher.data.params["seeds"] == "grid"
+        assert "workflowType=machine_learning" in proc.stdout
+        # not a terminal: one line per epoch, no progress-bar label line before it
+        assert proc.stderr.count("epoch 1/1") + proc.stdout.count("epoch 1/1") == 2
     finally:
         mlflow.set_tracking_uri(None)

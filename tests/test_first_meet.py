@@ -1,0 +1,224 @@
+"""What a new user meets first: links that open the UI's Model training view, names that tell configs apart,
+quiet output, `fmnist predict`'s default model, and bad input refused at the boundary (exit 2, before any
+work) or in one line (exit 1), with nothing left RUNNING."""
+
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from fmnist_mlflow import cli, grid, stats, tracking
+
+TRAIN = ["train", "--device", "cpu", "--epochs", "2", "--subset", "300"]
+SPACE = {
+    "name": "tiny", "metric": "val_accuracy",
+    "fixed": {"model": "model2", "loss": "ce", "batch_size": 64, "seed": 0},
+    "search": {"optimizer": {"choices": ["adam"]}, "dropout": {"low": 0.0, "high": 0.6},
+               "lr": {"adam": {"low": 1e-4, "high": 1e-2, "log": True}}},
+}  # fmt: skip
+GRID = {"name": "small", "models": ["model1"], "losses": ["ce", "bce"], "optimizers": ["adam"],
+        "lr": {"adam": 0.001}, "batch_size": 64, "epochs": 1, "seeds": [0]}
+
+
+def invoke(*args, **kwargs):
+    return CliRunner().invoke(cli.main, [str(a) for a in args], **kwargs)
+
+
+def all_runs():
+    return mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def write(tmp_path, name, spec):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def search_args(tmp_path, space, *extra, trials=2):
+    return ["search", "--space", space, "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--trials", trials,
+            "--epochs", "1", "--subset", "300", "--pruner", "none", "--device", "cpu", *extra]
+
+
+# --- the UI and the printed output ---------------------------------------------------------------------
+
+
+def test_printed_links_open_the_model_training_view_and_epochs_print_once(store):
+    result = invoke(*TRAIN, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (link,) = [line for line in result.output.splitlines() if line.startswith("view it:")]
+    assert "#/experiments/" in link and link.endswith("?workflowType=machine_learning")
+    # not a terminal: one line per epoch, no progress-bar label before it
+    assert len([line for line in result.output.splitlines() if " epoch " in line]) == 2
+
+
+def test_different_configs_never_share_a_run_or_model_name(store):
+    for lr in ("0.001", "0.002", "0.001"):
+        assert invoke(*TRAIN, "--lr", lr, "--epochs", "1", catch_exceptions=False).exit_code == 0
+    runs = all_runs()
+    names = {r.info.run_name for r in runs}
+    assert len(names) == 2 and all(n.startswith("model1-ce-adam-") for n in names)
+    by_lr = {}
+    for r in runs:
+        by_lr.setdefault(r.data.params["lr"], set()).add(r.info.run_name)
+    assert all(len(v) == 1 for v in by_lr.values())  # the same config keeps its name
+    models = mlflow.search_logged_models(experiment_ids=[runs[0].info.experiment_id], output_format="list")
+    assert {m.name for m in models} == names
+
+
+def test_search_prints_its_link_and_its_trials_have_their_own_names(store, tmp_path):
+    space = write(tmp_path, "space.yaml", SPACE)
+    result = invoke(*search_args(tmp_path, space, "--seed", "3", trials=3), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert any(line.startswith("view it:") and "workflowType=machine_learning" in line
+               for line in result.output.splitlines())
+    trials = [r for r in all_runs() if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    assert len(trials) == 3 and len({r.info.run_name for r in trials}) == 3
+
+
+def test_warm_start_says_why_a_grid_value_was_moved_into_the_space(store, tmp_path):
+    g = write(tmp_path, "grid.yaml", {**GRID, "models": ["model2"], "losses": ["ce"], "dropout": {"model2": 0.5}})
+    assert invoke("sweep", "--grid", g, "--subset", "300", "--device", "cpu").exit_code == 0
+    space = write(tmp_path, "space.yaml", {**SPACE, "search": {**SPACE["search"],
+                                                               "weight_decay": {"low": 1e-6, "high": 1e-2, "log": True}}})
+    result = invoke(*search_args(tmp_path, space, trials=1), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "warm start" in result.output and "weight_decay 1e-06 for the grid's 0.0" in result.output
+    assert "log-scale range cannot hold" in result.output
+
+
+def test_predict_defaults_to_the_champion_and_says_when_there_is_none(store, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((28, 28), dtype=np.uint8))
+    result = invoke("predict", tmp_path / "x.npy")
+    assert result.exit_code == 1 and "no registered model 'fmnist-cnn'" in result.output
+    assert "fmnist register" in result.output and "Traceback" not in result.output
+    assert invoke(*TRAIN, catch_exceptions=False).exit_code == 0
+    assert invoke("register", catch_exceptions=False).exit_code == 0
+    result = invoke("predict", tmp_path / "x.npy")
+    assert result.exit_code == 0 and "x.npy:" in result.output, result.output
+    result = invoke("predict", "--model-uri", "models:/fmnist-cnn@nobody", tmp_path / "x.npy")
+    assert result.exit_code == 1 and "has no alias 'nobody'" in result.output
+
+
+# --- faults: each a clear error, nothing left RUNNING --------------------------------------------------------
+
+
+def test_jobs_beyond_the_work_left_are_capped_and_said(store, tmp_path):
+    g = write(tmp_path, "grid.yaml", GRID)  # 2 points
+    result = invoke("sweep", "--grid", g, "--subset", "300", "--device", "cpu", "--jobs", "1000", catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "2 workers" in result.output and "--jobs 1000 capped at the 2 point(s) left" in result.output
+    assert not [r for r in all_runs() if r.info.status == "RUNNING"]
+
+
+@pytest.mark.parametrize("command", ["sweep", "search"])
+def test_a_binary_spec_file_is_a_usage_error_naming_the_file(store, tmp_path, command):
+    garbage = tmp_path / "garbage.yaml"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    option = "--grid" if command == "sweep" else "--space"
+    result = invoke(command, option, garbage, "--subset", "300")
+    assert result.exit_code == 2 and "not a text (UTF-8) file" in result.output and str(garbage) in result.output
+    assert "--seeds" not in result.output and "Traceback" not in result.output
+    assert all_runs() == []
+
+
+def test_a_huge_spec_file_is_refused_quickly_in_one_short_line(store, tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("".join(f"key{i}: {i}\n" for i in range(700_000)))  # ~10 MB of unknown keys
+    started = time.monotonic()
+    result = invoke("sweep", "--grid", big)
+    assert result.exit_code == 2 and "larger than 1000 kB" in result.output and len(result.output) < 500
+    assert time.monotonic() - started < 30  # was 55 s; generous: a loaded machine
+
+
+def test_many_unknown_keys_are_named_a_few_at_a_time(store, tmp_path):
+    spec = {**GRID, **{f"extra{i}": i for i in range(50)}}
+    result = invoke("sweep", "--grid", write(tmp_path, "g.yaml", spec))
+    assert result.exit_code == 2 and "and 45 more" in result.output and len(result.output) < 600
+
+
+@pytest.mark.parametrize("table, key", [("dropout", "model9"), ("dropout", "modle3"), ("lr", "adamw"),
+                                        ("momentum", "sgdd")])
+def test_unknown_keys_inside_grid_tables_are_refused(store, tmp_path, table, key):
+    spec = {**GRID, table: {**GRID.get(table, {}), key: 0.3}}
+    result = invoke("sweep", "--grid", write(tmp_path, "g.yaml", spec))
+    assert result.exit_code == 2 and f"{table}.{key}" in result.output, result.output
+    assert all_runs() == []
+
+
+def test_a_grid_name_with_a_quote_is_refused_before_any_run(store, tmp_path):
+    result = invoke("sweep", "--grid", write(tmp_path, "g.yaml", {**GRID, "name": "it's"}))
+    assert result.exit_code == 2 and "quotes" in result.output
+    assert all_runs() == []
+
+
+def test_a_start_point_learning_rate_outside_the_space_is_refused(store, tmp_path):
+    point = {"optimizer": "adam", "lr": 3.0, "dropout": 0.1}
+    space = write(tmp_path, "space.yaml", {**SPACE, "start_points": [point]})
+    result = invoke(*search_args(tmp_path, space))
+    assert result.exit_code == 2 and "start_points[0].lr 3.0 is outside 0.0001..0.01" in result.output
+    assert all_runs() == []
+
+
+def test_a_timeout_of_nan_and_a_bad_heartbeat_setting_are_clear_errors(store, tmp_path, monkeypatch):
+    space = write(tmp_path, "space.yaml", SPACE)
+    result = invoke(*search_args(tmp_path, space, "--timeout", "nan"))
+    assert result.exit_code == 2 and "finite" in result.output
+    monkeypatch.setenv("FMNIST_HEARTBEAT_S", "abc")
+    result = invoke(*search_args(tmp_path, space))
+    assert result.exit_code == 1 and "FMNIST_HEARTBEAT_S='abc'" in result.output, result.output
+    assert "Traceback" not in result.output and result.output.strip().splitlines()[-1].startswith("Error: FMNIST")
+    assert all_runs() == []
+
+
+def test_predict_refuses_an_array_of_strings_and_a_folder_in_one_line_each(store, tmp_path):
+    assert invoke(*TRAIN, catch_exceptions=False).exit_code == 0
+    assert invoke("register", catch_exceptions=False).exit_code == 0
+    np.save(tmp_path / "s.npy", np.array([["a"] * 28] * 28))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    result = invoke("predict", tmp_path / "s.npy", folder)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "s.npy: dtype <U1 is not numeric" in result.output and "images: is a folder" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--batch-size", str(10**12)], "--batch-size"),
+    (["train", "--epochs", str(10**20)], "--epochs"),
+    (["train", "--threads", "1000"], "--threads"),
+    (["sweep", "--epochs", str(10**20)], "--epochs"),
+    (["train", "--experiment", ""], "experiment name"),
+    (["sweep", "--experiment", "a'b"], "experiment name"),
+    (["register", "--name", "a/b"], "registered model name"),
+    (["register", "--alias", "has space"], "an alias is"),
+    (["register", "--alias", "v3"], "an alias is"),
+])
+def test_out_of_bounds_values_are_usage_errors_before_any_work(store, args, message):
+    result = invoke(*args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "selected" not in result.output and all_runs() == []
+
+
+def test_a_data_dir_that_is_a_file_says_so(store, tmp_path, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setenv("FMNIST_DATA_DIR", str(afile))
+    result = invoke("data")
+    assert result.exit_code == 1 and "is a file, not a folder" in result.output
+
+
+def test_an_accuracy_interval_never_leaves_0_to_1():
+    wide = stats.estimate([0.5, 1.0], fraction=True)
+    assert wide.ci95[0] >= 0 and wide.ci95[1] == 1.0
+    nll = stats.estimate([0.5, 1.0])  # not a fraction: not clipped
+    assert nll.ci95[1] > 1
+
+
+def test_the_default_grid_and_space_still_load():
+    assert len(grid.load_grid().configs(device="cpu")) == 54
+    from fmnist_mlflow.space import load_space
+
+    assert load_space().start_points
