@@ -204,9 +204,23 @@ def work(study: optuna.Study, objective: Callable, *, more: Callable[[optuna.Stu
             break  # without heartbeats (a journal file) a lost trial cannot be told from a slow one
         if on_wait is not None:
             on_wait(len(running))
-        time.sleep(heartbeat_interval())
+        wait_while_running(study, heartbeat_interval())
         optuna.storages.fail_stale_trials(study)  # a lost worker's trial: failed here, its retry queued
     return ran
+
+
+WAIT_POLL_S = 1.0  # how often a waiting worker looks whether the other workers' trials have ended
+
+
+def wait_while_running(study: optuna.Study, seconds: float) -> None:
+    """Sleep up to `seconds`, returning as soon as no trial of the study is RUNNING: the last trial of a
+    sweep usually ends well before a heartbeat interval, and the waiting worker (and its command) should
+    not sit out the rest of it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(min(WAIT_POLL_S, max(0.0, deadline - time.monotonic())))
+        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            return
 
 
 def retried_count(study: optuna.Study) -> int:
