@@ -53,6 +53,8 @@ def reported(fn):
             raise click.ClickException(str(exc)) from None
         except (MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError) as exc:
             raise click.ClickException(connection.describe_failure(exc)) from None
+        except OSError as exc:  # e.g. the disk of the tracking store or its artifacts is full
+            raise click.ClickException(connection.describe_os_error(exc)) from None
         except KeyboardInterrupt:
             click.echo("interrupted: the run was marked KILLED", err=True)
             sys.exit(EXIT_INTERRUPTED)
@@ -291,7 +293,8 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
                        f"{brief_params(t.params)}")
 
         asked = jobs
-        jobs = min(jobs or hardware.default_jobs(settings.device, trials, subset), trials)
+        # auto with --seed: one process, the reproducible search that --seed promises
+        jobs = min(jobs or (1 if seed is not None else hardware.default_jobs(settings.device, trials, subset)), trials)
         if jobs > 1:
             capped = f" (--jobs {asked} capped at --trials {trials})" if asked and asked > jobs else ""
             click.echo(f"{jobs} workers, {threads or parallel.threads_per_worker(jobs)} CPU thread(s) each{capped}")

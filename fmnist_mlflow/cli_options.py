@@ -106,7 +106,7 @@ def epochs_option(default: int, help_text: str, low: int = 1):
 
 def subset_option(fn):
     return click.option(
-        "--subset", type=click.IntRange(0, cfg.TRAIN_SIZE), default=0, show_default=True,
+        "--subset", type=click.IntRange(min=0), default=0, show_default=True,  # the config says what is allowed
         help="Train on the first N training and N//5 validation images (0: all; for smoke runs)."
     )(fn)
 

@@ -8,6 +8,7 @@ name, or needs credentials, fails here with the reason); a database must accept 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -80,13 +81,59 @@ def check_reachable(uri: Optional[str] = None, timeout: float = REACH_TIMEOUT_S)
         )
     if scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
         _check_database(uri, shown)
+        open_store(uri)
         return uri
     if scheme == "sqlite":
         path = uri[len("sqlite:///") :]
         folder = Path(path).parent if path else Path(".")
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise TrackingError(f"tracking store {uri}: folder {folder} does not exist or is not writable")
+        open_store(uri, lock=Path(path).resolve() if path else None)
     return uri
+
+
+# What a database says when two processes create (or migrate) a new MLflow store's tables at the same moment:
+# sqlite ("table ... already exists", a UNIQUE constraint), PostgreSQL ("duplicate key value"), alembic
+# ("Online migration expected to match one row ... 0 found").
+SCHEMA_RACES = ("already exists", "UNIQUE constraint", "duplicate key value", "expected to match one row",
+                "database is locked")
+
+
+def open_store(uri: str, lock: Optional[Path] = None, attempts: int = 6) -> None:
+    """Create the store's schema (MLflow does it on first use) once, before any work: under a file lock for
+    a sqlite file, so that workers started together on a fresh store wait for the first instead of racing
+    its migrations; with a few retries for a database server, where the loser of the race finds the
+    tables made."""
+    from mlflow.tracking import MlflowClient
+
+    guard = _file_lock(lock) if lock is not None else contextlib.nullcontext()
+    with guard:
+        for attempt in range(attempts):
+            try:
+                client = MlflowClient(uri)
+                client.search_experiments(max_results=1)  # the tracking tables
+                client.search_registered_models(max_results=1)  # the registry's, in the same database
+                return
+            except Exception as exc:  # MLflow wraps SQLAlchemy and alembic errors in several types
+                if attempt == attempts - 1 or not any(race in str(exc) for race in SCHEMA_RACES):
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+
+
+@contextlib.contextmanager
+def _file_lock(db_path: Path):
+    """An exclusive lock for one sqlite file, held in the system's temp folder (not beside the user's file)."""
+    import fcntl
+    import hashlib
+    import tempfile
+
+    name = hashlib.sha256(str(db_path).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"fmnist-mlflow-store-{name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _check_api(uri: str, shown: str, timeout: float) -> None:
@@ -129,7 +176,23 @@ def describe_failure(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     if len(text) > 300:
         text = text[:300] + "..."
+    if "disk is full" in text or "No space left" in text:
+        return f"tracking store {redact(tracking_uri())} failed: its disk is full. {FULL_DISK_ADVICE}"
     return f"tracking store {redact(tracking_uri())} failed: {redact(text)}"
+
+
+FULL_DISK_ADVICE = ("What was logged before stays (params, the epochs' metrics); a run that could not be closed is "
+                    "ended FAILED by the next fmnist command on this experiment, once there is room.")
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a file-system error (a full disk, a folder that cannot be written)."""
+    import errno
+
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on the device{where} while writing runs or artifacts. {FULL_DISK_ADVICE}"
+    return f"{exc.strerror or type(exc).__name__}{where}"
 
 
 def use_uri(uri: str) -> None:

@@ -2,9 +2,10 @@
 and `--jobs auto` are resolved from).
 
 bf16 autocast pays where the hardware multiplies bf16 natively: CUDA GPUs that support it, and x86 CPUs
-with AMX-BF16 or AVX512-BF16 (measured in experiments/BENCHMARKS.md: model3's training step 2.0-2.9x faster
-with AMX, 1.6-2.0x with AVX512-BF16 only; model1 1.0-1.4x). Elsewhere torch emulates bf16 by converting,
-which is slower than fp32, so `auto` stays fp32 there and an explicit bf16 is refused with the reason.
+with AMX-BF16 or AVX512-BF16 (experiments/BENCHMARKS.md: model3 trains 2.0-2.9x faster with AMX, 1.4-1.6x
+on an AVX512-BF16 CPU without AMX, with the same accuracy; model1 1.0-1.4x). Elsewhere torch emulates bf16
+by converting, which is slower than fp32, so `auto` stays fp32 there and an explicit bf16 is refused with
+the reason.
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ class Normalize(nn.Module):
             x = x.float().div_(255.0)
         else:
             x = x.float()
+            # NaN or infinite pixels would give NaN logits; refuse them. The check is an op of the exported
+            # graph, so a served model answers such a request with HTTP 400 instead of 200 and NaNs.
+            torch._assert_async(torch.isfinite(x).all(), "pixels must be finite numbers (got NaN or infinity)")
             x = x * torch.where(x.amax(dim=(1, 2, 3), keepdim=True) > 1.0, 1.0 / 255.0, 1.0)
         return (x - PIXEL_MEAN) / PIXEL_STD
 

@@ -30,8 +30,8 @@ from .config import SPLIT_SEED, RunConfig
 from .data import FILES, Dataset
 from .connection import TrackingError, redact, tracking_uri
 from .train import EpochMetrics
-from .schema import (KIND_LAUNCHER, TAG_CONFIG_GROUP, TAG_CONFIG_HASH, TAG_CONFIG_NAME, TAG_FAILURE, TAG_KIND,
-                     TAG_PARENT, TAG_THREADS, TAG_WORKER)
+from .schema import (KIND_CONFIRM, KIND_LAUNCHER, KIND_TRAIN, TAG_CONFIG_GROUP, TAG_CONFIG_HASH, TAG_CONFIG_NAME,
+                     TAG_FAILURE, TAG_KIND, TAG_PARENT, TAG_THREADS, TAG_WORKER)
 
 EPOCH_METRICS = tuple(k for k in EpochMetrics.__annotations__ if k != "epoch")  # logged per step = epoch
 
@@ -90,6 +90,7 @@ def use_experiment(name: str) -> str:
         # Another worker created it at the same moment; select it. (Seen once: the run that followed still
         # landed in Default, so parents are also created with an explicit experiment id.)
         experiment = mlflow.set_experiment(name)
+    end_abandoned(experiment.experiment_id)
     for key, value in EXPERIMENT_TAGS.items():
         if key not in experiment.tags:
             try:
@@ -186,6 +187,39 @@ def run(
 
 def worker_name() -> str:
     return f"{platform.node()}:{os.getpid()}"
+
+
+# Runs one process opens and closes by itself; a sweep's children and a search's trials are the engine's
+# to reap (by their trial's state), and parents are held open by several workers in turn.
+SOLO_KINDS = (KIND_TRAIN, KIND_CONFIRM)
+ABANDONED_REASON = ("abandoned: its process on this machine ended without closing it (e.g. the tracking store's disk "
+                    "was full, or it was killed); ended by the next fmnist command")
+
+
+def end_abandoned(experiment_id: str) -> int:
+    """End FAILED the experiment's RUNNING runs of SOLO_KINDS whose process, on this machine, is gone (their
+    end state could not be written, e.g. on a full disk); returns how many. Runs of other machines are left
+    alone: a process there cannot be seen from here."""
+    here = platform.node()
+    ended = 0
+    for r in find_runs([experiment_id], {}, status="RUNNING"):
+        host, _, pid = r.data.tags.get(TAG_WORKER, "").rpartition(":")
+        if r.data.tags.get(TAG_KIND) in SOLO_KINDS and host == here and pid.isdigit() and not _alive(int(pid)):
+            end_run_as(r.info.run_id, "FAILED", ABANDONED_REASON)
+            ended += 1
+    return ended
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def environment_tags(device: str) -> dict:

@@ -127,7 +127,7 @@ def test_train_against_a_real_mlflow_server(mlflow_server):
     (run,) = runs("over-http")
     assert run.info.status == "FINISHED" and "val_accuracy" in run.data.metrics
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
-    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model1-ce-adam")  # the artifact path is the config name
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/{run.info.run_name}")  # the artifact path is the run name
     assert model.predict(np.zeros((3, 1, 28, 28), dtype=np.float32)).shape == (3, 10)
 
 

@@ -222,3 +222,51 @@ def test_the_default_grid_and_space_still_load():
     from fmnist_mlflow.space import load_space
 
     assert load_space().start_points
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 4 MB tmpfs (needs root, as on the CI machine; skipped where mount is refused)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_the_next_command_ends_the_run(tiny_disk, monkeypatch):
+    import subprocess
+
+    uri = f"sqlite:///{tiny_disk / 'mlflow.db'}"
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": uri}
+    env.pop("MLFLOW_RUN_ID", None)
+    train = [sys.executable, "-m", "fmnist_mlflow", *TRAIN, "--model", "model3", "--epochs", "1"]
+    first = subprocess.run(train, env=env, cwd=tiny_disk, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    filler = tiny_disk / "filler"
+    free = __import__("shutil").disk_usage(tiny_disk).free
+    filler.write_bytes(b"\0" * max(0, free - 64 * 1024))  # leave 64 kB: less than a model
+    full = subprocess.run(train, env=env, cwd=tiny_disk, capture_output=True, text=True, timeout=300)
+    # exit 1 with our one line last (MLflow itself still logs the database error above it)
+    assert full.returncode == 1, full.stderr[-3000:]
+    error = full.stderr.strip().splitlines()[-1]
+    assert error.startswith("Error:") and ("full" in error or "space" in error), error
+    filler.unlink()
+    again = subprocess.run(train, env=env, cwd=tiny_disk, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    mlflow.set_tracking_uri(uri)
+    try:
+        runs = all_runs()
+        assert not [r for r in runs if r.info.status == "RUNNING"]
+        failed = [r for r in runs if r.info.status == "FAILED"]
+        assert len(failed) == 1 and len(runs) == 3
+        assert "abandoned" in failed[0].data.tags[tracking.TAG_FAILURE] or "No space" in failed[0].data.tags[
+            tracking.TAG_FAILURE] or "full" in failed[0].data.tags[tracking.TAG_FAILURE]
+    finally:
+        mlflow.set_tracking_uri(None)

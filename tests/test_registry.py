@@ -153,5 +153,13 @@ def test_serve_the_champion_over_rest(two_runs, store, tmp_path):
             assert logits.shape == (5, 10)
             np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
             assert [data.CLASS_NAMES[i] for i in logits.argmax(1)] == [p["top_k"][0]["class"] for p in predicted]
+        # NaN or infinite pixels: refused with a 4xx, never 200 with NaN logits
+        for bad in (float("nan"), float("inf")):
+            inputs = (x / 255.0).tolist()
+            inputs[1][0][3][4] = bad
+            body = json.dumps({"inputs": inputs})  # Python writes NaN / Infinity, as a careless client would
+            response = requests.post(f"http://127.0.0.1:{port}/invocations", data=body, timeout=60,
+                                     headers={"Content-Type": "application/json"})
+            assert 400 <= response.status_code < 500, (bad, response.status_code, response.text[:300])
     finally:
         stop(proc)

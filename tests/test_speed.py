@@ -145,6 +145,12 @@ def test_cuda_without_a_gpu_is_a_usage_error(store):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_precision_on_this_gpu_follows_its_bf16_support():
+    expected = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    assert RunConfig(device="cuda").precision == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_bf16_run(store):
     result = CliRunner().invoke(cli.main, ["train", "--device", "cuda", "--precision", "bf16", "--epochs", "1",
                                            "--subset", "2000"], catch_exceptions=False)
