@@ -43,7 +43,6 @@ class JobsType(click.ParamType):
 
 
 MAX_JOBS = 1024  # worker processes of one command (capped again at the points or trials left)
-MAX_EPOCHS = cfg.MAX_EPOCHS
 MAX_BATCH = cfg.TRAIN_SIZE  # a batch larger than the training split is the split itself
 
 
@@ -100,7 +99,7 @@ def experiment_option(help_text: str):
 
 
 def epochs_option(default: int, help_text: str, low: int = 1):
-    return click.option("--epochs", type=click.IntRange(low, MAX_EPOCHS), default=default, show_default=True,
+    return click.option("--epochs", type=click.IntRange(low, cfg.MAX_EPOCHS), default=default, show_default=True,
                         help=help_text)
 
 
