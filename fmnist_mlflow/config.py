@@ -50,6 +50,9 @@ MAX_EPOCHS = 10_000  # the report trains 10; 10,000 epochs of model3 would take 
 VAL_SIZE = 10_000
 TRAIN_SIZE = 60_000 - VAL_SIZE  # what is left of the 60,000 training images for training
 SPLIT_SEED = 20240917
+# model3's width multiplier: 1/4 keeps 8 channels in the first conv; 4 (128-256-512 channels, 1.5M weights)
+# already costs ~16x the convolutions of width 1.
+MIN_WIDTH, MAX_WIDTH = 0.25, 4.0
 
 
 class ConfigError(FmnistError, ValueError):
@@ -75,6 +78,11 @@ class RunConfig:
     schedule: str = "constant"  # one of SCHEDULES
     label_smoothing: float = 0.0  # CE only: target mass spread uniformly over the 10 classes
     augment: str = "none"  # one of AUGMENTS
+    warmup: float = 0.3  # onecycle only: the fraction of the steps spent warming up to lr (torch's default)
+    width: float = 1.0  # model3 only: multiplies its conv channels (32, 64, 128 at 1)
+    ema: float = 0.0  # per-step decay of an exponential moving average of the weights; 0: off. Set, the
+    #                   averaged weights are what is validated, logged and served
+    tta: bool = False  # flip test-time augmentation: validate, log and serve the mean logits of image and mirror
 
     def __post_init__(self) -> None:
         _check_choice("model", self.model, MODELS)
@@ -99,7 +107,7 @@ class RunConfig:
             object.__setattr__(self, "precision", hardware.resolve_precision(self.precision, self.device))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        for name in ("lr", "momentum", "dropout", "weight_decay", "label_smoothing"):
+        for name in ("lr", "momentum", "dropout", "weight_decay", "label_smoothing", "warmup", "width", "ema"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -110,6 +118,18 @@ class RunConfig:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.label_smoothing and self.loss != "ce":
             raise ConfigError("label_smoothing applies to the ce loss only")
+        if not 0 < self.warmup < 1:
+            raise ConfigError(f"warmup must be in (0, 1), got {self.warmup}")
+        if self.warmup != 0.3 and self.schedule != "onecycle":
+            raise ConfigError("warmup applies to the onecycle schedule only")
+        if not MIN_WIDTH <= self.width <= MAX_WIDTH:
+            raise ConfigError(f"width must be in {MIN_WIDTH:g}..{MAX_WIDTH:g}, got {self.width}")
+        if self.width != 1 and self.model != "model3":
+            raise ConfigError("width applies to model3 only")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"ema must be in [0, 1) (0: off; e.g. 0.999), got {self.ema}")
+        if not isinstance(self.tta, bool):
+            raise ConfigError(f"tta must be true or false, got {self.tta!r}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
         if not 0 <= self.momentum < 1:

@@ -62,17 +62,27 @@ class Model2(Model1):
         super().__init__(dropout)
 
 
-class Model3(nn.Module):
-    """Three same-padded 3x3 convs, 32 -> 64 -> 128 channels, each pooled; then 1152 -> 128 -> 10."""
+MODEL3_CHANNELS = (32, 64, 128)  # at width 1; the report never gave model3's channel counts: these are ours
 
-    def __init__(self, dropout: float = 0.0):
+
+def model3_channels(width: float) -> tuple:
+    """The three convs' output channels at a width multiplier (rounded to whole channels)."""
+    return tuple(max(1, round(c * width)) for c in MODEL3_CHANNELS)
+
+
+class Model3(nn.Module):
+    """Three same-padded 3x3 convs, 32 -> 64 -> 128 channels (times `width`), each pooled; then
+    (last channels x 3 x 3) -> 128 -> 10 (1152 at width 1)."""
+
+    def __init__(self, dropout: float = 0.0, width: float = 1.0):
         super().__init__()
         self.norm = Normalize()
+        channels = model3_channels(width)
         self.convs = nn.ModuleList(
-            [nn.Conv2d(cin, cout, kernel_size=3, padding=1) for cin, cout in ((1, 32), (32, 64), (64, 128))]
+            [nn.Conv2d(cin, cout, kernel_size=3, padding=1) for cin, cout in zip((1, *channels[:-1]), channels)]
         )
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.fc1 = nn.Linear(128 * 3 * 3, 128)  # 1152: 28 -> 14 -> 7 -> 3 after three 2x pools (floor)
+        self.fc1 = nn.Linear(channels[-1] * 3 * 3, 128)  # 28 -> 14 -> 7 -> 3 after three 2x pools (floor)
         self.fc2 = nn.Linear(128, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,8 +93,26 @@ class Model3(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+class FlipTTA(nn.Module):
+    """Test-time augmentation: the mean of a net's logits on each image and on its left-right mirror
+    (Fashion-MNIST's classes are mirror-symmetric). Part of the logged model, so that serving gets it too."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.net(x) + self.net(x.flip(-1))) / 2
+
+
 MODELS = {"model1": Model1, "model2": Model2, "model3": Model3}
 
 
-def build(name: str, dropout: float) -> nn.Module:
+def build(name: str, dropout: float, width: float = 1.0) -> nn.Module:
+    if name == "model3":
+        return Model3(dropout=dropout, width=width)
     return MODELS[name](dropout=dropout)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

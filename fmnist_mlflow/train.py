@@ -49,7 +49,8 @@ class DivergedError(FmnistError, RuntimeError):
 
 @dataclass
 class FitResult:
-    model: nn.Module  # trained, in eval mode, on the training device
+    model: nn.Module  # what was validated and is to be logged (see `served`), in eval mode, on the training device
+    trained: nn.Module  # the optimizer's own weights (the same module as `model` without ema and tta)
     history: list[EpochMetrics] = field(default_factory=list)
 
     @property
@@ -86,7 +87,7 @@ def make_schedule(config: RunConfig, optimizer: torch.optim.Optimizer, steps_per
     if config.schedule == "onecycle":
         # Peak = config.lr; momentum is not cycled, so the three optimizers keep their own momentum settings.
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total,
-                                                   cycle_momentum=False)
+                                                   pct_start=config.warmup, cycle_momentum=False)
     return None
 
 
@@ -112,8 +113,19 @@ def prepare_model(config: RunConfig) -> nn.Module:
     if config.device == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
     torch.manual_seed(config.seed)  # same seed, same initial weights
-    model = models.build(config.model, config.dropout)
+    model = models.build(config.model, config.dropout, config.width)
     return model.to(config.device, memory_format=torch.channels_last)
+
+
+def averaged(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of `model`'s weights, updated after every optimizer step."""
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay))
+
+
+def served(config: RunConfig, net: nn.Module) -> nn.Module:
+    """What is validated, logged and served: `net` (the trained or the averaged weights), mirrored too
+    when `config.tta`."""
+    return models.FlipTTA(net) if config.tta else net
 
 
 def autocast(config: RunConfig):
@@ -151,6 +163,7 @@ def train_epoch(
     generator: torch.Generator,
     on_batch: Optional[BatchCallback] = None,
     scheduler=None,
+    ema: Optional[torch.optim.swa_utils.AveragedModel] = None,
 ) -> float:
     """One pass over `split` in a random order; returns the per-example mean training loss."""
     model.train()
@@ -173,6 +186,8 @@ def train_epoch(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         total += loss.detach() * len(idx)  # stays on the device: no per-step synchronisation
         if on_batch is not None:
             on_batch(step + 1, steps)
@@ -195,17 +210,19 @@ def fit(
     optimizer = make_optimizer(config, model.parameters())
     scheduler = make_schedule(config, optimizer, math.ceil(len(data.train) / config.batch_size))
     generator = torch.Generator(device=config.device).manual_seed(config.seed)
-    result = FitResult(model=model)
+    ema = averaged(model, config.ema) if config.ema else None
+    evaluated = served(config, ema.module if ema is not None else model)
+    result = FitResult(model=evaluated, trained=model)
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
-        train_loss = train_epoch(model, optimizer, data.train, config, generator, on_batch, scheduler)
+        train_loss = train_epoch(model, optimizer, data.train, config, generator, on_batch, scheduler, ema)
         seconds = time.perf_counter() - started  # .item() in train_epoch has synchronised the device
         if not math.isfinite(train_loss):
             raise DivergedError(
                 f"training loss became {train_loss} in epoch {epoch} "
                 f"({config.optimizer}, lr={config.lr:g}); try a smaller learning rate"
             )
-        val = evaluate(model, data.val, config.loss)
+        val = evaluate(evaluated, data.val, config.loss)
         if not (math.isfinite(val["loss"]) and math.isfinite(val["nll"])):
             raise DivergedError(
                 f"validation loss became {val['nll']} after epoch {epoch} "
@@ -217,4 +234,5 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(metrics)
     model.eval()
+    evaluated.eval()
     return result
