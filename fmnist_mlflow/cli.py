@@ -14,12 +14,11 @@ from typing import Optional
 import click
 
 from . import config as cfg
-from .cli_options import (build_config, check_alias, check_model_name, check_study_name, check_timeout,
-                          config_options, data_dir_option, device_options, epochs_option, experiment_option,
+from .cli_options import (build_config, check_alias, check_model_name, check_timeout, config_options, confirm_seeds, data_dir_option, device_options, epochs_option, experiment_option,
                           jobs_option, storage_options, subset_option, tracking_options)
-from .console import EpochProgress, brief_params, duration, on_wait
+from .console import EpochProgress, duration, on_wait, workers_line
 from .space import PRUNERS, SAMPLERS
-from .summary import SELECT as SELECT_METRICS
+from .config import SELECT as SELECT_METRICS
 
 EXIT_INTERRUPTED = 130
 DEFAULT_MODEL_URI = "models:/fmnist-cnn@champion"  # what `fmnist register` makes, with its default --name, --alias
@@ -154,7 +153,7 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, s
     import time
 
     from . import grid as grid_mod
-    from . import connection, engine, hardware, parallel, tracking
+    from . import connection, engine, hardware, tracking
     from . import sweep as sweep_mod
 
     try:
@@ -166,7 +165,6 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, s
         raise click.UsageError(str(exc)) from None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--seeds") from None
-    check_study_name(study_name)
     use_threads(threads)
     engine.heartbeat_interval()  # a bad $FMNIST_HEARTBEAT_S: one line before any store is touched
     uri = connection.check_reachable()
@@ -181,21 +179,15 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, s
         left = "" if eta is None else f", ~{duration(eta)} left"
         click.echo(f"[{k + 1}/{n}] {config.label} (elapsed {duration(elapsed)}{left})")
 
-    def progress(config):
+    def progress(trial, config):
         bar = EpochProgress(config, prefix="  ")
         return bar.on_epoch_end, bar.on_batch
 
-    asked = jobs
-    jobs = jobs or hardware.default_jobs(configs[0].device, len(configs), subset)
-
-    def on_workers(workers: int) -> None:
-        capped = f" (--jobs {asked} capped at the {workers} point(s) left)" if asked and asked > workers else ""
-        click.echo(f"{workers} workers, {threads or parallel.threads_per_worker(workers)} CPU thread(s) each{capped}")
-
-    result = sweep_mod.run_sweep(grid, configs, dataset, experiment_id=experiment_id, select=select,
-                                 storage_url=storage, study_name=study_name, on_start=on_start, progress=progress,
-                                 on_wait=on_wait, jobs=jobs, data_dir=data_dir, threads=threads,
-                                 on_workers=on_workers)
+    hooks = engine.Hooks(on_start=on_start, progress=progress, on_wait=on_wait, on_workers=lambda n: click.echo(
+        workers_line(n, threads, jobs, f"the {n} point(s) left")))
+    result = sweep_mod.run_sweep(grid, configs, dataset, experiment_id=experiment_id, select=select, storage_url=storage,
+                                 study_name=study_name, jobs=jobs or hardware.default_jobs(configs[0].device, len(configs), subset),
+                                 data_dir=data_dir, threads=threads, hooks=hooks)
     tracking.point_launcher_at(result.parent_run_id)
     click.echo("")
     click.echo(result.markdown)
@@ -224,7 +216,7 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, s
               "study or another worker never replays the same suggestions).")
 @click.option("--confirm", "confirm_k", type=click.IntRange(min=0), default=0, show_default=True,
               help="After the trials, re-run the K best with --seeds seeds each and name the champion by the mean.")
-@click.option("--seeds", "confirm_seeds", default="3", show_default=True, metavar="N|1,2,3",
+@click.option("--seeds", "confirm_seeds", default="3", show_default=True, metavar="N|1,2,3", callback=confirm_seeds,
               help="Seeds for --confirm: a count N (fresh seeds 1..N, not the search's own seed 0) or a list.")
 @jobs_option
 @device_options
@@ -232,104 +224,40 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, s
 @reported
 def search(trials, timeout, storage, study_name, space_file, sampler, pruner, seed, confirm_k, confirm_seeds, jobs,
            device, precision, threads, epochs, subset, experiment, data_dir) -> None:
-    """Search model3's training settings with Optuna (dropout, learning rate, weight decay, schedule, batch
-    size, label smoothing, augmentation); each trial a nested run under the study's parent run."""
+    """Search model3's training settings with Optuna (the space file says which: optimizer and learning rate,
+    dropout, weight decay, schedule, batch size, label smoothing, augmentation, width, weight average); each
+    trial a nested run under the study's parent run; --confirm re-runs the best on fresh seeds."""
+    from . import confirm, connection, console, engine, hardware, search as search_mod, tracking
     from . import data as data_mod
-    import time
+    from .space import DEFAULT_SPACE, SpecError, load_space
 
-    from . import connection, engine, hardware, parallel, search as search_mod, tracking
-    from .grid import SpecError, parse_seeds
-    from .space import DEFAULT_SPACE, load_space
-
-    try:
-        seeds = (tuple(range(1, int(confirm_seeds) + 1)) if confirm_seeds.strip().isdigit()
-                 else parse_seeds(confirm_seeds))
-        if not seeds:
-            raise ValueError("give at least one seed")
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--seeds") from None
     if trials == 0 and not confirm_k:
         raise click.UsageError("--trials 0 runs nothing; add --confirm K to confirm an existing study's best trials")
-    space_file = space_file or str(DEFAULT_SPACE)
-    try:
-        space = load_space(space_file)
-        # usage errors before any study or run; device and precision resolved once, for every worker
+    try:  # usage errors before any study or run; device and precision resolved once, for every worker
+        space = load_space(space_file or DEFAULT_SPACE)
         checked = build_config(device=device, subset=subset, epochs=epochs, precision=precision)
-        settings = search_mod.SearchSettings(epochs=epochs, subset=subset, device=checked.device,
-                                             precision=checked.precision)
     except SpecError as exc:
         raise click.UsageError(str(exc)) from None
-    check_study_name(study_name)
-    study_name = study_name or space.name
+    settings = search_mod.SearchSettings(epochs, subset, checked.device, checked.precision)
+    plan = search_mod.Search(study_name or space.name, space, settings, sampler, pruner, seed)
     use_threads(threads)
     engine.heartbeat_interval()  # a bad $FMNIST_HEARTBEAT_S: one line before any store is touched
     uri = connection.check_reachable()
     dataset = data_mod.load(data_dir, subset=subset)
-    experiment_id = tracking.use_experiment(experiment)
-    study, parent_id, key, warm = search_mod.prepare(
-        space, storage, study_name, experiment_id=experiment_id, settings=settings,
-        sampler=search_mod.make_sampler(sampler, None), pruner=search_mod.make_pruner(pruner, epochs))
-    click.echo(f"study {study_name} ({space.direction} {space.metric}) in {tracking.redact(storage)}: "
-               f"{sum(t.state.is_finished() for t in study.trials)} finished trial(s) so far; parent run {parent_id}; "
-               f"tracking to {tracking.redact(uri)}")
-    tracking.point_launcher_at(parent_id)
-    if warm:
-        params, notes = warm
-        click.echo(f"warm start: the grid's best config enqueued as the first trial: {brief_params(params)}"
-                   + "".join(f"\n  note: {note}" for note in notes))
+    shared = engine.SharedStudy.open(plan, storage, plan.study_name, tracking.use_experiment(experiment))
+    tracking.point_launcher_at(shared.parent_id)
+    console.search_opened(shared, storage, uri)
     if trials:
-        def progress(trial, config):
-            bar = EpochProgress(config, prefix=f"  [trial {trial.number}] ")
-            return bar.on_epoch_end, bar.on_batch
-
-        started, done = time.monotonic(), []
-
-        def on_trial_end(t):
-            done.append(t.number)
-            elapsed = time.monotonic() - started
-            left = f", ~{duration(elapsed / len(done) * (trials - len(done)))} left" if len(done) < trials else ""
-            value = "-" if t.value is None else f"{t.value:.4f}"
-            click.echo(f"trial {t.number} {t.state.name} [{len(done)}/{trials}{left}]: {space.metric} {value}  "
-                       f"{brief_params(t.params)}")
-
-        asked = jobs
         # auto with --seed: one process, the reproducible search that --seed promises
-        jobs = min(jobs or (1 if seed is not None else hardware.default_jobs(settings.device, trials, subset)), trials)
-        if jobs > 1:
-            capped = f" (--jobs {asked} capped at --trials {trials})" if asked and asked > jobs else ""
-            click.echo(f"{jobs} workers, {threads or parallel.threads_per_worker(jobs)} CPU thread(s) each{capped}")
-        search_mod.run(study, storage, parent_id, key, space, dataset, settings, trials=trials, timeout=timeout,
-                       jobs=jobs, sampler=sampler, pruner=pruner, seed=seed, space_file=space_file, data_dir=data_dir,
-                       threads=threads, progress=progress, on_trial_end=on_trial_end, on_wait=on_wait)
-    summary = search_mod.finish(study, parent_id, space, settings)
-    click.echo(f"{summary.trials} trials in the study: {summary.states}; epochs run {summary.epochs_run}, "
-               f"saved by pruning {summary.epochs_saved}"
-               + (f"; {summary.retried} retried after their worker was lost" if summary.retried else ""))
-    from .search_report import replay_line
-
-    for replay in summary.replays:
-        click.echo(f"  replayed on the completed trials, the {replay.pruner} pruner {replay_line(replay)}")
-    if summary.best:
-        b = summary.best
-        click.echo(f"best: trial {b['number']} {space.metric} {b['value']:.4f} {brief_params(b['params'])} "
-                   f"(run {b['run_id']})")
+        workers = min(jobs or (1 if seed is not None else hardware.default_jobs(checked.device, trials, subset)), trials)
+        hooks = engine.Hooks(progress=console.trial_progress, on_trial_end=console.trial_ended(trials, space.metric),
+                             on_wait=on_wait, on_workers=lambda n: click.echo(workers_line(n, threads, jobs, f"--trials {trials}")))
+        shared.run(dataset, jobs=workers, threads=threads, data_dir=data_dir, budget=trials, timeout=timeout, hooks=hooks)
+    console.search_summary(shared.close(), space.metric)
     if confirm_k:
-        from . import confirm, summary as summary_mod
-
-        def on_start(n, total, trial, config):
-            click.echo(f"[confirm {n + 1}/{total}] trial {trial.number} seed {config.seed}")
-
-        done = confirm.confirm(study, parent_id, key, space, dataset, settings, k=confirm_k, seeds=seeds,
-                               on_start=on_start)
-        click.echo("")
-        click.echo(done.markdown)
-        if done.champion:
-            c = done.champion
-            est = getattr(c, space.metric)
-            click.echo(f"champion: trial {done.trial_of[c.group].number}, {space.metric} mean "
-                       f"{summary_mod.fmt_estimate(est, space.metric == 'val_accuracy')[0]} over seeds "
-                       f"{', '.join(map(str, c.seeds))} (best seed run {c.best_run_id})")
-    click.echo(f"view it: {tracking.run_link(parent_id)}")
+        done = confirm.confirm(shared, dataset, k=confirm_k, seeds=confirm_seeds, on_start=console.confirm_started)
+        console.confirmed(done, space.metric)
+    click.echo(f"view it: {tracking.run_link(shared.parent_id)}")
 
 
 @main.command()

@@ -153,7 +153,7 @@ def storage_options(default_study: str):
     """--storage and --study, shared by the sweep and the search: what lets workers join one study."""
 
     def decorate(fn):
-        fn = click.option("--study", "study_name", default=None,
+        fn = click.option("--study", "study_name", default=None, callback=check_study_name,
                           help=f"Optuna study name (default: {default_study}). Same storage and study: resume "
                           "it, or join the workers already on it.")(fn)
         return click.option("--storage", default=DEFAULT_STORAGE, show_default=True,
@@ -163,10 +163,24 @@ def storage_options(default_study: str):
     return decorate
 
 
-def check_study_name(study_name: Optional[str]) -> None:
+def check_study_name(ctx, param, study_name: Optional[str]) -> Optional[str]:
     if study_name is not None and (any(ch in study_name for ch in "'\"`\\") or not study_name.strip()):
         raise click.BadParameter(f"{study_name!r}: a study name may not be empty or contain quotes, backticks or "
-                                 "backslashes (it is matched in MLflow filter strings)", param_hint="--study")
+                                 "backslashes (it is matched in MLflow filter strings)")
+    return study_name
+
+
+def confirm_seeds(ctx, param, value: str) -> tuple:
+    """--seeds of a search's confirm step: a count N (fresh seeds 1..N, not the search's own 0) or a list."""
+    from .grid import parse_seeds
+
+    try:
+        seeds = tuple(range(1, int(value) + 1)) if value.strip().isdigit() else parse_seeds(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if not seeds:
+        raise click.BadParameter("give at least one seed")
+    return seeds
 
 
 def config_options(fn):

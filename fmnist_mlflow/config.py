@@ -55,6 +55,27 @@ SPLIT_SEED = 20240917
 MIN_WIDTH, MAX_WIDTH = 0.25, 4.0
 
 
+# Selection metrics, all on validation: name -> whether higher is better. They pick a sweep's best config, a
+# search's best trial and the registry's champion. Training loss is deliberately absent (it rewards
+# over-fitting, and CE and BCE values are on different scales); NLL is comparable across the two losses.
+SELECT = {"val_accuracy": True, "val_nll": False}
+
+
+def direction(select: str) -> str:
+    """The Optuna direction of a selection metric."""
+    return "maximize" if SELECT[select] else "minimize"
+
+
+def better(select: str, a: float, b: float) -> bool:
+    """Whether `a` is at least as good as `b` on the selection metric."""
+    return a >= b if SELECT[select] else a <= b
+
+
+def pick_best(items: list, select: str, key):
+    """The item whose `key(item)` is best on `select` (max for accuracy, min for NLL)."""
+    return (max if SELECT[select] else min)(items, key=key)
+
+
 class ConfigError(FmnistError, ValueError):
     """A configuration value is invalid; the message names it."""
 

@@ -17,7 +17,9 @@ import optuna
 from optuna.trial import TrialState
 
 from . import runs, summary, tracking, train
+from .console import brief_params
 from .data import Dataset
+from .engine import SharedStudy
 from .schema import (KIND_CONFIRM, KIND_SEARCH, TAG_CHAMPION, TAG_CHAMPION_GROUP, TAG_CHAMPION_TRIAL,
                      TAG_CONFIG_HASH, TAG_CONFIRM_SEEDS, TAG_KIND, TAG_STUDY, TAG_TRIAL)
 from .space import Space
@@ -44,10 +46,11 @@ def trial_config(space: Space, trial, settings, seed: int):
     return dataclasses.replace(config, seed=seed)
 
 
-def confirm(study: optuna.Study, parent_id: str, key: str, space: Space, data: Dataset, settings, *, k: int,
-            seeds: tuple, on_start: Optional[Callable] = None) -> Confirmation:
-    """Run the shortlist on `seeds` under the parent and rank it by the seed mean of the study's metric."""
-
+def confirm(shared: SharedStudy, data: Dataset, *, k: int, seeds: tuple,
+            on_start: Optional[Callable] = None) -> Confirmation:
+    """Run the shortlist of a search's study on `seeds` under its parent and rank it by the seed mean of the
+    study's metric."""
+    study, parent_id, space, settings = shared.study, shared.parent_id, shared.plan.space, shared.plan.settings
     trials = shortlist(study, k)
     plan = [(t, trial_config(space, t, settings, seed)) for t in trials for seed in seeds]
     finished = {c.data.tags.get(TAG_CONFIG_HASH): c for c in tracking.child_runs(parent_id)
@@ -61,7 +64,7 @@ def confirm(study: optuna.Study, parent_id: str, key: str, space: Space, data: D
                     on_start(n, len(plan), trial, config)
                 try:
                     result = runs.tracked_fit(config, data, kind=KIND_CONFIRM, parent_run_id=parent_id,
-                                              tags={TAG_TRIAL: trial.number, TAG_STUDY: key})
+                                              tags={TAG_TRIAL: trial.number, TAG_STUDY: shared.tag})
                     status, history, run_id = "FINISHED", result.history, result.run_id
                 except train.DivergedError:
                     status, history, run_id = "FAILED", [], ""
@@ -101,8 +104,3 @@ def confirm_markdown(configs: list, trial_of: dict, seeds: tuple, metric: str) -
         lines.append(f"| {rank} | {trial.number} | {brief_params(trial.params)} | {len(c.seeds)} | {acc} | {acc_ci} | {nll} | "
                      f"{nll_ci} | {vs} |")
     return "\n".join(lines) + "\n"
-
-
-def brief_params(params: dict) -> str:
-    """Trial params for people: floats to 3 significant digits."""
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())

@@ -1,5 +1,6 @@
-"""What the `fmnist` commands print while they work: a progress bar and a line per epoch, waiting notes,
-short params and durations. Light on purpose (click only)."""
+"""What the `fmnist` commands print while they work and when they are done: a progress bar and a line per
+epoch, a line per trial, waiting notes, a search's summary and its confirm step, short params and durations.
+Light on purpose: click at import; what a function prints from is passed in."""
 
 from __future__ import annotations
 
@@ -53,11 +54,83 @@ def on_wait(running: int) -> None:
 
 
 def brief_params(params: dict) -> str:
-    from .confirm import brief_params as brief
-
-    return brief(params)
+    """Trial params for people: floats to 3 significant digits."""
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 def duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def workers_line(workers: int, threads: int, asked: int, cap: str) -> str:
+    """What `--jobs` became: workers and their threads, and why fewer than asked."""
+    from .parallel import threads_per_worker
+
+    capped = f" (--jobs {asked} capped at {cap})" if asked and asked > workers else ""
+    return f"{workers} workers, {threads or threads_per_worker(workers)} CPU thread(s) each{capped}"
+
+
+def trial_progress(trial, config) -> tuple:
+    """(on_epoch_end, on_batch) for a trial's run: a bar and a line per epoch, prefixed with its number."""
+    bar = EpochProgress(config, prefix=f"  [trial {trial.number}] ")
+    return bar.on_epoch_end, bar.on_batch
+
+
+def trial_ended(total: int, metric: str):
+    """A line per ended trial, with how many of `total` are done and an estimate of the time left."""
+    import time
+
+    started, done = time.monotonic(), []
+
+    def on_trial_end(t) -> None:
+        done.append(t.number)
+        elapsed = time.monotonic() - started
+        left = f", ~{duration(elapsed / len(done) * (total - len(done)))} left" if len(done) < total else ""
+        value = "-" if t.value is None else f"{t.value:.4f}"
+        click.echo(f"trial {t.number} {t.state.name} [{len(done)}/{total}{left}]: {metric} {value}  "
+                   f"{brief_params(t.params)}")
+
+    return on_trial_end
+
+
+def search_opened(shared, storage: str, uri: str) -> None:
+    from .connection import redact
+
+    space = shared.plan.space
+    click.echo(f"study {shared.study_name} ({space.direction} {space.metric}) in {redact(storage)}: "
+               f"{shared.finished_before} finished trial(s) so far; parent run {shared.parent_id}; "
+               f"tracking to {redact(uri)}")
+    if shared.filled:
+        params, notes = shared.filled
+        click.echo(f"warm start: the grid's best config queued as the first trial: {brief_params(params)}"
+                   + "".join(f"\n  note: {note}" for note in notes))
+
+
+def search_summary(summary, metric: str) -> None:
+    click.echo(f"{summary.trials} trials in the study: {summary.states}; epochs run {summary.epochs_run}, "
+               f"saved by pruning {summary.epochs_saved}"
+               + (f"; {summary.retried} retried after their worker was lost" if summary.retried else ""))
+    from .search_report import replay_line
+
+    for r in summary.replays:
+        click.echo(f"  replayed on the completed trials, the {r.pruner} pruner {replay_line(r)}")
+    if summary.best:
+        b = summary.best
+        click.echo(f"best: trial {b['number']} {metric} {b['value']:.4f} {brief_params(b['params'])} (run {b['run_id']})")
+
+
+def confirm_started(n: int, total: int, trial, config) -> None:
+    click.echo(f"[confirm {n + 1}/{total}] trial {trial.number} seed {config.seed}")
+
+
+def confirmed(done, metric: str) -> None:
+    from .summary import fmt_estimate
+
+    click.echo("")
+    click.echo(done.markdown)
+    if done.champion:
+        c = done.champion
+        mean = fmt_estimate(getattr(c, metric), metric == "val_accuracy")[0]
+        click.echo(f"champion: trial {done.trial_of[c.group].number}, {metric} mean {mean} over seeds "
+                   f"{', '.join(map(str, c.seeds))} (best seed run {c.best_run_id})")

@@ -1,13 +1,17 @@
-"""The engine under the sweep and the search: an Optuna study on shared storage, its MLflow parent run,
-workers that take trials from it, and the recovery of lost workers.
+"""The engine under the sweep and the search: `SharedStudy` owns an Optuna study on shared storage and its
+MLflow parent run, from opening to closing; `Plan` is what a study is for (the sweep's grid, the search's
+space): what a trial is and what the parent reports.
 
 Any number of workers (the processes of one command with `--jobs N`, or commands started on other
 machines) that share the storage and the tracking server work on one study and log under one parent run,
-whose id lives in the study. Every running trial beats every `heartbeat_interval()` seconds; a trial
-silent for GRACE_FACTOR beats (its worker killed with SIGKILL, out of memory, its machine gone) is failed
-by another worker, its MLflow run ended KILLED with the reason, and its params retried once. A worker with
-nothing left to start stays while other trials run, to notice such a loss and run the retry, so that the
-last worker standing finishes the study.
+whose id lives in the study. The process that creates the study (Optuna's `create_study` lets one win)
+checks nothing is there, creates the parent run and queues the study's first trials; the others wait until
+the study names its parent. Trials are taken from Optuna's queue of waiting trials (`enqueue_trial`) or,
+with the queue empty, from the sampler. Every running trial beats every `heartbeat_interval()` seconds; a
+trial silent for GRACE_FACTOR beats (its worker killed with SIGKILL, out of memory, its machine gone) is
+failed by another worker, its MLflow run ended KILLED with the reason, and its params queued once more
+(Optuna's `RetryHeartbeatStaleTrialCallback`). A worker with nothing left to start stays while other
+trials run, to notice such a loss and run the retry, so that the last worker standing finishes the study.
 """
 
 from __future__ import annotations
@@ -16,16 +20,16 @@ import hashlib
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import optuna
-from optuna.storages._heartbeat import is_heartbeat_enabled  # what fail_stale_trials itself checks
 from optuna.trial import TrialState
 
 from . import parallel, tracking
 from .errors import FmnistError
-from .schema import (ATTR_PARENT, ATTR_RUN, KIND_LAUNCHER, KIND_SWEEP_CHILD, KIND_TRIAL, TAG_KIND,
+from .schema import (ATTR_HOLDS, ATTR_PARENT, ATTR_RUN, KIND_LAUNCHER, KIND_SWEEP_CHILD, KIND_TRIAL, TAG_KIND,
                      TAG_PARENT, TAG_STATE, TAG_STUDY, TAG_TRIAL)
 
 # Optuna logs each failed trial as a warning with its traceback; the run's failure reason and the CLI's
@@ -37,10 +41,11 @@ redact = tracking.redact
 
 HEARTBEAT_S = 30
 GRACE_FACTOR = 3  # beats a trial may miss before it counts as lost (a busy database can delay one)
+READY_TIMEOUT_S = 120  # how long a worker waits for the creator of a new study to name its parent run
+WAIT_POLL_S = 1.0  # how often a waiting worker looks whether the study is ready, or the others' trials ended
 LOST_REASON = "worker lost: no heartbeat from the process running this trial (killed, or its machine gone)"
 ORPHAN_REASON = ("orphaned: found RUNNING when its study resumed, with its trial already ended (its process "
                  "lost the tracking server, or was killed before heartbeats could tell)")
-
 
 # What a database says when two workers create a new storage's tables at once (sqlite; PostgreSQL's
 # catalog, seen with three workers starting together); the loser retries and finds the tables there.
@@ -52,7 +57,7 @@ class StorageError(FmnistError, RuntimeError):
 
 
 class WorkerError(FmnistError, RuntimeError):
-    """A `--jobs` worker process ended with an error (its runs say which)."""
+    """A `--jobs` worker process ended with an error (its runs say why)."""
 
 
 def heartbeat_interval() -> int:
@@ -68,10 +73,11 @@ def heartbeat_interval() -> int:
     return value
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage from a URL: sqlite:///, postgresql://, mysql://, or journal:PATH (a log file).
+def open_storage(url: str) -> tuple[optuna.storages.BaseStorage, bool]:
+    """An Optuna storage from a URL (sqlite:///, postgresql://, mysql://, or journal:PATH, a log file),
+    and whether its trials have heartbeats.
 
-    Database storages get heartbeats and lost-worker recovery; a journal file has no heartbeats (Optuna's
+    Database storages get heartbeats and lost-worker recovery; a journal file has none (Optuna's
     JournalStorage does not support them), so a lost worker's trial stays RUNNING there.
     """
     if url.startswith("journal:"):
@@ -80,7 +86,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             raise StorageError(f"Optuna storage {url}: folder {path.parent} does not exist")
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path))), False
     scheme = url.split(":", 1)[0]
     if "://" not in url or scheme.split("+")[0] not in ("sqlite", "postgresql", "mysql"):
         raise StorageError(
@@ -92,7 +98,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     interval = heartbeat_interval()
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(
+            storage = optuna.storages.RDBStorage(
                 url, engine_kwargs={"connect_args": connect_args}, heartbeat_interval=interval,
                 grace_period=GRACE_FACTOR * interval, heartbeat_stale_trial_callback=lost_worker_callback)
         except Exception as exc:  # SQLAlchemy and driver errors come in many types
@@ -101,20 +107,37 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                 time.sleep(0.5 + attempt)  # another worker is creating the schema of a new storage right now
                 continue
             raise StorageError(f"cannot open Optuna storage {redact(url)}: {reason}") from None
+        if scheme.startswith("sqlite"):
+            serialize_sqlite(storage.engine)
+        return storage, True
     raise AssertionError("unreachable")
 
 
-def open_study(url: str, name: str, direction: str, sampler, pruner=None) -> optuna.Study:
-    storage = open_storage(url)
-    try:
-        return optuna.create_study(storage=storage, study_name=name, direction=direction, sampler=sampler,
-                                   pruner=pruner, load_if_exists=True)
-    except ValueError as exc:  # e.g. an existing study with the other direction
-        raise StorageError(f"study {name!r} in {redact(url)}: {exc}") from None
+def serialize_sqlite(engine) -> None:
+    """Make every transaction on a sqlite storage take the write lock when it begins (BEGIN IMMEDIATE,
+    SQLAlchemy's documented pysqlite recipe).
+
+    A waiting trial is claimed in `Study._pop_waiting_trial_id` through `RDBStorage.set_trial_state_values`,
+    which reads the trial with SELECT ... FOR UPDATE and sets it RUNNING only if it is still WAITING. On
+    PostgreSQL and MySQL that row lock lets one worker win. SQLite has no FOR UPDATE, and pysqlite runs the
+    SELECT before it begins the write transaction, so two workers could both read WAITING and both run the
+    trial (seen: 4 processes popping 300 queued trials claimed 4 of them twice, and 3 of the 4 crashed
+    telling them). With the write lock taken first, the second reader waits and then sees RUNNING."""
+    import sqlalchemy
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _no_driver_transactions(dbapi_connection, record) -> None:
+        dbapi_connection.isolation_level = None  # pysqlite's own BEGIN would come too late
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened while the storage checked its schema predate the hooks
 
 
-def study_key(url: str, name: str) -> str:
-    """Tags a parent with the study it belongs to, without putting the storage URL in MLflow."""
+def study_tag(url: str, name: str) -> str:
+    """The study a parent and its trials belong to (tag TAG_STUDY), without the storage URL in MLflow."""
     return f"{name}@{hashlib.sha256(url.encode()).hexdigest()[:8]}"
 
 
@@ -131,29 +154,227 @@ def retried(trial) -> Optional[int]:
     return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
 
 
-def ensure_parent(study: optuna.Study, key: str, *, name: str, kind: str, params: dict, tags: dict,
-                  experiment_id: str) -> str:
-    """The study's parent run, created the first time (inside `mlflow run`: the run it made).
+@dataclass(frozen=True)
+class Hooks:
+    """What a command shows while its trials run; all optional (worker processes print their own lines)."""
 
-    Workers that start together may each create one; all then elect the oldest and the others delete
-    theirs, so every worker settles on the same parent. Inside `mlflow run` on an existing study, the run
-    `mlflow run` made becomes a launcher pointing at the parent.
-    """
-    parent = study.user_attrs.get(ATTR_PARENT)
-    if parent:
-        check_parent(study, parent, experiment_id)
-        if tracking.inside_mlflow_run():
-            tracking.create_run(name, kind=KIND_LAUNCHER, tags={TAG_STUDY: key, TAG_PARENT: parent},
-                                params={"study": study.study_name})
-        return parent
-    tags = {TAG_STUDY: key, **tags}
-    mine = tracking.create_run(name, kind=kind, tags=tags, params=params, experiment_id=experiment_id)
-    rivals = tracking.find_runs([experiment_id], {TAG_STUDY: key, TAG_KIND: kind})
-    winner = min(rivals, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if rivals else mine
-    if winner != mine:
-        tracking.delete_run(mine)
-    study.set_user_attr(ATTR_PARENT, winner)
-    return winner
+    on_start: Optional[Callable] = None  # (k, n, config, elapsed s, eta s or None): a sweep point starts
+    progress: Optional[Callable] = None  # (trial, config) -> (on_epoch_end, on_batch) for its run
+    on_trial_end: Optional[Callable] = None  # (FrozenTrial)
+    on_wait: Optional[Callable[[int], None]] = None  # (trials other workers are running)
+    on_workers: Optional[Callable[[int], None]] = None  # (worker processes about to start)
+
+
+class Plan(Protocol):
+    """What a study is for; picklable, as it travels to `--jobs` worker processes."""
+
+    kind: str  # the parent run's kind (schema.KIND_SWEEP, KIND_SEARCH)
+    name: str  # the parent run's name
+    direction: str  # "maximize" or "minimize"
+    catch: tuple  # exceptions that fail one trial, not the worker
+
+    @property
+    def holds(self) -> str: ...  # what the study holds (a grid's or a space's digest): workers must agree
+
+    def parent_params(self) -> dict: ...
+
+    def parent_tags(self) -> dict: ...
+
+    def sampler(self, worker: int, finished_before: int) -> optuna.samplers.BaseSampler: ...
+
+    def pruner(self) -> optuna.pruners.BasePruner: ...
+
+    def fill(self, study: optuna.Study, experiment_id: str) -> Any: ...  # a new study's first queued trials
+
+    def more(self, study: optuna.Study, ran: int, budget: Optional[int]) -> bool: ...  # start another trial?
+
+    def objective(self, shared: "SharedStudy", data, hooks: Hooks) -> Callable: ...
+
+    def report(self, shared: "SharedStudy") -> Any: ...  # inside the parent run: summarize, log, return
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one `--jobs` worker process needs to join an open study (all picklable)."""
+
+    plan: Any  # a Plan
+    storage_url: str
+    study_name: str
+    experiment_id: str
+    parent_id: str
+    data_dir: Optional[str]
+    subset: int
+    worker: int  # 0, 1, ...: its sampler seed differs from the other workers'
+    budget: Optional[int] = None  # trials this worker starts (None: until the plan says stop)
+    timeout: Optional[float] = None  # seconds after which it starts none
+
+
+@dataclass
+class SharedStudy:
+    """One study and its parent run, from open to close. `open` creates or joins the study, `run` works on
+    it (in this process or in worker processes), `close` reaps lost runs and has the plan report."""
+
+    plan: Any  # a Plan
+    storage_url: str
+    study_name: str
+    experiment_id: str
+    study: optuna.Study
+    parent_id: str
+    heartbeats: bool  # whether lost workers can be told (not on a journal file)
+    finished_before: int  # trials that had ended when this process opened the study
+    completed_before: int  # trials that had completed then
+    filled: Any = None  # what `plan.fill` returned, when this process created the study
+
+    @property
+    def tag(self) -> str:
+        """The value of TAG_STUDY on the parent and on every trial's run."""
+        return study_tag(self.storage_url, self.study_name)
+
+    @classmethod
+    def open(cls, plan, storage_url: str, study_name: str, experiment_id: str) -> "SharedStudy":
+        """Create the study (this process wins `create_study`: it creates the parent run and fills the
+        queue) or join it (wait until it names its parent, check it holds this plan and logs to this
+        experiment); then end the runs an earlier attempt left orphaned."""
+        storage, heartbeats = open_storage(storage_url)
+        sampler, pruner, where = plan.sampler(0, 0), plan.pruner(), f"study {study_name!r} in {redact(storage_url)}"
+        filled = None
+        try:
+            study = optuna.create_study(storage=storage, study_name=study_name, direction=plan.direction,
+                                        sampler=sampler, pruner=pruner)
+            study.set_user_attr(ATTR_HOLDS, plan.holds)
+            parent_id = tracking.create_run(plan.name, kind=plan.kind, tags={TAG_STUDY: study_tag(storage_url, study_name),
+                                            **plan.parent_tags()}, params=plan.parent_params(), experiment_id=experiment_id)
+            filled = plan.fill(study, experiment_id)
+            study.set_user_attr(ATTR_PARENT, parent_id)  # last: the study is ready for the others
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(storage=storage, study_name=study_name, sampler=sampler, pruner=pruner)
+            if study.direction.name.lower() != plan.direction:
+                raise StorageError(f"{where} is to {study.direction.name.lower()}, this command would "
+                                   f"{plan.direction}; give another --study") from None
+            parent_id = wait_until_ready(study, where)
+            held = study.user_attrs.get(ATTR_HOLDS)
+            if held != plan.holds:
+                raise StorageError(f"{where} holds {held or 'a study of an older fmnist-mlflow'}, not {plan.holds}: "
+                                   "every worker needs the same file and options; give another --study") from None
+            check_parent(study, parent_id, experiment_id)
+            if tracking.inside_mlflow_run():
+                tracking.create_run(plan.name, kind=KIND_LAUNCHER, tags={TAG_STUDY: study_tag(storage_url, study_name),
+                                    TAG_PARENT: parent_id}, params={"study": study_name})
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        shared = cls(plan, storage_url, study_name, experiment_id, study, parent_id, heartbeats,
+                     sum(s.is_finished() for s in states), states.count(TrialState.COMPLETE), filled)
+        shared.reap_orphans()
+        return shared
+
+    @classmethod
+    def join(cls, job: Job) -> "SharedStudy":
+        """A worker process's view of a study its command opened."""
+        storage, heartbeats = open_storage(job.storage_url)
+        study = optuna.load_study(storage=storage, study_name=job.study_name, pruner=job.plan.pruner(),
+                                  sampler=job.plan.sampler(job.worker, 0))
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        finished = sum(s.is_finished() for s in states)
+        if finished:  # a resumed study: a fresh seed, so that this worker does not replay earlier suggestions
+            study.sampler = job.plan.sampler(job.worker, finished)
+        return cls(job.plan, job.storage_url, job.study_name, job.experiment_id, study, job.parent_id, heartbeats,
+                   finished, states.count(TrialState.COMPLETE))
+
+    def run(self, data, *, jobs: int = 1, threads: int = 0, data_dir: Optional[str] = None, budget: Optional[int] = None,
+            timeout: Optional[float] = None, hooks: Hooks = Hooks()) -> int:
+        """Work on the study in this process (jobs 1) or in `jobs` worker processes (each loads the data
+        from `data_dir`); `budget` trials in all (None: until the plan says stop). Returns the workers."""
+        if jobs <= 1:
+            if self.finished_before:
+                self.study.sampler = self.plan.sampler(0, self.finished_before)
+            self.work(self.plan.objective(self, data, hooks), budget=budget, timeout=timeout, hooks=hooks)
+            return 1
+        budgets = [None] * jobs if budget is None else [n for n in parallel.split(budget, jobs) if n]
+        if hooks.on_workers is not None:
+            hooks.on_workers(len(budgets))
+        job_list = [Job(self.plan, self.storage_url, self.study_name, self.experiment_id, self.parent_id, data_dir,
+                        data.subset, i, n, timeout) for i, n in enumerate(budgets)]
+        codes = parallel.run_workers(run_job, [(job,) for job in job_list], tracking.tracking_uri(), threads)
+        if any(codes):
+            raise WorkerError(f"worker exit codes {codes}; see the runs for reasons")
+        return len(job_list)
+
+    def work(self, objective: Callable, *, budget: Optional[int] = None, timeout: Optional[float] = None,
+             hooks: Hooks = Hooks()) -> int:
+        """Run trials in this process while the plan wants more (and a lost worker's retry waits), then stay
+        while other workers' trials run: fail the lost ones and run their retries. Returns the trials run.
+        `timeout` (seconds) stops starting trials, and waiting, after it."""
+        deadline = time.monotonic() + timeout if timeout else None
+        callbacks = [lambda study, trial: hooks.on_trial_end(trial)] if hooks.on_trial_end else []
+        ran = 0
+        with tracking.run(self.plan.name, kind=self.plan.kind, run_id=self.parent_id):
+            while deadline is None or time.monotonic() < deadline:
+                if self.plan.more(self.study, ran, budget) or retry_waiting(self.study):
+                    # (Optuna fails stale trials as each trial starts)
+                    self.study.optimize(objective, n_trials=1, catch=self.plan.catch, callbacks=callbacks)
+                    ran += 1
+                    continue
+                running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if not running or not self.heartbeats:
+                    break  # without heartbeats (a journal file) a lost trial cannot be told from a slow one
+                if hooks.on_wait is not None:
+                    hooks.on_wait(len(running))
+                wait_while_running(self.study, heartbeat_interval())
+                optuna.storages.fail_stale_trials(self.study)  # a lost worker's trial: failed here, its retry queued
+        return ran
+
+    def close(self):
+        """Reap the runs of workers that died before their trial could name them, then let the plan
+        summarize the study on its parent run; returns the plan's report."""
+        self.reap_orphans()
+        with tracking.run(self.plan.name, kind=self.plan.kind, run_id=self.parent_id):
+            return self.plan.report(self)
+
+    def retried(self) -> int:
+        """How many trials of the study redo the work of a lost worker."""
+        return sum(retried(t) is not None for t in self.study.get_trials(deepcopy=False))
+
+    def reap_orphans(self) -> int:
+        """End KILLED the trial runs under the parent that are RUNNING although their trial has ended: their
+        process is gone. A run names its trial (tag TAG_TRIAL) from its first moment; runs of trials still
+        RUNNING are left to the heartbeats."""
+        if self.heartbeats:
+            optuna.storages.fail_stale_trials(self.study)
+        running = {str(t.number) for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        reaped = 0
+        for child in tracking.child_runs(self.parent_id):
+            kind = child.data.tags.get(TAG_KIND)
+            if child.info.status == "RUNNING" and kind in (KIND_SWEEP_CHILD, KIND_TRIAL) and \
+                    child.data.tags.get(TAG_TRIAL) not in running:
+                tracking.end_run_as(child.info.run_id, "KILLED", ORPHAN_REASON)
+                reaped += 1
+        return reaped
+
+
+def run_job(job: Job) -> None:
+    """Entry point of a `--jobs` worker process: load the data, join the study, work on it."""
+    from .data import load
+
+    shared = SharedStudy.join(job)
+    data = load(job.data_dir, subset=job.subset)
+
+    def on_trial_end(trial) -> None:
+        print(f"worker {os.getpid()}: trial {trial.number} {trial.state.name}", flush=True)
+
+    hooks = Hooks(on_trial_end=on_trial_end)
+    shared.work(job.plan.objective(shared, data, hooks), budget=job.budget, timeout=job.timeout, hooks=hooks)
+
+
+def wait_until_ready(study: optuna.Study, where: str) -> str:
+    """The parent run of a study another worker has just created, once that worker has named it."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        parent = study.user_attrs.get(ATTR_PARENT)  # read from the storage on every call
+        if parent:
+            return parent
+        if time.monotonic() > deadline:
+            raise StorageError(f"{where} names no parent run {READY_TIMEOUT_S} s after it was created: the worker "
+                               "that created it did not finish setting it up; delete the study or give another --study")
+        time.sleep(WAIT_POLL_S)
 
 
 def check_parent(study: optuna.Study, parent: str, experiment_id: str) -> None:
@@ -170,48 +391,6 @@ def check_parent(study: optuna.Study, parent: str, experiment_id: str) -> None:
                            "give another --study or --experiment")
 
 
-def reap_orphans(study: optuna.Study, parent_id: str) -> int:
-    """End KILLED the trial runs under the parent that are RUNNING although their trial has ended: their
-    process is gone. A run names its trial (tag TAG_TRIAL) from its first moment; runs of trials still
-    RUNNING are left to the heartbeats."""
-    optuna.storages.fail_stale_trials(study)
-    running = {str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    reaped = 0
-    for child in tracking.child_runs(parent_id):
-        kind = child.data.tags.get(TAG_KIND)
-        if child.info.status == "RUNNING" and kind in (KIND_SWEEP_CHILD, KIND_TRIAL) and \
-                child.data.tags.get(TAG_TRIAL) not in running:
-            tracking.end_run_as(child.info.run_id, "KILLED", ORPHAN_REASON)
-            reaped += 1
-    return reaped
-
-
-def work(study: optuna.Study, objective: Callable, *, more: Callable[[optuna.Study, int], bool],
-         catch: tuple = (), callbacks: tuple = (), deadline: Optional[float] = None, on_wait: Optional[Callable[[int], None]] = None) -> int:
-    """Run trials in this process while `more(study, ran_so_far)`, then stay while other workers' trials
-    run: fail the lost ones (no heartbeat) and run their retries. Returns the trials this process ran.
-
-    `deadline` (time.monotonic()) stops starting trials, and waiting, after it.
-    """
-    ran = 0
-    while deadline is None or time.monotonic() < deadline:
-        if more(study, ran) or retry_waiting(study):  # (Optuna fails stale trials as each trial starts)
-            study.optimize(objective, n_trials=1, catch=catch, callbacks=list(callbacks))
-            ran += 1
-            continue
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if not running or not is_heartbeat_enabled(study._storage):
-            break  # without heartbeats (a journal file) a lost trial cannot be told from a slow one
-        if on_wait is not None:
-            on_wait(len(running))
-        wait_while_running(study, heartbeat_interval())
-        optuna.storages.fail_stale_trials(study)  # a lost worker's trial: failed here, its retry queued
-    return ran
-
-
-WAIT_POLL_S = 1.0  # how often a waiting worker looks whether the other workers' trials have ended
-
-
 def wait_while_running(study: optuna.Study, seconds: float) -> None:
     """Sleep up to `seconds`, returning as soon as no trial of the study is RUNNING: the last trial of a
     sweep usually ends well before a heartbeat interval, and the waiting worker (and its command) should
@@ -223,18 +402,5 @@ def wait_while_running(study: optuna.Study, seconds: float) -> None:
             return
 
 
-def retried_count(study: optuna.Study) -> int:
-    """How many trials of the study redo the work of a lost worker."""
-    return sum(retried(t) is not None for t in study.get_trials(deepcopy=False))
-
-
 def retry_waiting(study: optuna.Study) -> bool:
     return any(retried(t) is not None for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-
-
-def run_workers(target: Callable, arg_lists: list, threads: int = 0) -> None:
-    """Run `target(*args)` in one spawned process per entry of `arg_lists` (`--jobs N`); a worker that
-    fails is an error once all have ended (its trials' runs say why)."""
-    codes = parallel.run_workers(target, arg_lists, tracking.tracking_uri(), threads)
-    if any(codes):
-        raise WorkerError(f"worker exit codes {codes}; see the runs for reasons")

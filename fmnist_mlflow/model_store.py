@@ -16,6 +16,7 @@ import torch
 
 from . import plots
 from .data import CLASS_NAMES
+from .schema import VERSION_SOURCE_RUN
 from .tracking import client
 
 MODEL_ARTIFACT = "model"
@@ -70,6 +71,7 @@ def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
 def logged_model(run_id: str):
     """The logged model of a run (MLflow 3 keeps it with its own id), or None."""
     experiment = client().get_run(run_id).info.experiment_id
+    # source_run_id: MLflow's own field of a logged model (not our version tag of the same name)
     models = mlflow.search_logged_models(experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'",
                                          output_format="list")
     return models[0] if models else None
@@ -112,7 +114,7 @@ def register_model_version(run_id: str, name: str, tags: dict, description: str 
         except mlflow.exceptions.MlflowException:
             pass  # created by another process at the same moment
     for version in c.search_model_versions(f"name = '{name}'"):
-        if version.tags.get("source_run_id") == run_id:
+        if version.tags.get(VERSION_SOURCE_RUN) == run_id:
             for key, value in tags.items():
                 c.set_model_version_tag(name, version.version, key, value)
             if description:

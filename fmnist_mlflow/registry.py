@@ -31,9 +31,10 @@ from mlflow.entities import Run
 from . import connection, evaluation, model_store, plots, stats, tracking
 from .data import Split
 from .stats import Estimate
-from .summary import better, pick_best
+from .config import better, pick_best
 from .errors import FmnistError
-from .schema import KIND_CONFIRM, KIND_SWEEP_CHILD, KIND_TRAIN, KIND_TRIAL, TAG_ALIAS_HISTORY
+from .schema import (KIND_CONFIRM, KIND_SWEEP_CHILD, KIND_TRAIN, KIND_TRIAL, TAG_ALIAS_HISTORY, VERSION_CONFIG,
+                     VERSION_SEED_RUNS, VERSION_SOURCE_RUN)
 
 MODEL_KINDS = (KIND_TRAIN, KIND_SWEEP_CHILD, KIND_TRIAL, KIND_CONFIRM)  # run kinds that log a model
 TEST_METRICS = ("test_accuracy", "test_loss", "test_nll")
@@ -171,12 +172,13 @@ def register(selection: Selection, test: Split, *, name: str, alias: str, select
     test_acc = stats.estimate([m["test_accuracy"] for m in per_seed.values()], fraction=True)
     value = selection.value.mean
     config = {k: run.data.params[k] for k in ("model", "loss", "optimizer", "lr", "dropout", "epochs", "batch_size",
-                                              "weight_decay", "schedule", "label_smoothing", "augment")
+                                              "weight_decay", "schedule", "warmup", "label_smoothing", "augment",
+                                              "width", "ema", "tta")
               if k in run.data.params}
     seeds = sorted(int(r.data.params.get("seed", 0)) for r in selection.runs)
-    tags = {"source_run_id": run.info.run_id, "config": json.dumps(config), select: f"{value:.6f}",
+    tags = {VERSION_SOURCE_RUN: run.info.run_id, VERSION_CONFIG: json.dumps(config), select: f"{value:.6f}",
             tracking.TAG_CONFIG_GROUP: group_of(run), "seeds": ",".join(map(str, seeds)),
-            "seed_run_ids": ",".join(r.info.run_id for r in selection.runs),
+            VERSION_SEED_RUNS: ",".join(r.info.run_id for r in selection.runs),
             "test_accuracy_mean": f"{test_acc.mean:.6f}",
             **{k: f"{v:.6f}" for k, v in test_metrics.items()}}
     if test_acc.std is not None:
@@ -209,7 +211,7 @@ def register(selection: Selection, test: Split, *, name: str, alias: str, select
 def held_value(version, select: str) -> float:
     """The alias holder's `select`, read from its runs (the seed mean where it was registered with seeds);
     NaN when it has none, so that a holder without a finite value never blocks the alias."""
-    ids = version.tags.get("seed_run_ids") or version.tags.get("source_run_id") or version.run_id
+    ids = version.tags.get(VERSION_SEED_RUNS) or version.tags.get(VERSION_SOURCE_RUN) or version.run_id
     values = []
     for run_id in filter(None, ids.split(",")):
         try:

@@ -27,7 +27,7 @@ TAG_WORKER = "fmnist.worker"  # host:pid of the process that started the run (wh
 
 # --- tags on parents (sweep, search) -----------------------------------------------------------------------
 TAG_SWEEP = "fmnist.sweep"  # a sweep parent: the digest of its configs
-TAG_STUDY = "fmnist.study"  # the Optuna study a parent (or trial) belongs to: name@storage digest
+TAG_STUDY = "fmnist.study"  # the Optuna study a parent (or trial) belongs to: name@digest of the storage URL
 TAG_PARENT = "fmnist.parent"  # on a launcher: the parent run that holds the work
 TAG_BEST_RUN = "fmnist.best_run_id"  # a sweep parent: the best config's best seed run
 TAG_BEST_GROUP = "best_config_group"  # a sweep parent: the best config's group (beside best_model, best_lr, ...)
@@ -41,7 +41,10 @@ TAG_CONFIRM_SEEDS = "fmnist.confirm_seeds"  # a search parent: the seeds the cha
 TAG_TRIALS = "fmnist.trials"  # a search parent: trials in the study (and fmnist.trials_<state> per state)
 TAG_PRUNER_REPLAY = "fmnist.pruner_replay"  # a search parent, + ".<pruner>": what that pruner would have stopped
 
-# --- tags on registered models -------------------------------------------------------------------------
+# --- tags on registered model versions ---------------------------------------------------------------------
+VERSION_SOURCE_RUN = "source_run_id"  # the run whose model the version is
+VERSION_SEED_RUNS = "seed_run_ids"  # comma-separated: the runs of every seed of the version's config
+VERSION_CONFIG = "config"  # JSON: the config's params
 TAG_ALIAS_HISTORY = "fmnist.alias_history"  # + ".<alias>": JSON list of the alias's moves and their reasons
 
 # --- tags on trials -----------------------------------------------------------------------------------------
@@ -50,8 +53,11 @@ TAG_STATE = "fmnist.trial_state"  # the Optuna state: COMPLETE, PRUNED or FAIL
 TAG_BEST_TRIAL = "fmnist.best_trial"  # "true" on the run of a study's best trial
 
 # --- Optuna study and trial attributes ----------------------------------------------------------------------
-ATTR_PARENT = "mlflow_parent_run_id"  # study: the MLflow parent run every worker logs under
-ATTR_SWEEP = "fmnist_sweep"  # study of a grid: the digest of its configs (workers must agree on it)
+ATTR_PARENT = "mlflow_parent_run_id"  # study: the MLflow parent run every worker logs under (set last: ready)
+ATTR_HOLDS = "fmnist_holds"  # study: "grid <name> <digest>" or "space <name> <digest>": workers must agree
 ATTR_RUN = "mlflow_run_id"  # trial: its MLflow run
-ATTR_CONFIG = "config"  # trial of a grid: a readable name of its (config, seed)
-ATTR_DUPLICATE = "duplicate_of"  # trial of a grid: it found its config taken by this trial and ran nothing
+ATTR_POINT = "point"  # queued trial of a grid: a readable name of its (config, seed)
+ATTR_REQUEUED = "requeued_from"  # queued trial of a grid: the interrupted trial whose point it runs again
+ATTR_NO_POINT = "no_point"  # trial of a grid that found the queue empty (other workers took the last points)
+ATTR_WARM_START = "warm_start_from"  # queued trial of a search: the grid run whose config it tries
+ATTR_START_POINT = "start_point"  # queued trial of a search: its index in the space file's start_points

@@ -1,28 +1,29 @@
-"""The Optuna extension: search model3's training settings beyond the grid (the space file says which:
-optimizer and its learning rate, dropout, weight decay, schedule, batch size, label smoothing,
-augmentation), as nested MLflow runs.
+"""The Optuna extension as a plan of the engine (`engine.SharedStudy`): search model3's training settings
+beyond the grid (the space file says which: by default the optimizer and its learning rate, dropout,
+weight decay, schedule and its warm-up, batch size, label smoothing, augmentation, model3's width and the
+weight average), each trial a nested MLflow run under the study's parent.
 
-A sibling of the sweep on the same engine (`engine`): one study, one parent run whose id lives in the
-study, so running the search again on the same storage and study resumes it, and several workers
-(processes or machines) sharing the storage and tracking server fill one parent; a lost worker's trial
-is retried. Each trial is a child run opened when the trial starts;
-each epoch reports the validation metric to Optuna. A pruned trial's run ends KILLED with the tag
-`fmnist.trial_state = PRUNED` (and no model): never FINISHED, so it cannot pass for a finished success.
-A diverging trial's run ends FAILED (Optuna state FAIL). Completed trials end FINISHED (COMPLETE).
+The study's first trials come from Optuna's queue (the grid's best config and the space file's start
+points, queued when the study is created), the rest from the sampler. Running the search again on the same
+storage and study resumes it; several workers (processes or machines) sharing the storage and tracking
+server fill one parent; a lost worker's trial is retried. Each epoch reports the validation metric to
+Optuna. A pruned trial's run ends KILLED with the tag `fmnist.trial_state = PRUNED` (and no model): never
+FINISHED, so it cannot pass for a finished success. A diverging trial's run ends FAILED (Optuna state
+FAIL). Completed trials end FINISHED (COMPLETE).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import ClassVar, Optional
 
 import optuna
 
-from . import engine, parallel, runs, train, tracking
+from . import runs, search_report, tracking, train
 from .data import Dataset
-from .schema import (ATTR_RUN, KIND_SEARCH, KIND_SWEEP, KIND_TRIAL, TAG_BEST_RUN, TAG_KIND, TAG_STATE, TAG_STUDY,
-                     TAG_SWEEP, TAG_TRIAL)
+from .engine import Hooks, SharedStudy
+from .schema import (ATTR_RUN, ATTR_START_POINT, ATTR_WARM_START, KIND_SEARCH, KIND_SWEEP, KIND_TRIAL, TAG_BEST_RUN,
+                     TAG_KIND, TAG_STATE, TAG_STUDY, TAG_SWEEP, TAG_TRIAL)
 from .space import Space
 
 
@@ -71,166 +72,111 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
                                            n_min_trials=4)
 
 
-def open_study(storage_url: str, study_name: str, space: Space, sampler, pruner) -> optuna.Study:
-    return engine.open_study(storage_url, study_name, space.direction, sampler, pruner)
-
-
-def ensure_parent(study: optuna.Study, key: str, space: Space, experiment_id: str, settings: SearchSettings) -> str:
-    """The study's parent run, created the first time (see `engine.ensure_parent`)."""
-    params = {"study": study.study_name, "space_name": space.name, "metric": space.metric, "direction": space.direction,
-              "epochs": settings.epochs, "subset": settings.subset}
-    return engine.ensure_parent(study, key, name=study.study_name, kind=KIND_SEARCH, params=params,
-                                tags=tracking.environment_tags(settings.device), experiment_id=experiment_id)
-
-
-def warm_start(study: optuna.Study, space: Space, experiment_id: str) -> Optional[tuple]:
-    """On a new study, enqueue the best config of the experiment's newest finished grid sweep as the first
-    trial, then the space file's `start_points` (known-good recipes: they give TPE good points to model
-    from before its random start-up trials run out). Returns (the enqueued params, notes on the values
-    the space could not hold as the grid had them), or None."""
-    if study.trials:
-        return None
-    sweeps = [r for r in tracking.find_runs([experiment_id], {TAG_KIND: KIND_SWEEP}, status="FINISHED")
-              if TAG_BEST_RUN in r.data.tags and TAG_SWEEP in r.data.tags]
-    warm = None
-    if sweeps:
-        best = tracking.client().get_run(sweeps[0].data.tags[TAG_BEST_RUN]).data.params
-        params = space.params_for(best)
-        if params:
-            study.enqueue_trial(params, user_attrs={"warm_start_from": sweeps[0].data.tags[TAG_BEST_RUN]},
-                                skip_if_exists=True)
-            warm = params, space.clamped(best)
-    enqueue_start_points(study, space)
-    return warm
-
-
-def enqueue_start_points(study: optuna.Study, space: Space) -> None:
-    for i, point in enumerate(space.start_points):
-        study.enqueue_trial(point, user_attrs={"start_point": i}, skip_if_exists=True)
-
-
-def objective_for(space: Space, data: Dataset, settings: SearchSettings, parent_id: str, key: str,
-                  progress: Optional[Callable] = None) -> Callable:
-    def objective(trial: optuna.Trial) -> float:
-        config = space.suggest(trial, epochs=settings.epochs, subset=settings.subset, device=settings.device,
-                               precision=settings.precision)
-        on_epoch, on_batch = progress(trial, config) if progress else (None, None)
-
-        def on_epoch_end(metrics: dict) -> None:
-            trial.report(metrics[space.metric], metrics["epoch"])
-            if on_epoch is not None:
-                on_epoch(metrics)
-            # never prune after the last epoch: the trial has done all its work and completes with its value
-            if metrics["epoch"] < settings.epochs and trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {metrics['epoch']} ({space.metric} "
-                                         f"{metrics[space.metric]:.4f})")
-
-        run_id: list = []
-
-        def on_start(rid: str) -> None:
-            run_id.append(rid)
-            trial.set_user_attr(ATTR_RUN, rid)
-
-        try:
-            result = runs.tracked_fit(
-                config, data, kind=KIND_TRIAL, parent_run_id=parent_id, tags={TAG_TRIAL: trial.number, TAG_STUDY: key},
-                on_epoch_end=on_epoch_end, on_batch=on_batch, killed_on=(optuna.TrialPruned,), on_start=on_start,
-            )
-        except optuna.TrialPruned:
-            tracking.set_run_tags(run_id[0], {TAG_STATE: "PRUNED"})
-            raise
-        except BaseException:
-            if run_id:
-                tracking.set_run_tags(run_id[0], {TAG_STATE: "FAIL"})
-            raise
-        tracking.set_run_tags(result.run_id, {TAG_STATE: "COMPLETE"})
-        return result.final[space.metric]
-
-    return objective
-
-
-def prepare(space: Space, storage_url: str, study_name: str, *, experiment_id: str, settings: SearchSettings,
-            sampler, pruner) -> tuple:
-    """Open (or create) the study and its parent run, end runs orphaned by an earlier attempt, and
-    warm-start a new study: (study, parent, key, warm)."""
-    study = open_study(storage_url, study_name, space, sampler, pruner)
-    key = engine.study_key(storage_url, study_name)
-    parent_id = ensure_parent(study, key, space, experiment_id, settings)
-    engine.reap_orphans(study, parent_id)
-    return study, parent_id, key, warm_start(study, space, experiment_id)
-
-
-def run_trials(study, parent_id: str, key: str, space: Space, data: Dataset, settings: SearchSettings, *,
-               trials: Optional[int], timeout: Optional[float], progress: Optional[Callable] = None,
-               on_trial_end: Optional[Callable] = None, on_wait: Optional[Callable[[int], None]] = None) -> int:
-    """Run `trials` trials (None: until `timeout`) under the parent, open while they run (KILLED if
-    interrupted); then stay to redo the trials of lost workers (see `engine.work`). Returns trials run."""
-    deadline = time.monotonic() + timeout if timeout else None
-    objective = objective_for(space, data, settings, parent_id, key, progress)
-    callbacks = [lambda study, trial: on_trial_end(trial)] if on_trial_end else []
-    with tracking.run(study.study_name, kind=KIND_SEARCH, run_id=parent_id):
-        return engine.work(study, objective, more=lambda study, ran: trials is None or ran < trials,
-                           catch=(train.DivergedError,), callbacks=callbacks, deadline=deadline, on_wait=on_wait)
-
-
 @dataclass(frozen=True)
-class WorkerJob:
-    """What one worker process needs to join a prepared study (all picklable)."""
+class Search:
+    """The search's plan: what a trial is, and what the study's parent reports."""
 
-    space_file: str
-    storage_url: str
     study_name: str
-    parent_id: str
-    key: str
+    space: Space
     settings: SearchSettings
-    trials: Optional[int]
-    timeout: Optional[float]
-    sampler: str
-    pruner: str
-    seed: Optional[int]
-    data_dir: Optional[str]
+    sampler_name: str = "tpe"
+    pruner_name: str = "percentile"
+    seed: Optional[int] = None  # the sampler's (see sampler_seed)
+    kind: ClassVar[str] = KIND_SEARCH
+    catch: ClassVar[tuple] = (train.DivergedError,)  # a diverging trial fails alone
 
+    @property
+    def name(self) -> str:
+        return self.study_name
 
-def worker(job: WorkerJob) -> None:
-    """Entry point of a `--jobs` worker process: load data and run `job.trials` trials of the study."""
-    from .data import load
-    from .space import load_space
+    @property
+    def direction(self) -> str:
+        return self.space.direction
 
-    space = load_space(job.space_file)
-    data = load(job.data_dir, subset=job.settings.subset)
-    study = open_study(job.storage_url, job.study_name, space, make_sampler(job.sampler, job.seed),
-                       make_pruner(job.pruner, job.settings.epochs))
-    run_trials(study, job.parent_id, job.key, space, data, job.settings, trials=job.trials, timeout=job.timeout)
+    @property
+    def holds(self) -> str:
+        return f"space {self.space.name} {self.space.digest()}, {self.settings.epochs} epochs, subset {self.settings.subset}"
 
+    def parent_params(self) -> dict:
+        return {"study": self.study_name, "space_name": self.space.name, "metric": self.space.metric,
+                "direction": self.space.direction, "epochs": self.settings.epochs, "subset": self.settings.subset}
 
-def run(study, storage_url: str, parent_id: str, key: str, space: Space, data: Dataset, settings: SearchSettings, *,
-        trials: int, timeout: Optional[float], jobs: int, sampler: str, pruner: str, seed: Optional[int], space_file: str,
-        data_dir: Optional[str], threads: int = 0, progress: Optional[Callable] = None,
-        on_trial_end: Optional[Callable] = None, on_wait: Optional[Callable[[int], None]] = None) -> int:
-    """Run `trials` trials of a prepared study: in this process, or split over `jobs` worker processes
-    (each with its own sampler seed, see `sampler_seed`). Returns the number of workers."""
-    finished_before = sum(t.state.is_finished() for t in study.trials)
-    if jobs == 1:
-        study.sampler = make_sampler(sampler, sampler_seed(seed, finished_before))
-        run_trials(study, parent_id, key, space, data, settings, trials=trials, timeout=timeout, progress=progress,
-                   on_trial_end=on_trial_end, on_wait=on_wait)
-        return 1
-    jobs_list = [WorkerJob(space_file, storage_url, study.study_name, parent_id, key, settings, n,
-                           timeout, sampler, pruner, sampler_seed(seed, finished_before, i), data_dir)
-                 for i, n in enumerate(parallel.split(trials, jobs)) if n]
-    engine.run_workers(worker, [(job,) for job in jobs_list], threads)
-    return len(jobs_list)
+    def parent_tags(self) -> dict:
+        return tracking.environment_tags(self.settings.device)
 
+    def sampler(self, worker: int, finished_before: int) -> optuna.samplers.BaseSampler:
+        return make_sampler(self.sampler_name, sampler_seed(self.seed, finished_before, worker))
 
-def finish(study, parent_id: str, space: Space, settings: SearchSettings):
-    """Write the study's summary on its parent run; returns the summary."""
-    from . import search_report
+    def pruner(self) -> optuna.pruners.BasePruner:
+        return make_pruner(self.pruner_name, self.settings.epochs)
 
-    replays = tuple(search_report.replay_pruner(study, name, lambda name=name: make_pruner(name, settings.epochs),
-                                                settings.epochs) for name in ("percentile", "median"))
-    engine.reap_orphans(study, parent_id)  # runs whose worker died before its trial could name them
-    summary = search_report.summarize(study, parent_id, settings.epochs, replays,
-                                      retried=engine.retried_count(study))
-    with tracking.run(study.study_name, kind=KIND_SEARCH, run_id=parent_id):
-        search_report.log(study, summary, space.metric)
-    return summary
+    def fill(self, study: optuna.Study, experiment_id: str) -> Optional[tuple]:
+        """Queue the grid's best config (when the experiment holds a finished sweep) and the space file's
+        start points (known-good recipes: they give TPE good points to model from before its random
+        start-up trials run out). Returns (the grid's best as params, notes on the values the space could
+        not hold as the grid had them), or None."""
+        sweeps = [r for r in tracking.find_runs([experiment_id], {TAG_KIND: KIND_SWEEP}, status="FINISHED")
+                  if TAG_BEST_RUN in r.data.tags and TAG_SWEEP in r.data.tags]
+        warm = None
+        if sweeps:
+            best = tracking.client().get_run(sweeps[0].data.tags[TAG_BEST_RUN]).data.params
+            params = self.space.params_for(best)
+            if params:
+                study.enqueue_trial(params, user_attrs={ATTR_WARM_START: sweeps[0].data.tags[TAG_BEST_RUN]})
+                warm = params, self.space.clamped(best)
+        for i, params in enumerate(self.space.start_points):
+            study.enqueue_trial(params, user_attrs={ATTR_START_POINT: i}, skip_if_exists=True)
+        return warm
+
+    def more(self, study: optuna.Study, ran: int, budget: Optional[int]) -> bool:
+        return budget is None or ran < budget
+
+    def objective(self, shared: SharedStudy, data: Dataset, hooks: Hooks):
+        space, settings = self.space, self.settings
+
+        def objective(trial: optuna.Trial) -> float:
+            config = space.suggest(trial, epochs=settings.epochs, subset=settings.subset, device=settings.device,
+                                   precision=settings.precision)
+            on_epoch, on_batch = hooks.progress(trial, config) if hooks.progress else (None, None)
+
+            def on_epoch_end(metrics: dict) -> None:
+                trial.report(metrics[space.metric], metrics["epoch"])
+                if on_epoch is not None:
+                    on_epoch(metrics)
+                # never prune after the last epoch: the trial has done all its work and completes with its value
+                if metrics["epoch"] < settings.epochs and trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after epoch {metrics['epoch']} ({space.metric} "
+                                             f"{metrics[space.metric]:.4f})")
+
+            run_id: list = []
+
+            def on_start(rid: str) -> None:
+                run_id.append(rid)
+                trial.set_user_attr(ATTR_RUN, rid)
+
+            try:
+                result = runs.tracked_fit(
+                    config, data, kind=KIND_TRIAL, parent_run_id=shared.parent_id,
+                    tags={TAG_TRIAL: trial.number, TAG_STUDY: shared.tag}, on_epoch_end=on_epoch_end,
+                    on_batch=on_batch, killed_on=(optuna.TrialPruned,), on_start=on_start)
+            except optuna.TrialPruned:
+                tracking.set_run_tags(run_id[0], {TAG_STATE: "PRUNED"})
+                raise
+            except BaseException:
+                if run_id:
+                    tracking.set_run_tags(run_id[0], {TAG_STATE: "FAIL"})
+                raise
+            tracking.set_run_tags(result.run_id, {TAG_STATE: "COMPLETE"})
+            return result.final[space.metric]
+
+        return objective
+
+    def report(self, shared: SharedStudy) -> search_report.SearchSummary:
+        """The study's summary, logged on its parent: trials, figures, the best trial, what pruning saved
+        and what the percentile and median pruners would have stopped."""
+        epochs = self.settings.epochs
+        replays = tuple(search_report.replay_pruner(shared.study, name, lambda name=name: make_pruner(name, epochs),
+                                                    epochs) for name in ("percentile", "median"))
+        summary = search_report.summarize(shared.study, shared.parent_id, epochs, replays, retried=shared.retried())
+        search_report.log(shared.study, summary, self.space.metric)
+        return summary

@@ -1,7 +1,8 @@
 """What a search's parent run holds: the trials as CSV, Optuna's figures, the best trial, pruning savings.
 
-Figures come from `optuna.visualization.matplotlib` (optimization history, parameter importances, and
-dropout x learning rate as a contour, or slices when a contour cannot be drawn yet).
+Figures come from `optuna.visualization.matplotlib` (optimization history, parameter importances, parallel
+coordinates of every parameter against the metric, and dropout x learning rate as a contour, or slices
+when a contour cannot be drawn yet).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def figures(study: optuna.Study) -> dict:
                 out["param_importances.png"] = ovm.plot_param_importances(study).figure
             except (RuntimeError, ValueError, ZeroDivisionError):
                 pass  # importances need variation in the completed trials
+            out["parallel_coordinate.png"] = _parallel(ovm.plot_parallel_coordinate(study))
             # Each optimizer has its own lr parameter: contour dropout against the one with most completed trials.
             counts: dict = {}
             for t in completed:
@@ -86,6 +88,14 @@ def figures(study: optuna.Study) -> dict:
             else:
                 out["dropout_lr_slice.png"] = _figure(ovm.plot_slice(study))
     return out
+
+
+def _parallel(axes):
+    """Optuna's parallel-coordinates figure, wide enough for a dozen parameters' labels."""
+    fig = axes.figure
+    fig.set_size_inches(max(10.0, 1.1 * len(axes.get_xticks())), 6.0)
+    fig.tight_layout()
+    return fig
 
 
 def _figure(axes):

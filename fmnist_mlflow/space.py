@@ -1,33 +1,77 @@
 """The Optuna search space as data: read `experiments/search.yaml`, validate it, suggest RunConfigs.
 
 The file fixes some run settings and searches others: categorical choices (`model`, `loss`, `optimizer`,
-`schedule`, `augment`, `batch_size`), float ranges (`dropout`, `weight_decay`, `label_smoothing`), and
-`lr` as a range per optimizer (named `lr_<optimizer>` in Optuna, so each optimizer's learning rate is
-modelled on its own scale). Problems raise `SpecError` naming the file and value, before any run or
+`schedule`, `augment`, `batch_size`, `width`, `ema`, `tta`), float ranges (`dropout`, `weight_decay`,
+`label_smoothing`, `warmup`), and `lr` as a range per optimizer (named `lr_<optimizer>` in Optuna, so each
+optimizer's learning rate is modelled on its own scale). `warmup` is onecycle's: a trial on another
+schedule does not draw it. Problems raise `SpecError` naming the file and value, before any run or
 study is created.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from .config import AUGMENTS, LOSSES, MODELS, OPTIMIZERS, SCHEDULES, ConfigError, RunConfig
+from .config import (AUGMENTS, LOSSES, MAX_WIDTH, MIN_WIDTH, MODELS, OPTIMIZERS, SCHEDULES, SELECT, ConfigError,
+                     RunConfig, direction)
 from .grid import SpecError, brief as _brief, check_known, read_yaml
-from .summary import SELECT
+
 
 PRUNERS = ("percentile", "median", "hyperband", "none")  # the first is the default
 SAMPLERS = ("tpe", "random")
 DEFAULT_SPACE = Path(__file__).parent / "specs" / "search.yaml"  # experiments/search.yaml, shipped in the package
 FIXABLE = {"model": str, "loss": str, "optimizer": str, "batch_size": int, "seed": int, "dropout": float, "lr": float,
-           "momentum": float, "weight_decay": float, "schedule": str, "label_smoothing": float, "augment": str}
-# Categorical parameters and their allowed values (None: any integer >= 1).
+           "momentum": float, "weight_decay": float, "schedule": str, "label_smoothing": float, "augment": str,
+           "warmup": float, "width": float, "ema": float, "tta": bool}
+# Categorical parameters and their allowed values: a tuple, or a check of one value and what it says.
 CHOICES = {"model": MODELS, "loss": LOSSES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "augment": AUGMENTS,
-           "batch_size": None}
+           "batch_size": (lambda v: _is_int(v) and v >= 1, "integers >= 1"),
+           "width": (lambda v: _is_number(v) and MIN_WIDTH <= v <= MAX_WIDTH, f"numbers in {MIN_WIDTH:g}..{MAX_WIDTH:g}"),
+           "ema": (lambda v: _is_number(v) and 0 <= v < 1, "decays in [0, 1) (0: off)"),
+           "tta": (True, False)}
 # Float parameters searched as ranges: name -> (lowest allowed, highest allowed, high bound exclusive).
-RANGES = {"dropout": (0.0, 1.0, True), "weight_decay": (0.0, math.inf, False), "label_smoothing": (0.0, 1.0, True)}
+RANGES = {"dropout": (0.0, 1.0, True), "weight_decay": (0.0, math.inf, False), "label_smoothing": (0.0, 1.0, True),
+          "warmup": (0.0, 1.0, True)}
+ONECYCLE_ONLY = ("warmup",)  # drawn only by trials on the onecycle schedule
+
+
+def drawn(name: str, schedule: Optional[str]) -> bool:
+    """Whether a trial on `schedule` draws the range `name` (warmup: onecycle only)."""
+    return name not in ONECYCLE_ONLY or schedule == "onecycle"
+
+
+def _same_param(option, value) -> bool:
+    """A choice and a value read back (MLflow params are strings: "64", "1.0", "True")."""
+    if isinstance(option, bool) or not isinstance(option, (int, float)):
+        return str(option) == str(value)
+    try:
+        return float(value) == option
+    except (TypeError, ValueError):
+        return False
+
+
+def _not_allowed(name: str, value) -> Optional[str]:
+    """None if `value` is one of CHOICES[name]; else what is allowed, for the error message."""
+    allowed = CHOICES[name]
+    if callable(allowed[0]):
+        check, what = allowed
+        return None if check(value) else what
+    same = any(value is a or (value == a and type(value) is type(a)) for a in allowed)  # true is not 1
+    return None if same else ", ".join(str(a).lower() if isinstance(a, bool) else a for a in allowed)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -40,7 +84,7 @@ class Range:
 @dataclass(frozen=True)
 class Space:
     name: str
-    metric: str  # a key of summary.SELECT
+    metric: str  # a key of config.SELECT
     fixed: dict  # name -> value
     choices: dict  # name -> tuple of choices (see CHOICES)
     ranges: dict  # name -> Range (see RANGES)
@@ -50,7 +94,14 @@ class Space:
 
     @property
     def direction(self) -> str:
-        return "maximize" if SELECT[self.metric] else "minimize"
+        return direction(self.metric)
+
+    def digest(self) -> str:
+        """Identifies what the space searches (not its name or file): a study holds one space."""
+        parts = {"metric": self.metric, "fixed": self.fixed, "choices": self.choices,
+                 "ranges": {k: dataclasses.astuple(r) for k, r in self.ranges.items()},
+                 "lr": {k: dataclasses.astuple(r) for k, r in self.lr.items()}, "start_points": self.start_points}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
     def suggest(self, trial, *, epochs: int, subset: int = 0, device: str = "auto", precision: str = "auto") -> RunConfig:
         """The trial's RunConfig: fixed values, plus what the trial samples."""
@@ -58,7 +109,8 @@ class Space:
         for name, options in self.choices.items():
             values[name] = trial.suggest_categorical(name, list(options))
         for name, r in self.ranges.items():
-            values[name] = trial.suggest_float(name, r.low, r.high, log=r.log)
+            if drawn(name, values.get("schedule")):
+                values[name] = trial.suggest_float(name, r.low, r.high, log=r.log)
         optimizer = values.get("optimizer", "adam")
         if optimizer in self.lr:
             r = self.lr[optimizer]
@@ -81,12 +133,13 @@ class Space:
         params = {}
         for name, options in self.choices.items():
             # MLflow params come back as strings ("64"): match on the string form
-            match = [o for o in options if str(o) == str(config.get(name))]
+            match = [o for o in options if _same_param(o, config.get(name))]
             if match:
                 params[name] = match[0]
         optimizer = params.get("optimizer", self.fixed.get("optimizer"))
+        schedule = params.get("schedule", self.fixed.get("schedule", config.get("schedule")))
         for name, r in self.ranges.items():
-            if name in config:
+            if name in config and drawn(name, schedule):
                 params[name] = min(max(float(config[name]), r.low), r.high)
         if optimizer in self.lr and "lr" in config:
             r = self.lr[optimizer]
@@ -109,15 +162,13 @@ def _range(where: str, name: str, spec) -> Range:
 
 
 def _choices(where: str, name: str, value) -> tuple:
-    allowed = CHOICES[name]
     options = value.get("choices") if isinstance(value, dict) and set(value) == {"choices"} else None
     if not isinstance(options, list) or not options:
         raise SpecError(f"{where}: search.{name} must be {{choices: [...]}}, got {_brief(value)}")
     for option in options:
-        ok = option in allowed if allowed else isinstance(option, int) and not isinstance(option, bool) and option >= 1
-        if not ok:
-            what = ", ".join(allowed) if allowed else "integers >= 1"
-            raise SpecError(f"{where}: search.{name} has {_brief(option)}; choose from {what}")
+        wrong = _not_allowed(name, option)
+        if wrong:
+            raise SpecError(f"{where}: search.{name} has {_brief(option)}; choose from {wrong}")
     if len(set(options)) != len(options):
         raise SpecError(f"{where}: search.{name} lists a choice twice")
     return tuple(options)
@@ -136,8 +187,9 @@ def load_space(path: str | Path = DEFAULT_SPACE) -> Space:
     for name, value in fixed.items():
         if name not in FIXABLE:
             raise SpecError(f"{where}: unknown fixed parameter {_brief(name)}; allowed: {', '.join(FIXABLE)}")
-        if CHOICES.get(name) and value not in CHOICES[name]:
-            raise SpecError(f"{where}: unknown {name} {_brief(value)}; choose from {', '.join(CHOICES[name])}")
+        wrong = _not_allowed(name, value) if name in CHOICES else None
+        if wrong:
+            raise SpecError(f"{where}: unknown {name} {_brief(value)}; choose from {wrong}")
     choices, ranges, lr = {}, {}, {}
     for name, value in search.items():
         if name in CHOICES:
@@ -175,7 +227,8 @@ def load_space(path: str | Path = DEFAULT_SPACE) -> Space:
         raise SpecError(f"{where}: start_points must be a list of mappings, got {_brief(points)}")
     space = dataclasses.replace(space, start_points=tuple(_start_point(where, space, i, p) for i, p in enumerate(points)))
     try:  # the corners of the space must be valid configs
-        corner = {**fixed, **{k: v[0] for k, v in choices.items()}, **{k: r.high for k, r in ranges.items()}}
+        corner = {**fixed, **{k: v[0] for k, v in choices.items()}}
+        corner.update({k: r.high for k, r in ranges.items() if drawn(k, corner.get("schedule"))})
         RunConfig(**corner, device="cpu")
     except (ConfigError, TypeError) as exc:
         raise SpecError(f"{where}: {exc}") from None
@@ -186,13 +239,16 @@ def _start_point(where: str, space: Space, index: int, point: dict) -> dict:
     """A start point as Optuna params (lr as lr_<optimizer>), checked against the space."""
     params = space.params_for(point)
     optimizer = params.get("optimizer", space.fixed.get("optimizer"))
-    for name in [*space.choices, *space.ranges, *([f"lr_{optimizer}"] if optimizer in space.lr else [])]:
+    schedule = params.get("schedule", space.fixed.get("schedule"))
+    ranges = [name for name in space.ranges if drawn(name, schedule)]
+    for name in [*space.choices, *ranges, *([f"lr_{optimizer}"] if optimizer in space.lr else [])]:
         if name not in params:
             raise SpecError(f"{where}: start_points[{index}] has no valid value for {name}")
     extra = set(point) - set(space.choices) - set(space.ranges) - {"lr"}
     if extra:
         raise SpecError(f"{where}: start_points[{index}] sets {', '.join(sorted(map(str, extra)))}, not searched")
-    for name, r in space.ranges.items():
+    for name in ranges:
+        r = space.ranges[name]
         if not r.low <= float(point[name]) <= r.high:
             raise SpecError(f"{where}: start_points[{index}].{name} {point[name]} is outside {r.low:g}..{r.high:g}")
     if optimizer in space.lr and "lr" in point:

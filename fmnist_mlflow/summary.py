@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, TypedDict
 
 from . import stats
-from .config import LOSS_NAMES, RunConfig
+from .config import LOSS_NAMES, SELECT, RunConfig, pick_best
 from .stats import Estimate
 
-if TYPE_CHECKING:  # torch stays out of `fmnist --help`, which imports SELECT from here
+if TYPE_CHECKING:  # torch stays out of `fmnist --help`
     from .train import EpochMetrics
 
 # The report's table: training loss at epoch 10, (model, loss) -> (Adam, SGD, RMSprop).
@@ -33,11 +33,6 @@ REPORT_TRAIN_LOSS = {
 }
 REPORT_OPTIMIZERS = ("adam", "sgd", "rmsprop")
 REPORT_PICK = ("model3", "bce", "sgd")  # the lowest number in the table, which the report chose
-
-# Selection metrics and whether larger is better. Training loss is deliberately absent: it rewards
-# over-fitting, and CE and BCE values are on different scales.
-SELECT = {"val_accuracy": True, "val_nll": False}
-
 
 class RunRow(TypedDict):
     """One (config, seed) of a sweep: its config, end state and final metrics (None if it never finished
@@ -75,21 +70,6 @@ def to_csv(rows: list[RunRow]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
-
-
-def direction(select: str) -> str:
-    """The Optuna direction of a selection metric."""
-    return "maximize" if SELECT[select] else "minimize"
-
-
-def better(select: str, a: float, b: float) -> bool:
-    """Whether `a` is at least as good as `b` on the selection metric."""
-    return a >= b if SELECT[select] else a <= b
-
-
-def pick_best(items: list, select: str, key):
-    """The item whose `key(item)` is best on `select` (max for accuracy, min for NLL)."""
-    return (max if SELECT[select] else min)(items, key=key)
 
 
 @dataclass(frozen=True)

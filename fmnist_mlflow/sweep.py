@@ -1,13 +1,15 @@
-"""The fixed grid as an Optuna study driven by GridSampler, logged as nested MLflow runs: one parent per
-sweep, one child per (config, seed); resumable, and shared by any number of workers.
+"""The fixed grid as a plan of the engine (`engine.SharedStudy`): one Optuna trial per (config, seed),
+queued in grid order as waiting trials when the study is created, logged as nested MLflow runs: one parent
+per sweep, one child per point.
 
-Each grid point is one (config, seed), named by its digest. The study (by default `<grid>-<digest>-<experiment stamp>`
-in sqlite:///optuna.db) records which points are taken and done; every `fmnist sweep` on the same storage,
-study and tracking server takes the next free point from it, so N workers on N machines share one grid
-and no point runs twice to completion. GridSampler hands points out in grid order: seed by seed (a partial
-sweep still compares every config on the same seeds), slow model3 first (parallel workers end together).
-Running the sweep again resumes it: FINISHED points are skipped, failed ones are queued again. A config
-that diverges fails alone. A worker that is lost has its point retried by the others (see `engine`). When
+Each grid point is a (config, seed): the trial's params `config` (the config's run name) and `seed`. The
+study (by default `<grid>-<digest>-<experiment stamp>` in sqlite:///optuna.db) is the grid's queue: every
+`fmnist sweep` on the same storage, study and tracking server takes the next waiting point from it, so N
+workers on N machines share one grid and each point is claimed by one worker. The queue runs seed by seed
+(a partial sweep still compares every config on the same seeds), slow model3 first (parallel workers end
+together). Running the sweep again resumes it: COMPLETE points are done, an interrupted point was queued
+again by its worker as it stopped, a lost worker's point is retried by the others (see `engine`). A config
+that diverges fails alone (its trial FAIL, its run FAILED; not queued again: it would diverge again). When
 no point is left, the parent gets the summary table (CSV, Markdown), the loss curves per loss function,
 the accuracy chart, and the best config by the selection metric (as tags and metrics: a resumed sweep may
 change its best, and MLflow params cannot change).
@@ -15,29 +17,24 @@ change its best, and MLflow params cannot change).
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import ClassVar, Optional
 
 import optuna
 from optuna.trial import TrialState
 
-from . import engine, plots, runs, summary, tracking, train
-from .config import RunConfig
+from . import plots, runs, summary, tracking, train
+from .config import RunConfig, direction
 from .data import Dataset
+from .engine import Hooks, SharedStudy
 from .grid import Grid, sweep_digest
-from .schema import (DEFAULT_STORAGE, ATTR_CONFIG, TAG_BEST_GROUP, ATTR_DUPLICATE, ATTR_RUN, ATTR_SWEEP, KIND_SWEEP, KIND_SWEEP_CHILD, TAG_BEST_RUN,
-                     TAG_CONFIG_HASH, TAG_FAILED_CONFIGS, TAG_RETRIED, TAG_SELECT, TAG_STUDY, TAG_SWEEP, TAG_TRIAL)
+from .schema import (ATTR_NO_POINT, ATTR_POINT, ATTR_REQUEUED, ATTR_RUN, DEFAULT_STORAGE, KIND_SWEEP,
+                     KIND_SWEEP_CHILD, TAG_BEST_GROUP, TAG_BEST_RUN, TAG_CONFIG_HASH, TAG_FAILED_CONFIGS,
+                     TAG_RETRIED, TAG_SELECT, TAG_STUDY, TAG_SWEEP, TAG_TRIAL)
 
-PARAM = "config"  # the grid's one Optuna parameter: the digest of a (config, seed)
-
-# (index among the points this process ran, points left when it started, config, seconds elapsed,
-# estimated seconds left or None)
-StartCallback = Callable[[int, int, RunConfig, float, Optional[float]], None]
-# config -> (on_epoch_end, on_batch) for that config's run
-ProgressFactory = Callable[[RunConfig], tuple]
+NO_POINT = "the queue was empty when this worker asked: other workers took the last points; nothing ran"
 
 
 @dataclass
@@ -46,22 +43,12 @@ class SweepResult:
     rows: list  # summary rows, one per (config, seed), in grid order
     configs: list  # summary.ConfigRow per config, aggregated over seeds
     best: Optional[summary.ConfigRow]  # best config by the seed mean of the selection metric
-    skipped: int  # (config, seed) runs already FINISHED before this command started
+    skipped: int = 0  # (config, seed) runs already FINISHED before this command started
     failed: list = field(default_factory=list)  # rows of runs that did not finish
     markdown: str = ""
     histories: dict = field(default_factory=dict)  # (model, loss, optimizer) -> {seed: per-epoch metrics}
     retried: int = 0  # points redone because the worker running them was lost
     study_name: str = ""
-
-
-class OrderedGridSampler(optuna.samplers.GridSampler):
-    """GridSampler that hands out its points in the order given: Optuna shuffles them (to spread a grid cut
-    short by n_trials), which would break the seed-by-seed order. Every worker builds the same order."""
-
-    def __init__(self, points: list):
-        super().__init__({PARAM: points})
-        self.points = list(points)
-        self._all_grids = list(itertools.product(*self._search_space.values()))
 
 
 def grid_order(configs: list) -> list:
@@ -76,197 +63,130 @@ def default_study_name(grid: Grid, configs: list, experiment_id: str) -> str:
     return f"{grid.name}-{sweep_digest(configs)[:8]}-{tracking.experiment_stamp(experiment_id)}"
 
 
-@dataclass(frozen=True)
-class SweepJob:
-    """What one `--jobs` worker process needs to join a prepared sweep (all picklable)."""
-
-    grid_name: str
-    configs: tuple
-    storage_url: str
-    study_name: str
-    parent_id: str
-    key: str
-    select: str
-    data_dir: Optional[str]
+def point(config: RunConfig) -> dict:
+    """A grid point as the trial's params. (A point holding several seeds of one config would list them.)"""
+    return {"config": config.run_name, "seed": config.seed}
 
 
-def run_sweep(
-    grid: Grid,
-    configs: list,
-    data: Dataset,
-    *,
-    experiment_id: str,
-    storage_url: str = DEFAULT_STORAGE,
-    study_name: Optional[str] = None,
-    select: str = "val_accuracy",
-    on_start: Optional[StartCallback] = None,
-    progress: Optional[ProgressFactory] = None,
-    on_wait: Optional[Callable[[int], None]] = None,
-    jobs: int = 1,
-    data_dir: Optional[str] = None,
-    threads: int = 0,
-    on_workers: Optional[Callable[[int], None]] = None,
-) -> SweepResult:
-    """Run the points of `configs` still to do under the sweep's parent run and summarize them on it.
-
-    This process is one worker; with `jobs > 1` it starts that many worker processes instead (each loads
-    the data itself, from `data_dir`). Other `fmnist sweep` commands on the same storage and study share
-    the points.
-    """
-    study_name = study_name or default_study_name(grid, configs, experiment_id)
-    study, parent_id, key = open_sweep(grid, configs, storage_url, study_name, experiment_id, select)
-    done_before = len(completed(study))
-    engine.reap_orphans(study, parent_id)
-    queue_failed(study, grid_order(configs))
-    todo = len(configs) - done_before
-    if jobs > 1 and todo > 1:
-        job = SweepJob(grid.name, tuple(configs), storage_url, study_name, parent_id, key, select, data_dir)
-        if on_workers is not None:
-            on_workers(min(jobs, todo))
-        engine.run_workers(worker, [(job, data.subset)] * min(jobs, todo), threads)
-    else:
-        with tracking.run(grid.name, kind=KIND_SWEEP, run_id=parent_id):
-            objective = objective_for(configs, data, parent_id, key, select, on_start, progress, todo=todo)
-            engine.work(study, objective, more=points_left, catch=(train.DivergedError,), on_wait=on_wait)
-    engine.reap_orphans(study, parent_id)  # runs whose worker died before its trial could name them
-    result = summarize(parent_id, configs, select)
-    result.skipped, result.study_name = done_before, study_name
-    result.retried = engine.retried_count(study)
-    if result.retried:
-        result.markdown += (f"\n\n{result.retried} (config, seed) run(s) were retried after the worker running them "
-                            "was lost (their first runs ended KILLED, `fmnist.failure_reason` \"worker lost\").\n")
-    with tracking.run(grid.name, kind=KIND_SWEEP, run_id=parent_id):
-        log_summary(result, select)
-    return result
-
-
-def open_sweep(grid: Grid, configs: list, storage_url: str, study_name: str, experiment_id: str,
-               select: str) -> tuple:
-    """The sweep's study and parent run, created the first time: (study, parent_id, key)."""
-    digest = sweep_digest(configs)
-    study = open_grid_study(storage_url, study_name, configs, select)
-    held = study.user_attrs.get(ATTR_SWEEP)
-    if held is None:
-        study.set_user_attr(ATTR_SWEEP, digest)
-    elif held != digest:
-        raise engine.StorageError(
-            f"study {study_name!r} in {engine.redact(storage_url)} holds another grid (digest {held}, this one "
-            f"{digest}): every worker needs the same grid file, --seeds, --epochs, --subset and --precision")
-    key = engine.study_key(storage_url, study_name)
-    parent_id = engine.ensure_parent(
-        study, key, name=grid.name, kind=KIND_SWEEP, params=sweep_params(grid, configs),
-        tags={TAG_SWEEP: digest, **tracking.environment_tags(configs[0].device)}, experiment_id=experiment_id)
-    return study, parent_id, key
-
-
-def open_grid_study(storage_url: str, study_name: str, configs: list, select: str) -> optuna.Study:
-    sampler = OrderedGridSampler([c.digest() for c in grid_order(configs)])
-    return engine.open_study(storage_url, study_name, summary.direction(select), sampler)
-
-
-def completed(study: optuna.Study) -> set:
-    return {t.params[PARAM] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-
-
-def points_left(study: optuna.Study, ran: int) -> bool:
-    """Whether a point is still free: one never handed out, or one queued again (failed, or retried)."""
-    trials = study.get_trials(deepcopy=False)
-    if any(t.state == TrialState.WAITING for t in trials):
-        return True
-    taken = {t.system_attrs.get("grid_id") for t in trials}
-    return any(i not in taken for i in range(len(study.sampler.points)))
-
-
-def queue_failed(study: optuna.Study, ordered: list) -> int:
-    """Queue again the points handed out before whose trials all failed (diverged, interrupted, or their
-    process lost the tracking server): a resumed sweep runs them. Returns how many."""
-    trials = study.get_trials(deepcopy=False)
-    busy = {t.params.get(PARAM) for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)}
-    points = [c.digest() for c in ordered]
-    handed_out = {t.params.get(PARAM) for t in trials}
-    distribution = optuna.distributions.CategoricalDistribution(points)
-    queued = 0
-    for grid_id, config in enumerate(ordered):
-        point = points[grid_id]
-        if point in handed_out and point not in busy:
-            study.add_trial(optuna.trial.create_trial(
-                state=TrialState.WAITING, params={PARAM: point}, distributions={PARAM: distribution},
-                user_attrs={ATTR_CONFIG: label(config)},
-                system_attrs={"grid_id": grid_id, "search_space": {PARAM: points}}))
-            queued += 1
-    return queued
-
-
-def label(config) -> str:
+def label(config: RunConfig) -> str:
     return f"{config.label} seed {config.seed}"
 
 
-def taken_by(study: optuna.Study, trial_number: int, point: str) -> Optional[int]:
-    """Another trial that has done, or is doing, this point first: GridSampler hands out a point twice when
-    workers race for the last ones (documented, and still so in Optuna 5)."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
-        if t.number != trial_number and t.params.get(PARAM) == point and (
-                t.state == TrialState.COMPLETE or t.number < trial_number):
-            return t.number
-    return None
+@dataclass(frozen=True)
+class Sweep:
+    """The grid's plan: what a point's trial is, and what the sweep's parent reports."""
+
+    grid: Grid
+    configs: tuple  # RunConfig per (config, seed)
+    select: str  # the validation metric that picks the best config
+    kind: ClassVar[str] = KIND_SWEEP
+    catch: ClassVar[tuple] = (train.DivergedError,)  # a diverging config fails alone
+
+    @property
+    def name(self) -> str:
+        return self.grid.name
+
+    @property
+    def direction(self) -> str:
+        return direction(self.select)
+
+    @property
+    def holds(self) -> str:
+        return f"grid {self.grid.name} {sweep_digest(list(self.configs))}"
+
+    def parent_params(self) -> dict:
+        first = self.configs[0]
+        return {
+            "grid_name": self.grid.name, "grid_file": os.path.basename(self.grid.source), "configs": len(self.configs),
+            "epochs": first.epochs, "batch_size": first.batch_size,
+            "seeds": ",".join(str(s) for s in sorted({c.seed for c in self.configs})), "subset": first.subset,
+            "device": first.device,
+        }  # fmt: skip
+
+    def parent_tags(self) -> dict:
+        return {TAG_SWEEP: sweep_digest(list(self.configs)), **tracking.environment_tags(self.configs[0].device)}
+
+    def sampler(self, worker: int, finished_before: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.RandomSampler(seed=worker)  # never asked while the queue holds a point
+
+    def pruner(self) -> optuna.pruners.BasePruner:
+        return optuna.pruners.NopPruner()
+
+    def fill(self, study: optuna.Study, experiment_id: str) -> int:
+        """Queue every point of the new study, in grid order; returns how many."""
+        ordered = grid_order(list(self.configs))
+        for config in ordered:
+            study.enqueue_trial(point(config), user_attrs={ATTR_POINT: label(config)})
+        return len(ordered)
+
+    def more(self, study: optuna.Study, ran: int, budget: Optional[int]) -> bool:
+        return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+    def objective(self, shared: SharedStudy, data: Dataset, hooks: Hooks):
+        ordered = grid_order(list(self.configs))
+        by_point = {(c.run_name, c.seed): c for c in ordered}
+        names, seeds = list(dict.fromkeys(c.run_name for c in ordered)), sorted({c.seed for c in ordered})
+        todo = len(shared.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        started, ran = time.monotonic(), [0]
+
+        def objective(trial: optuna.Trial) -> float:
+            if ATTR_POINT not in trial.user_attrs:  # not from the queue: the sampler's, as the queue ran dry
+                trial.set_user_attr(ATTR_NO_POINT, NO_POINT)
+                raise optuna.TrialPruned(NO_POINT)
+            config = by_point[(trial.suggest_categorical("config", names), trial.suggest_categorical("seed", seeds))]
+            if hooks.on_start is not None:
+                k, elapsed = ran[0], time.monotonic() - started
+                hooks.on_start(k, max(todo, k + 1), config, elapsed, elapsed / k * (todo - k) if k and todo > k else None)
+            ran[0] += 1
+            on_epoch_end, on_batch = hooks.progress(trial, config) if hooks.progress else (None, None)
+            try:
+                result = runs.tracked_fit(
+                    config, data, kind=KIND_SWEEP_CHILD, parent_run_id=shared.parent_id,
+                    tags={TAG_TRIAL: trial.number, TAG_STUDY: shared.tag}, on_epoch_end=on_epoch_end,
+                    on_batch=on_batch, on_start=lambda run_id: trial.set_user_attr(ATTR_RUN, run_id))
+            except train.DivergedError:
+                raise  # its run ended FAILED with the reason; `catch` keeps the worker going
+            except BaseException:
+                # Interrupted, or the tracking server gone (which would fail every config alike: it stops the
+                # worker): this worker, the trial's one owner, queues the point again for the resume.
+                requeue(trial)
+                raise
+            return result.final[self.select]
+
+        return objective
+
+    def report(self, shared: SharedStudy) -> SweepResult:
+        result = summarize(shared.parent_id, list(self.configs), self.select)
+        result.skipped, result.study_name, result.retried = shared.completed_before, shared.study_name, shared.retried()
+        if result.retried:
+            result.markdown += (f"\n\n{result.retried} (config, seed) run(s) were retried after the worker running "
+                                "them was lost (their first runs ended KILLED, `fmnist.failure_reason` \"worker lost\").\n")
+        log_summary(result, self.select)
+        return result
 
 
-def objective_for(configs: list, data: Dataset, parent_id: str, key: str, select: str,
-                  on_start: Optional[StartCallback] = None, progress: Optional[ProgressFactory] = None,
-                  todo: int = 0) -> Callable:
-    by_point = {c.digest(): c for c in configs}
-    points = [c.digest() for c in grid_order(configs)]
-    started = time.monotonic()
-    ran = [0]
-
-    def objective(trial: optuna.Trial) -> float:
-        point = trial.suggest_categorical(PARAM, points)
-        config = by_point[point]
-        trial.set_user_attr(ATTR_CONFIG, label(config))
-        first = taken_by(trial.study, trial.number, point)
-        if first is not None:
-            trial.set_user_attr(ATTR_DUPLICATE, first)
-            raise optuna.TrialPruned(f"{label(config)} is trial {first}'s: not run twice")
-        if on_start is not None:
-            k, elapsed = ran[0], time.monotonic() - started
-            on_start(k, max(todo, k + 1), config, elapsed, elapsed / k * (todo - k) if k and todo > k else None)
-        ran[0] += 1
-        on_epoch_end, on_batch = progress(config) if progress else (None, None)
-        result = runs.tracked_fit(
-            config, data, kind=KIND_SWEEP_CHILD, parent_run_id=parent_id,
-            tags={TAG_TRIAL: trial.number, TAG_STUDY: key}, on_epoch_end=on_epoch_end, on_batch=on_batch,
-            on_start=lambda run_id: trial.set_user_attr(ATTR_RUN, run_id))
-        # A diverging config fails alone (its run ended FAILED with the reason; `catch` keeps the worker
-        # going). Anything else (the tracking server gone, out of memory) would fail every config alike:
-        # it stops the worker.
-        return result.final[select]
-
-    return objective
+def requeue(trial: optuna.Trial) -> None:
+    """Queue a stopped trial's point again (best effort: the storage may be what failed)."""
+    try:
+        trial.study.enqueue_trial(trial.params, user_attrs={ATTR_POINT: trial.user_attrs[ATTR_POINT],
+                                                            ATTR_REQUEUED: trial.number})
+    except Exception:
+        pass  # its trial stays RUNNING with no heartbeat: another worker fails it and retries the point
 
 
-def worker(job: SweepJob, subset: int) -> None:
-    """Entry point of a `--jobs` worker process: load the data and work on the sweep's study."""
-    from .data import load
-
-    data = load(job.data_dir, subset=subset)
-    configs = list(job.configs)
-    study = open_grid_study(job.storage_url, job.study_name, configs, job.select)
-    def on_start(k, n, config, elapsed, eta) -> None:
-        print(f"worker {os.getpid()}: {label(config)} (its config {k + 1})", flush=True)
-
-    with tracking.run(job.grid_name, kind=KIND_SWEEP, run_id=job.parent_id):
-        objective = objective_for(configs, data, job.parent_id, job.key, job.select, on_start)
-        engine.work(study, objective, more=points_left, catch=(train.DivergedError,))
-
-
-def sweep_params(grid: Grid, configs: list) -> dict:
-    first = configs[0]
-    return {
-        "grid_name": grid.name, "grid_file": os.path.basename(grid.source), "configs": len(configs),
-        "epochs": first.epochs, "batch_size": first.batch_size,
-        "seeds": ",".join(str(s) for s in sorted({c.seed for c in configs})), "subset": first.subset,
-        "device": first.device,
-    }  # fmt: skip
+def run_sweep(grid: Grid, configs: list, data: Dataset, *, experiment_id: str, storage_url: str = DEFAULT_STORAGE,
+              study_name: Optional[str] = None, select: str = "val_accuracy", jobs: int = 1,
+              data_dir: Optional[str] = None, threads: int = 0, hooks: Hooks = Hooks()) -> SweepResult:
+    """Open the sweep's study (creating it and its parent the first time), run the points still waiting
+    (in this process, or in up to `jobs` worker processes that each load the data from `data_dir`), and
+    summarize them on the parent. Other `fmnist sweep` commands on the same storage and study share the
+    points."""
+    plan = Sweep(grid, tuple(configs), select)
+    shared = SharedStudy.open(plan, storage_url, study_name or default_study_name(grid, configs, experiment_id),
+                              experiment_id)
+    left = len(shared.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    shared.run(data, jobs=min(jobs, left) if left > 1 else 1, threads=threads, data_dir=data_dir, hooks=hooks)
+    return shared.close()
 
 
 def summarize(parent_id: str, configs: list, select: str) -> SweepResult:

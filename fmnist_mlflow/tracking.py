@@ -122,17 +122,20 @@ def point_launcher_at(run_id: str) -> None:
 
 
 def _end(status: str, reason: Optional[str] = None) -> None:
-    """End the active run; best effort when called for an error (the tracking server may be the error)."""
+    """End the active run; best effort when called for an error (the tracking server may be the error).
+
+    `mlflow.end_run` takes the run off this process's stack of active runs before it tells the server, so
+    even when the server is gone the run is forgotten here (tests/test_faults.py checks that MLflow still
+    does so); a later resume reaps it on the server (`SharedStudy.reap_orphans`)."""
     try:
         if reason:
             mlflow.set_tag(TAG_FAILURE, reason[:5000])
+    except Exception:
+        pass  # the reason is lost with the server; ending the run below still forgets it locally
+    try:
         mlflow.end_run(status)
     except Exception:
-        # The server is gone: forget the run locally; a later resume reaps it (reap_orphans).
-        try:
-            mlflow.tracking.fluent._active_run_stack.get().clear()
-        except Exception:
-            pass
+        pass
 
 
 @contextlib.contextmanager

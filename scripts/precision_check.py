@@ -33,7 +33,7 @@ def task(args: tuple) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from fmnist_mlflow import data, evaluation, train
+    from fmnist_mlflow import data, train
     from fmnist_mlflow.config import RunConfig
 
     config = RunConfig(**CONFIGS[name], epochs=epochs, seed=seed, device="cpu", subset=subset, precision=precision)

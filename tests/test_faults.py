@@ -201,3 +201,20 @@ def test_an_unreachable_database_or_server_fails_in_seconds_with_one_line(store,
         assert len(result.output.strip().splitlines()) == 1 and "secretpw" not in result.output
         assert time.monotonic() - started < 20  # was 106 s (PostgreSQL) and 248 s (predict)
     mlflow.set_tracking_uri(store)
+
+
+def test_a_run_ended_while_its_server_is_gone_is_forgotten_by_this_process(store, monkeypatch):
+    """`tracking._end` leans on `mlflow.end_run` taking the run off MLflow's stack of active runs before it
+    tells the server: if MLflow changes that, a worker that lost its server would keep a dead run active."""
+    import mlflow
+
+    from conftest import free_port
+    from fmnist_mlflow import tracking
+
+    with pytest.raises(RuntimeError):
+        with tracking.run("doomed", kind="train"):
+            monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+            mlflow.set_tracking_uri(f"http://127.0.0.1:{free_port()}")  # nothing listens there: refused
+            raise RuntimeError("the work failed, then the server went")
+    assert mlflow.active_run() is None

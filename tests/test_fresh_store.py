@@ -1,7 +1,9 @@
-"""Processes that open a fresh tracking store at the same instant: a new sqlite file (the default) gets its
+"""Processes that open a fresh store at the same instant. A new sqlite tracking file (the default) gets its
 schema created once, under a lock, instead of the processes racing MLflow's migrations (seen: one of two
 `fmnist search` workers started together died with alembic's "Online migration expected to match one row"
-or "table _alembic_tmp_experiments already exists")."""
+or "table _alembic_tmp_experiments already exists"). Sweep and search workers started together on a new
+store and a new Optuna storage: one creates the study, its parent and its queue, the others wait for it,
+and each queued trial is claimed by one worker (engine.serialize_sqlite)."""
 
 import subprocess
 import sys
@@ -48,29 +50,113 @@ def test_processes_opening_a_fresh_sqlite_store_together_all_succeed(tmp_path, a
         mlflow.set_tracking_uri(None)
 
 
-def test_sweep_workers_started_together_on_a_fresh_store_all_finish(tmp_path):
-    import yaml
+# A `fmnist` command that imports everything first, then starts at the same wall-clock instant as the others.
+COMMAND_AT = """
+import sys, time
+import torch, mlflow, optuna
+from fmnist_mlflow import cli, search, sweep
+start = float(sys.argv[1])
+while time.time() < start:
+    time.sleep(0.001)
+cli.main(sys.argv[2:], prog_name="fmnist")
+"""
+SMALL_GRID = {"name": "together", "models": ["model1"], "losses": ["ce"], "optimizers": ["adam", "sgd"],
+              "lr": {"adam": 0.001, "sgd": 0.05}, "batch_size": 64, "epochs": 1, "seeds": [0, 1]}  # 4 points
+SMALL_SPACE = {"name": "together", "metric": "val_accuracy", "fixed": {"model": "model1", "loss": "ce", "seed": 0},
+               "search": {"optimizer": {"choices": ["adam"]}, "lr": {"adam": {"low": 1e-4, "high": 1e-2, "log": True}}}}
+SMALL = ["--subset", "300", "--device", "cpu", "--threads", "1", "--jobs", "1"]
 
-    grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump({"name": "together", "models": ["model1"], "losses": ["ce"],
-                                    "optimizers": ["adam", "sgd", "rmsprop"],
-                                    "lr": {"adam": 0.001, "sgd": 0.05, "rmsprop": 0.001}, "batch_size": 64,
-                                    "epochs": 1, "seeds": [0]}))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = [sys.executable, "-m", "fmnist_mlflow", "sweep", "--grid", str(grid), "--subset", "300", "--device", "cpu",
-            "--threads", "1", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
-    procs = [subprocess.Popen(args, env=cli_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+
+def start_together(tmp_path, n: int, args: list, uri: str) -> None:
+    """`n` commands started at one instant; every one must exit 0 without a traceback."""
+    start = time.time() + 10 + 2 * n  # after every process has imported torch and MLflow, even on a loaded machine
+    procs = [subprocess.Popen([sys.executable, "-c", COMMAND_AT, str(start), *args],
+                              env=cli_env(MLFLOW_TRACKING_URI=uri, FMNIST_HEARTBEAT_S="5"), cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
     results = [p.communicate(timeout=600) for p in procs]
     for proc, (out, err) in zip(procs, results):
-        assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+        assert proc.returncode == 0 and "Traceback" not in err, (out + err)[-3000:]
+
+
+def study_and_runs(uri: str, storage: str, kind: str):
+    import optuna
+
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
     mlflow.set_tracking_uri(uri)
     try:
         runs = mlflow.search_runs(experiment_names=["fmnist"], output_format="list")
-        parents = [r for r in runs if r.data.tags.get("fmnist.kind") == "sweep"]
-        children = [r for r in runs if r.data.tags.get("fmnist.kind") == "sweep-child"]
-        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-        assert sorted(r.data.params["optimizer"] for r in children) == ["adam", "rmsprop", "sgd"]
-        assert {r.info.status for r in children} == {"FINISHED"}
     finally:
         mlflow.set_tracking_uri(None)
+    parents = [r for r in runs if r.data.tags.get("fmnist.kind") == kind]
+    children = [r for r in runs if r.data.tags.get("fmnist.kind") in ("sweep-child", "trial")]
+    return study, parents, children
+
+
+def check_sweep(uri: str, storage: str) -> None:
+    """Every point COMPLETE once and its run FINISHED once, under one parent."""
+    study, parents, children = study_and_runs(uri, storage, "sweep")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    points = [(t.params["config"], t.params["seed"]) for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(points) == len(set(points)) == 4
+    # a worker that asked as the last points were taken leaves a PRUNED trial that says so and ran nothing
+    others = [t for t in study.trials if t.state.name != "COMPLETE"]
+    assert all(t.state.name == "PRUNED" and "no_point" in t.user_attrs for t in others), others
+    finished = sorted((r.data.params["optimizer"], r.data.params["seed"]) for r in children)
+    assert finished == [("adam", "0"), ("adam", "1"), ("sgd", "0"), ("sgd", "1")]
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+
+
+def check_search(uri: str, storage: str, trials: int) -> None:
+    """Every trial COMPLETE, each with one FINISHED run, under one parent."""
+    study, parents, children = study_and_runs(uri, storage, "search")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * trials
+    assert sorted(int(r.data.tags["fmnist.trial"]) for r in children) == list(range(trials))
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+
+
+def sweep_args(tmp_path) -> list:
+    import yaml
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump(SMALL_GRID))
+    return ["sweep", "--grid", str(grid), "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", *SMALL]
+
+
+def search_args(tmp_path, trials: int) -> list:
+    import yaml
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SMALL_SPACE))
+    return ["search", "--space", str(space), "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--trials",
+            str(trials), "--epochs", "1", "--pruner", "none", *SMALL]
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_sweep_workers_started_together_on_a_fresh_store_all_finish(tmp_path, attempt):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    start_together(tmp_path, 2 + attempt % 2, sweep_args(tmp_path), uri)  # 2, 3, 2, 3, 2 workers
+    check_sweep(uri, f"sqlite:///{tmp_path / 'optuna.db'}")
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_search_workers_started_together_on_a_fresh_store_all_finish(tmp_path, attempt):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    n = 2 + attempt % 2
+    start_together(tmp_path, n, search_args(tmp_path, 1), uri)
+    check_search(uri, f"sqlite:///{tmp_path / 'optuna.db'}", n)
+
+
+def test_workers_started_together_on_a_fresh_tracking_server_all_finish(tmp_path, mlflow_server):
+    """The same against a new sqlite-backed `mlflow server`: first three sweep workers, then three search
+    workers, each group at one instant."""
+    sweep_dir, search_dir = tmp_path / "sweep", tmp_path / "search"
+    sweep_dir.mkdir()
+    search_dir.mkdir()
+    start_together(sweep_dir, 3, sweep_args(sweep_dir), mlflow_server)
+    check_sweep(mlflow_server, f"sqlite:///{sweep_dir / 'optuna.db'}")
+    start_together(search_dir, 3, search_args(search_dir, 1), mlflow_server)
+    check_search(mlflow_server, f"sqlite:///{search_dir / 'optuna.db'}", 3)

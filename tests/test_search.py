@@ -1,5 +1,6 @@
 """`fmnist search`: trials as nested runs, resumption, pruning, concurrent workers, PostgreSQL, bad input."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import cli_env, free_port
-from fmnist_mlflow import schema, cli, search, tracking
+from fmnist_mlflow import schema, cli, engine, search, tracking
 from fmnist_mlflow.space import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def test_tiny_search_end_to_end_then_resume(store, tmp_path):
         assert 0 <= float(t.data.params["dropout"]) <= 0.6 and "val_accuracy" in t.data.metrics
         assert len(logged_models(t)) == 1
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
-    assert {"trials.csv", "optimization_history.png"} <= artifacts
+    assert {"trials.csv", "optimization_history.png", "parallel_coordinate.png"} <= artifacts
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert study.user_attrs[schema.ATTR_PARENT] == parent.info.run_id
     best_run = parent.data.tags["fmnist.best_run_id"]
@@ -73,15 +74,19 @@ def test_tiny_search_end_to_end_then_resume(store, tmp_path):
     assert sorted(int(t.data.tags[search.TAG_TRIAL]) for t in trials) == [0, 1, 2, 3, 4]
 
 
+@dataclasses.dataclass(frozen=True)
+class AlwaysPruned(search.Search):
+    def pruner(self):
+        return optuna.pruners.ThresholdPruner(lower=0.999)  # no tiny run reaches 99.9%: every trial is pruned
+
+
 def test_pruned_trials_end_killed_tagged_pruned_without_a_model(store, tmp_path, tiny_data):
     space = load_space(write_space(tmp_path))
     settings = search.SearchSettings(epochs=3, subset=600, device="cpu")
-    always = optuna.pruners.ThresholdPruner(lower=0.999)  # no tiny run reaches 99.9%: every trial is pruned
-    study, parent, key, _ = search.prepare(space, f"sqlite:///{tmp_path / 'o.db'}", "pruned",
-                                           experiment_id=tracking.use_experiment("fmnist"), settings=settings,
-                                           sampler=optuna.samplers.RandomSampler(seed=0), pruner=always)
-    search.run_trials(study, parent, key, space, tiny_data, settings, trials=2, timeout=None)
-    summary = search.finish(study, parent, space, settings)
+    plan = AlwaysPruned("pruned", space, settings, sampler_name="random", seed=0)
+    shared = engine.SharedStudy.open(plan, f"sqlite:///{tmp_path / 'o.db'}", "pruned", tracking.use_experiment("fmnist"))
+    shared.run(tiny_data, budget=2)
+    summary = shared.close()
     assert summary.states == {"PRUNED": 2} and summary.epochs_saved == 4 and summary.best is None
     _, trials = study_runs()
     assert len(trials) == 2
@@ -184,11 +189,9 @@ def test_bad_space_files_fail_before_any_run(store, tmp_path, change, message):
 def test_a_trial_is_never_pruned_after_its_last_epoch(store, tmp_path, tiny_data):
     space = load_space(write_space(tmp_path))
     settings = search.SearchSettings(epochs=1, subset=600, device="cpu")
-    always = optuna.pruners.ThresholdPruner(lower=0.999)
-    study, parent, key, _ = search.prepare(space, f"sqlite:///{tmp_path / 'o.db'}", "last", settings=settings,
-                                           experiment_id=tracking.use_experiment("fmnist"),
-                                           sampler=optuna.samplers.RandomSampler(seed=0), pruner=always)
-    search.run_trials(study, parent, key, space, tiny_data, settings, trials=1, timeout=None)
-    assert [t.state.name for t in study.trials] == ["COMPLETE"]
+    plan = AlwaysPruned("last", space, settings, sampler_name="random", seed=0)
+    shared = engine.SharedStudy.open(plan, f"sqlite:///{tmp_path / 'o.db'}", "last", tracking.use_experiment("fmnist"))
+    shared.run(tiny_data, budget=1)
+    assert [t.state.name for t in shared.study.trials] == ["COMPLETE"]
     (_, (trial,)) = study_runs()
     assert trial.info.status == "FINISHED" and trial.data.tags[search.TAG_STATE] == "COMPLETE"

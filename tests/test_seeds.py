@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from fmnist_mlflow import cli, grid, runs, stats, summary, sweep, tracking
 from fmnist_mlflow.config import RunConfig
+from fmnist_mlflow.engine import Hooks
 from fmnist_mlflow.grid import SpecError
 from fmnist_mlflow.space import load_space
 
@@ -131,14 +132,14 @@ def test_seeded_sweep_groups_seeds_and_resumes_per_config_and_seed(store, tmp_pa
         return on_epoch_end, None
 
     with pytest.raises(KeyboardInterrupt):
-        sweep.run_sweep(g, configs, tiny_data, experiment_id=experiment_id, progress=interrupt)
+        sweep.run_sweep(g, configs, tiny_data, experiment_id=experiment_id, hooks=Hooks(progress=lambda trial, config: interrupt(config)))
     statuses = sorted((c.data.params["optimizer"], c.data.params["seed"], c.info.status) for c in children())
     # seed by seed: both seed-0 runs came first, then adam seed 1, then sgd seed 1 was interrupted
     assert statuses == [("adam", "0", "FINISHED"), ("adam", "1", "FINISHED"), ("sgd", "0", "FINISHED"),
                         ("sgd", "1", "KILLED")]
     started = []
     result = sweep.run_sweep(g, configs, tiny_data, experiment_id=experiment_id,
-                             on_start=lambda k, n, config, *_: started.append((config.optimizer, config.seed)))
+                             hooks=Hooks(on_start=lambda k, n, config, *_: started.append((config.optimizer, config.seed))))
     assert started == [("sgd", 1)] and result.skipped == 3  # only the interrupted (config, seed) runs again
     finished = [c for c in children() if c.info.status == "FINISHED"]
     assert len(finished) == 4

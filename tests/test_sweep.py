@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from conftest import cli_env, reset_mlflow
 from fmnist_mlflow import cli, grid, sweep, tracking
+from fmnist_mlflow.engine import Hooks
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
@@ -88,14 +89,14 @@ def test_interrupted_sweep_resumes_under_the_same_parent(store, tmp_path, tiny_d
         return on_epoch_end, None
 
     with pytest.raises(KeyboardInterrupt):
-        sweep.run_sweep(g, configs, tiny_data, experiment_id=experiment_id, progress=interrupt_second)
+        sweep.run_sweep(g, configs, tiny_data, experiment_id=experiment_id, hooks=Hooks(progress=lambda trial, config: interrupt_second(config)))
     (parent,), children = parents_and_children()
     assert parent.info.status == "KILLED"
     assert sorted(c.info.status for c in children) == ["FINISHED", "KILLED"]
 
     started = []
     result = sweep.run_sweep(g, configs, tiny_data, experiment_id=experiment_id,
-                             on_start=lambda k, n, config, *_: started.append(config))
+                             hooks=Hooks(on_start=lambda k, n, config, *_: started.append(config)))
     assert result.parent_run_id == parent.info.run_id and result.skipped == 1
     assert sorted(started, key=configs.index) == configs[1:]  # the finished config is not redone
     (parent,), children = parents_and_children()
