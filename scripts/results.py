@@ -16,11 +16,14 @@ import argparse
 import json
 import sys
 
-from fmnist_mlflow import data, registry, schema, stats, tracking
+import mlflow
+import torch
+
+from fmnist_mlflow import data, evaluation, model_store, registry, schema, stats, tracking
 from fmnist_mlflow.summary import REPORT_PICK
 
 CONFIG_KEYS = ("model", "loss", "optimizer", "lr", "momentum", "dropout", "batch_size", "epochs", "weight_decay",
-               "schedule", "label_smoothing", "augment")
+               "schedule", "warmup", "label_smoothing", "augment", "width", "ema", "tta")
 
 
 def newest(kind: str, tag: str) -> str:
@@ -51,6 +54,8 @@ def describe(runs: list, test) -> dict:
         "test_accuracy": {"mean": acc.mean, "std": acc.std, "ci95": list(acc.ci95) if acc.ci95 else None,
                           "per_seed": tests},
         "val_accuracy": {"mean": val.mean, "std": val.std, "ci95": list(val.ci95) if val.ci95 else None},
+        # the logged model as served (with its mirror when tta), one CPU thread: see `evaluation.inference_cost`
+        "cost": evaluation.inference_cost(mlflow.pytorch.load_model(model_store.model_uri(runs[0].info.run_id))),
     }
 
 
@@ -60,6 +65,7 @@ def main() -> None:
     parser.add_argument("--sweep-parent")
     parser.add_argument("--search-parent")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # inference times per image on one core, comparable between machines' cores
     sweep_parent = args.sweep_parent or newest(schema.KIND_SWEEP, schema.TAG_BEST_GROUP)
     search_parent = args.search_parent or newest(schema.KIND_SEARCH, schema.TAG_CHAMPION_GROUP)
     sweep_tags = tracking.get_run(sweep_parent).data.tags
@@ -82,15 +88,16 @@ def main() -> None:
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=2)
         fh.write("\n")
-    print("| | config | seeds | test accuracy mean ± std | 95% CI | val accuracy mean |")
-    print("|---|---|---|---|---|---|")
+    print("| | config | seeds | test accuracy mean ± std | 95% CI | val accuracy mean | weights | ms/image batch 1 | ms/image batch 256 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for key in ("grid_champion", "search_champion", "report_pick"):
         r = out[key]
         t, v = r["test_accuracy"], r["val_accuracy"]
         ci = f"[{100 * t['ci95'][0]:.2f}, {100 * t['ci95'][1]:.2f}]" if t["ci95"] else "n/a"
         config = ", ".join(f"{k}={v}" for k, v in r["config"].items())
         print(f"| {key} | {config} | {', '.join(map(str, r['seeds']))} | {100 * t['mean']:.2f}% ± "
-              f"{100 * (t['std'] or 0):.2f} | {ci} | {100 * v['mean']:.2f}% |")
+              f"{100 * (t['std'] or 0):.2f} | {ci} | {100 * v['mean']:.2f}% | {r['cost']['parameters']:,} | "
+              f"{r['cost']['ms_per_image_batch1']:.3f} | {r['cost']['ms_per_image_batch256']:.4f} |")
     print(json.dumps(out["search_vs_grid"]))
 
 

@@ -23,10 +23,10 @@ def test_a_non_editable_install_finds_its_grid_and_space_from_another_folder(tmp
     out = subprocess.run([sys.executable, "-c", check, str(site)], env=env, cwd=elsewhere, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["54", "model3-wide"]  # 18 configs x the grid file's 3 seeds
+    assert out.stdout.split() == ["54", "model3-levers"]  # 18 configs x the grid file's 3 seeds
     # the search with its default space, run from that folder
     search = subprocess.run([sys.executable, "-m", "fmnist_mlflow", "search", "--trials", "1", "--subset", "300",
                              "--epochs", "1", "--device", "cpu"], env=env, cwd=elsewhere, capture_output=True,
                             text=True, timeout=600)
     assert search.returncode == 0, search.stdout[-2000:] + search.stderr[-2000:]
-    assert "study model3-wide" in search.stdout
+    assert "study model3-levers" in search.stdout

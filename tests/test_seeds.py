@@ -175,17 +175,16 @@ def test_the_default_space_loads_and_suggests_every_new_setting():
 
     space = load_space()
     assert {"weight_decay", "label_smoothing", "dropout"} <= set(space.ranges)
-    assert {"schedule", "batch_size", "augment"} <= set(space.choices)
+    assert {"optimizer", "augment"} <= set(space.choices)
     config = space.suggest(optuna.trial.FixedTrial({"optimizer": "sgd", "dropout": 0.2, "lr_sgd": 0.05,
-                                                    "weight_decay": 1e-4, "schedule": "onecycle", "batch_size": 128,
-                                                    "label_smoothing": 0.1, "augment": "flip-shift"}),
+                                                    "weight_decay": 1e-4, "label_smoothing": 0.1, "augment": "flip"}),
                            epochs=10, device="cpu")
-    assert (config.schedule, config.batch_size, config.augment, config.weight_decay) == ("onecycle", 128,
-                                                                                       "flip-shift", 1e-4)
+    assert (config.schedule, config.batch_size, config.augment, config.weight_decay) == ("onecycle", 128, "flip", 1e-4)
+    assert (config.width, config.tta, config.ema, config.warmup) == (1.5, True, 0.0, 0.3)  # the measured levers
     # warm start from MLflow params, which come back as strings
-    params = space.params_for({"optimizer": "rmsprop", "batch_size": "64", "schedule": "constant", "lr": "0.001",
+    params = space.params_for({"optimizer": "adam", "batch_size": "64", "schedule": "constant", "lr": "0.001",
                                "weight_decay": "0.0", "dropout": "0.0", "augment": "none", "label_smoothing": "0.0"})
-    assert params["batch_size"] == 64 and params["weight_decay"] == 1e-6 and params["lr_rmsprop"] == 0.001
+    assert params["augment"] == "none" and params["weight_decay"] == 1e-6 and params["lr_adam"] == 0.001
 
 
 @pytest.mark.parametrize("change, message", [
