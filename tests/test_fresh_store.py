@@ -89,7 +89,8 @@ def study_and_runs(uri: str, storage: str, kind: str):
     finally:
         mlflow.set_tracking_uri(None)
     parents = [r for r in runs if r.data.tags.get("fmnist.kind") == kind]
-    children = [r for r in runs if r.data.tags.get("fmnist.kind") in ("sweep-child", "trial")]
+    child_kind = {"sweep": "sweep-child", "search": "trial"}[kind]
+    children = [r for r in runs if r.data.tags.get("fmnist.kind") == child_kind]
     return study, parents, children
 
 
