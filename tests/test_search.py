@@ -80,13 +80,18 @@ class AlwaysPruned(search.Search):
         return optuna.pruners.ThresholdPruner(lower=0.999)  # no tiny run reaches 99.9%: every trial is pruned
 
 
-def test_pruned_trials_end_killed_tagged_pruned_without_a_model(store, tmp_path, tiny_data):
+def always_pruned(tmp_path, name: str, *, epochs: int, trials: int, data) -> engine.SharedStudy:
+    """A tiny search of `trials` trials whose pruner would stop every one, run to its end."""
     space = load_space(write_space(tmp_path))
-    settings = search.SearchSettings(epochs=3, subset=600, device="cpu")
-    plan = AlwaysPruned("pruned", space, settings, sampler_name="random", seed=0)
-    shared = engine.SharedStudy.open(plan, f"sqlite:///{tmp_path / 'o.db'}", "pruned", tracking.use_experiment("fmnist"))
-    shared.run(tiny_data, budget=2)
-    summary = shared.close()
+    plan = AlwaysPruned(name, space, search.SearchSettings(epochs=epochs, subset=600, device="cpu"),
+                        sampler_name="random", seed=0)
+    shared = engine.SharedStudy.open(plan, f"sqlite:///{tmp_path / 'o.db'}", name, tracking.use_experiment("fmnist"))
+    shared.run(data, budget=trials)
+    return shared
+
+
+def test_pruned_trials_end_killed_tagged_pruned_without_a_model(store, tmp_path, tiny_data):
+    summary = always_pruned(tmp_path, "pruned", epochs=3, trials=2, data=tiny_data).close()
     assert summary.states == {"PRUNED": 2} and summary.epochs_saved == 4 and summary.best is None
     _, trials = study_runs()
     assert len(trials) == 2
@@ -187,11 +192,7 @@ def test_bad_space_files_fail_before_any_run(store, tmp_path, change, message):
 
 
 def test_a_trial_is_never_pruned_after_its_last_epoch(store, tmp_path, tiny_data):
-    space = load_space(write_space(tmp_path))
-    settings = search.SearchSettings(epochs=1, subset=600, device="cpu")
-    plan = AlwaysPruned("last", space, settings, sampler_name="random", seed=0)
-    shared = engine.SharedStudy.open(plan, f"sqlite:///{tmp_path / 'o.db'}", "last", tracking.use_experiment("fmnist"))
-    shared.run(tiny_data, budget=1)
+    shared = always_pruned(tmp_path, "last", epochs=1, trials=1, data=tiny_data)
     assert [t.state.name for t in shared.study.trials] == ["COMPLETE"]
     (_, (trial,)) = study_runs()
     assert trial.info.status == "FINISHED" and trial.data.tags[search.TAG_STATE] == "COMPLETE"
