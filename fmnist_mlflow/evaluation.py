@@ -44,11 +44,11 @@ def evaluate(predict: Callable, test: Split, loss: str) -> dict:
 
 def inference_cost(model: torch.nn.Module, rounds: int = 20) -> dict:
     """What a model costs to run on this machine's CPU, in this process's threads: its weights, and the
-    median milliseconds per image at batch 1 and at batch 256 (float32 input, as served)."""
+    median milliseconds per image at batch 1 and at batch 256 (float32 input, as served). `model` is on the
+    CPU and ready for inference (a model loaded from MLflow, or one in eval mode)."""
     import statistics
     import time
 
-    model = model.to("cpu").eval()
     out = {"parameters": sum(p.numel() for p in model.parameters())}
     for batch in (1, 256):
         x = torch.rand(batch, 1, 28, 28)

@@ -34,10 +34,11 @@ def newest(kind: str, tag: str) -> str:
     return found[0].info.run_id
 
 
-def group_runs(parent_id: str, **tags) -> list:
+def group_runs(parent_id: str, params: dict = {}, **tags) -> list:
     return [r for r in tracking.child_runs(parent_id) if r.info.status == "FINISHED"
             and r.data.tags.get(tracking.TAG_KIND) in registry.MODEL_KINDS
-            and all(r.data.tags.get(k) == v for k, v in tags.items())]
+            and all(r.data.tags.get(k) == v for k, v in tags.items())
+            and all(r.data.params.get(k) == v for k, v in params.items())]
 
 
 def describe(runs: list, test) -> dict:
@@ -76,7 +77,7 @@ def main() -> None:
                                   test),
         "search_champion": describe(group_runs(search_parent, **{
             tracking.TAG_CONFIG_GROUP: search_tags[schema.TAG_CHAMPION_GROUP]}), test),
-        "report_pick": describe(group_runs(sweep_parent, **{tracking.TAG_CONFIG_NAME: "-".join(REPORT_PICK)}), test),
+        "report_pick": describe(group_runs(sweep_parent, dict(zip(("model", "loss", "optimizer"), REPORT_PICK))), test),
     }
     grid, search = out["grid_champion"]["test_accuracy"], out["search_champion"]["test_accuracy"]
     out["search_vs_grid"] = {

@@ -128,6 +128,6 @@ def test_a_wide_model3_with_ema_and_tta_trains_logs_and_serves_the_averaged_mirr
 def test_inference_cost_counts_weights_and_times_both_batch_sizes():
     from fmnist_mlflow import evaluation
 
-    cost = evaluation.inference_cost(models.FlipTTA(models.build("model3", 0.0, 1.5)), rounds=2)
+    cost = evaluation.inference_cost(models.FlipTTA(models.build("model3", 0.0, 1.5)).eval(), rounds=2)
     assert cost["parameters"] == 430_730  # the mirror adds no weights
     assert cost["ms_per_image_batch1"] > 0 and cost["ms_per_image_batch256"] > 0
