@@ -161,3 +161,12 @@ def test_workers_started_together_on_a_fresh_tracking_server_all_finish(tmp_path
     check_sweep(mlflow_server, f"sqlite:///{sweep_dir / 'optuna.db'}")
     start_together(search_dir, 3, search_args(search_dir, 1), mlflow_server)
     check_search(mlflow_server, f"sqlite:///{search_dir / 'optuna.db'}", 3)
+
+
+def test_sweep_workers_started_together_on_a_new_postgresql_storage_all_finish(tmp_path, postgres_url):
+    """Three workers at one instant on a new PostgreSQL database (Optuna's tables not yet created)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = sweep_args(tmp_path)
+    args[args.index("--storage") + 1] = postgres_url
+    start_together(tmp_path, 3, args, uri)
+    check_sweep(uri, postgres_url)
