@@ -135,6 +135,12 @@ def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> N
 @click.option("--seeds", default=None, metavar="0,1,2|grid",
               help="Training seeds, each config runs once per seed (default, or `grid`: the grid file's `seeds`, "
               "0,1,2 for the report's).")
+@click.option("--race", type=click.BOOL, default=True, is_flag=False, flag_value=True, show_default=True,
+              metavar="[true|false]",
+              help="Race the seeds: a config already shown worse than the leader (the summary's test) gets no "
+              "more seeds; its points end PRUNED with the reason, and no run. `--race false` or --no-race: every "
+              "config gets every seed.")
+@click.option("--no-race", is_flag=True, help="Same as `--race false`.")
 @device_options
 @jobs_option
 @storage_options("the grid's name, a digest of its configs, a stamp of the experiment")
@@ -143,8 +149,8 @@ def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> N
 @experiment_option("MLflow experiment name; $MLFLOW_EXPERIMENT_NAME if set.")
 @data_dir_option
 @reported
-def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, study_name, epochs, subset, experiment,
-          data_dir) -> None:
+def sweep(grid_file, select, seeds, race, no_race, device, precision, threads, jobs, storage, study_name, epochs, subset,
+          experiment, data_dir) -> None:
     """Run every config of a grid as nested runs under one parent; resumable (finished configs are skipped).
 
     The grid is an Optuna study: any number of `fmnist sweep` workers with the same options, on machines
@@ -159,7 +165,7 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, s
     try:
         grid = grid_mod.load_grid(grid_file or grid_mod.DEFAULT_GRID)
         # "grid" (MLproject's default) or none given: the grid file's seeds
-        seed_list = grid_mod.parse_seeds(seeds) if seeds and seeds.strip() != "grid" else None
+        seed_list = grid_mod.parse_seeds(seeds) if seeds is not None and seeds.strip() != "grid" else None
         configs = grid.configs(epochs=epochs, subset=subset, device=device, precision=precision, seeds=seed_list)
     except (grid_mod.SpecError, cfg.ConfigError) as exc:
         raise click.UsageError(str(exc)) from None
@@ -183,11 +189,14 @@ def sweep(grid_file, select, seeds, device, precision, threads, jobs, storage, s
         bar = EpochProgress(config, prefix="  ")
         return bar.on_epoch_end, bar.on_batch
 
-    hooks = engine.Hooks(on_start=on_start, progress=progress, on_wait=on_wait, on_workers=lambda n: click.echo(
-        workers_line(n, threads, jobs, f"the {n} point(s) left")))
+    def on_raced(config, why):
+        click.echo(f"{config.label} seed {config.seed}: raced out, not run ({why.split(';')[0]})")
+
+    hooks = engine.Hooks(on_start=on_start, progress=progress, on_wait=on_wait, on_raced=on_raced,
+                         on_workers=lambda n: click.echo(workers_line(n, threads, jobs, f"the {n} point(s) left")))
     result = sweep_mod.run_sweep(grid, configs, dataset, experiment_id=experiment_id, select=select, storage_url=storage,
                                  study_name=study_name, jobs=jobs or hardware.default_jobs(configs[0].device, len(configs), subset),
-                                 data_dir=data_dir, threads=threads, hooks=hooks)
+                                 data_dir=data_dir, threads=threads, race=race and not no_race, hooks=hooks)
     tracking.point_launcher_at(result.parent_run_id)
     click.echo("")
     click.echo(result.markdown)
@@ -290,7 +299,7 @@ def register(experiment, parent_run_id, run_id, select, name, alias, force, data
     click.echo(f"selected {run.data.tags.get(tracking.TAG_CONFIG_NAME, run.info.run_name)} among "
                f"{chosen.considered} comparable config(s): {select} "
                + (f"mean {chosen.value.mean:.4f} over {seeds} seeds; registering seed "
-                  f"{run.data.params.get('seed')} ({run.info.run_id}), the best of them on {select}"
+                  f"{tracking.run_params(run).get('seed')} ({run.info.run_id}), the best of them on {select}"
                   if seeds > 1 else f"{chosen.value.mean:.4f} (run {run.info.run_id})"))
     result = registry.register(chosen, data_mod.load_test(data_dir), name=name, alias=alias, select=select,
                                force=force)

@@ -3,8 +3,8 @@
 A search compares configs on one seed, so its best trial is partly the luckiest one (the winner's
 curse). `confirm` takes the K best completed trials, trains each again with every seed in `seeds`
 (runs of kind "confirm", nested under the study's parent run, tagged with the trial number), and ranks
-the K configs by their seed mean with `summary.aggregate` (95% intervals, Welch's test against the
-best). Resumable: a (config, seed) that already FINISHED under the parent is not run again.
+the K configs by their seed mean with `summary.aggregate` (95% intervals, the pooled-noise t-test
+against the best, as in the grid's summary). Resumable: a (config, seed) that already FINISHED under the parent is not run again.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def confirm(shared: SharedStudy, data: Dataset, *, k: int, seeds: tuple,
 
 def confirm_markdown(configs: list, trial_of: dict, seeds: tuple, metric: str) -> str:
     lines = [f"The best {len(configs)} trial(s), re-run on seeds {', '.join(map(str, seeds))}, ranked by the mean "
-             f"{metric}; ± standard deviation over seeds, [..] 95% interval of the mean; 'vs best': Welch's t-test.",
+             f"{metric}; ± standard deviation over seeds, [..] 95% interval of the mean; 'vs best': " + summary.MARK_MEANING + ".",
              "", "| rank | trial | params | seeds | val_accuracy | 95% CI | val_nll | 95% CI | vs best |",
              "|---|---|---|---|---|---|---|---|---|"]
     for rank, c in enumerate(summary.ranked(configs, metric), 1):

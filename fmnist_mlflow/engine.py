@@ -16,6 +16,7 @@ trials run, to notice such a loss and run the retry, so that the last worker sta
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -163,6 +164,7 @@ class Hooks:
     on_trial_end: Optional[Callable] = None  # (FrozenTrial)
     on_wait: Optional[Callable[[int], None]] = None  # (trials other workers are running)
     on_workers: Optional[Callable[[int], None]] = None  # (worker processes about to start)
+    on_raced: Optional[Callable] = None  # (config, reason): a sweep point is skipped, its config raced out
 
 
 class Plan(Protocol):
@@ -241,11 +243,18 @@ class SharedStudy:
         try:
             study = optuna.create_study(storage=storage, study_name=study_name, direction=plan.direction,
                                         sampler=sampler, pruner=pruner)
-            study.set_user_attr(ATTR_HOLDS, plan.holds)
-            parent_id = tracking.create_run(plan.name, kind=plan.kind, tags={TAG_STUDY: study_tag(storage_url, study_name),
-                                            **plan.parent_tags()}, params=plan.parent_params(), experiment_id=experiment_id)
-            filled = plan.fill(study, experiment_id)
-            study.set_user_attr(ATTR_PARENT, parent_id)  # last: the study is ready for the others
+            try:
+                study.set_user_attr(ATTR_HOLDS, plan.holds)
+                parent_id = tracking.create_run(plan.name, kind=plan.kind, tags={TAG_STUDY: study_tag(storage_url, study_name),
+                                                **plan.parent_tags()}, params=plan.parent_params(), experiment_id=experiment_id)
+                filled = plan.fill(study, experiment_id)
+                study.set_user_attr(ATTR_PARENT, parent_id)  # last: the study is ready for the others
+            except BaseException:
+                # A study that never named its parent would make the next command wait for it and fail:
+                # a failed start leaves nothing behind but its FAILED parent run (if it got that far).
+                with contextlib.suppress(Exception):
+                    optuna.delete_study(study_name=study_name, storage=storage)
+                raise
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(storage=storage, study_name=study_name, sampler=sampler, pruner=pruner)
             if study.direction.name.lower() != plan.direction:

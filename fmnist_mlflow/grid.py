@@ -10,6 +10,7 @@ import hashlib
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -37,6 +38,7 @@ class Grid:
     epochs: int
     seeds: tuple  # training seeds: every config runs once per seed
     source: str  # the file it was read from
+    seed_sd: Optional[float] = None  # prior seed-to-seed sd of the selection metric, for racing (see `race`)
 
     def configs(self, epochs: int | None = None, subset: int = 0, device: str = "auto", precision: str = "auto",
                 seeds: tuple | None = None) -> list:
@@ -67,8 +69,13 @@ def brief(value, limit: int = 80) -> str:
 def parse_seeds(values) -> tuple:
     """Training seeds from a list (grid file) or "0,1,2" (command line): distinct ints in [0, 2**63)."""
     if isinstance(values, str):
+        parts = values.split(",")
+        if not values.strip():
+            raise ValueError("no seed given (leave --seeds out, or give `grid`, for the grid file's seeds)")
+        if any(not v.strip() for v in parts):
+            raise ValueError(f"an empty seed in {values!r}: expected comma-separated integers, e.g. 0,1,2")
         try:
-            values = [int(v) for v in values.split(",") if v.strip()]
+            values = [int(v) for v in parts]
         except ValueError:
             raise ValueError(f"expected comma-separated integers, got {values!r}") from None
     if not values:
@@ -89,6 +96,7 @@ _KEYS = {
     "name": (str, True), "models": (list, True), "losses": (list, True), "optimizers": (list, True),
     "lr": (dict, True), "momentum": (dict, False), "dropout": (dict, False),
     "batch_size": (int, True), "epochs": (int, True), "seed": (int, False), "seeds": (list, False),
+    "seed_sd": (float, False),
 }  # fmt: skip
 
 
@@ -136,6 +144,8 @@ def load_grid(path: str | Path = DEFAULT_GRID) -> Grid:
                 raise SpecError(f"{where}: missing key {key!r}")
             continue
         value = spec[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = spec[key] = float(value)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise SpecError(f"{where}: {key} must be a {kind.__name__}, got {brief(value)}")
     if "seed" in spec and "seeds" in spec:
@@ -172,8 +182,11 @@ def load_grid(path: str | Path = DEFAULT_GRID) -> Grid:
         name=spec["name"], models=tuple(spec["models"]), losses=tuple(spec["losses"]),
         optimizers=tuple(spec["optimizers"]), lr=dict(spec["lr"]), momentum=dict(spec.get("momentum", {})),
         dropout=dict(spec.get("dropout", {})), batch_size=spec["batch_size"], epochs=spec["epochs"],
-        seeds=seeds, source=where,
+        seeds=seeds, source=where, seed_sd=spec.get("seed_sd"),
     )  # fmt: skip
+    if grid.seed_sd is not None and not 0 < grid.seed_sd < 1:
+        raise SpecError(f"{where}: seed_sd must be above 0 and below 1 (a spread of the selection metric), "
+                        f"got {brief(grid.seed_sd)}")
     try:
         grid.configs(device="cpu")  # every combination must be a valid RunConfig
     except ConfigError as exc:

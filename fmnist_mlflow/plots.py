@@ -78,12 +78,21 @@ def accuracy_bars(configs: list) -> Figure:
     means = [100 * c.val_accuracy.mean for c in configs]
     errors = np.array([[100 * (c.val_accuracy.mean - c.val_accuracy.ci95[0]), 100 * (c.val_accuracy.ci95[1] - c.val_accuracy.mean)]
                        if c.val_accuracy.ci95 else [0.0, 0.0] for c in configs]).T
-    ax.barh([c.name for c in configs], means, xerr=errors if errors.any() else None, color="tab:blue",
+    raced = [bool(getattr(c, "raced_out", "")) for c in configs]
+    ax.barh([c.name for c in configs], means, xerr=errors if errors.any() else None,
+            color=["lightgray" if r else "tab:blue" for r in raced], hatch=["//" if r else "" for r in raced],
             error_kw={"ecolor": "black", "capsize": 2})
-    for i, mean in enumerate(means):
-        ax.text(mean, i, f" {mean:.2f}", va="bottom", fontsize=7)
+    for i, (mean, c) in enumerate(zip(means, configs)):
+        note = f"  raced out after {len(c.seeds)} seed(s)" if raced[i] else ""
+        ax.text(mean, i, f" {mean:.2f}{note}", va="bottom", fontsize=7)
     ax.set_xlim(max(0, min(means) - 5), 100)
     n = max(len(c.seeds) for c in configs)
+    if any(raced):
+        from matplotlib.patches import Patch
+
+        ax.legend(handles=[Patch(color="tab:blue", label="every seed"),
+                           Patch(facecolor="lightgray", hatch="//", label="raced out: fewer seeds, no interval")],
+                  loc="lower right", fontsize=7)
     ax.set(xlabel="validation accuracy (%)",
            title=f"validation accuracy per config (mean of {n} seeds, 95% CI)" if n > 1 else "validation accuracy per config (1 seed)")
     ax.grid(alpha=0.3, axis="x")

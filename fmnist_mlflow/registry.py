@@ -86,7 +86,7 @@ def _finite(run, select: str) -> bool:
 def comparable(runs: list) -> tuple:
     """(the runs trained like the most complete ones, a note on what was left out)."""
     def regime(r) -> tuple:
-        p = r.data.params
+        p = tracking.run_params(r)
         return int(p.get("train_size", 0) or 0), int(p.get("epochs", 0) or 0)
 
     if not runs:
@@ -146,7 +146,7 @@ def evaluate_once(run, test: Split) -> dict:
     from .predict import model_input
 
     model = model_store.load_pyfunc(model_store.model_uri(run.info.run_id))
-    result = evaluation.evaluate(lambda x: model.predict(model_input(model, x)), test, run.data.params.get("loss", "ce"))
+    result = evaluation.evaluate(lambda x: model.predict(model_input(model, x)), test, tracking.run_params(run).get("loss", "ce"))
     title = f"{run.info.run_name} on the test set: {100 * result['test_accuracy']:.2f}%"
     metrics = {m: result[m] for m in TEST_METRICS}
     # Per-class accuracy as one figure on a common axis and a table, not ten metrics: the UI draws each metric
@@ -171,11 +171,12 @@ def register(selection: Selection, test: Split, *, name: str, alias: str, select
     test_metrics = per_seed[run.info.run_id]
     test_acc = stats.estimate([m["test_accuracy"] for m in per_seed.values()], fraction=True)
     value = selection.value.mean
-    config = {k: run.data.params[k] for k in ("model", "loss", "optimizer", "lr", "dropout", "epochs", "batch_size",
+    params = tracking.run_params(run)
+    config = {k: params[k] for k in ("model", "loss", "optimizer", "lr", "dropout", "epochs", "batch_size",
                                               "weight_decay", "schedule", "warmup", "label_smoothing", "augment",
                                               "width", "ema", "tta")
-              if k in run.data.params}
-    seeds = sorted(int(r.data.params.get("seed", 0)) for r in selection.runs)
+              if k in params}
+    seeds = sorted(int(tracking.run_params(r).get("seed", 0)) for r in selection.runs)
     tags = {VERSION_SOURCE_RUN: run.info.run_id, VERSION_CONFIG: json.dumps(config), select: f"{value:.6f}",
             tracking.TAG_CONFIG_GROUP: group_of(run), "seeds": ",".join(map(str, seeds)),
             VERSION_SEED_RUNS: ",".join(r.info.run_id for r in selection.runs),
@@ -228,7 +229,7 @@ def describe(run, selection: Selection, test_acc: Estimate, select: str) -> str:
     seeds = len(selection.runs)
     spread = (f" ± {100 * test_acc.std:.2f} (95% CI {100 * test_acc.ci95[0]:.2f}-{100 * test_acc.ci95[1]:.2f}%)"
               if test_acc.std is not None else "")
-    return (f"{config}, seed {run.data.params.get('seed', '?')}: the best on {select} of the {seeds} seed run(s) of "
+    return (f"{config}, seed {tracking.run_params(run).get('seed', '?')}: the best on {select} of the {seeds} seed run(s) of "
             f"the config with the best seed mean ({select} {selection.value.mean:.4f}) among {selection.considered} "
             f"comparable config(s). Test accuracy over its {seeds} seed(s): {100 * test_acc.mean:.2f}%{spread}. "
             f"Input: {model_store.MODEL_INPUT}; output: 10 float32 logits in class_names order.")

@@ -61,3 +61,5 @@ ATTR_REQUEUED = "requeued_from"  # queued trial of a grid: the interrupted trial
 ATTR_NO_POINT = "no_point"  # trial of a grid that found the queue empty (other workers took the last points)
 ATTR_WARM_START = "warm_start_from"  # queued trial of a search: the grid run whose config it tries
 ATTR_START_POINT = "start_point"  # queued trial of a search: its index in the space file's start_points
+ATTR_RACED_OUT = "raced_out"  # PRUNED trial of a grid: why its config got no more seeds (nothing ran)
+TAG_RACE = "fmnist.race"  # a sweep parent: "on" or "off" (whether configs shown worse got no more seeds)

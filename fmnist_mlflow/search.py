@@ -119,7 +119,7 @@ class Search:
                   if TAG_BEST_RUN in r.data.tags and TAG_SWEEP in r.data.tags]
         warm = None
         if sweeps:
-            best = tracking.client().get_run(sweeps[0].data.tags[TAG_BEST_RUN]).data.params
+            best = tracking.run_params(tracking.client().get_run(sweeps[0].data.tags[TAG_BEST_RUN]))
             params = self.space.params_for(best)
             if params:
                 study.enqueue_trial(params, user_attrs={ATTR_WARM_START: sweeps[0].data.tags[TAG_BEST_RUN]})

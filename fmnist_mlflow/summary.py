@@ -3,8 +3,9 @@ the source report's numbers.
 
 Run rows are `RunRow`s (typed dicts: the columns of summary.csv). `aggregate` turns them into one
 `ConfigRow` per config: n seeds, mean, std and 95% interval of `val_accuracy` and `val_nll` (see
-`stats`), ranked by the mean of the selection metric, with Welch's test against the best config.
-Selection never uses `train_loss` (see `best`).
+`stats`), ranked by the mean of the selection metric, with the pooled-noise t-test against the best config
+(`stats.compare_with_best`), and why a config got fewer seeds (raced out, see `race`). Selection never
+uses `train_loss` (see `best`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ REPORT_TRAIN_LOSS = {
 }
 REPORT_OPTIMIZERS = ("adam", "sgd", "rmsprop")
 REPORT_PICK = ("model3", "bce", "sgd")  # the lowest number in the table, which the report chose
+RACED_OUT = "RACED OUT"  # a (config, seed) never run: the config was already shown worse than the leader
+NOT_RUN = ("NOT RUN", RACED_OUT)
+
+MARK_MEANING = ("'=' marks the configs not shown worse than the best: a two-sided t-test at the 5% level on the "
+                "difference of means, with the seed-to-seed spread pooled over all configs (per model family when "
+                "Levene's test says the families' spreads differ)")
 
 class RunRow(TypedDict):
     """One (config, seed) of a sweep: its config, end state and final metrics (None if it never finished
@@ -43,7 +50,7 @@ class RunRow(TypedDict):
     optimizer: str
     lr: float
     seed: int
-    status: str  # the MLflow run status, or "NOT RUN"
+    status: str  # the MLflow run status, or "NOT RUN", or RACED_OUT (no run: see `race`)
     train_loss: Optional[float]
     val_loss: Optional[float]
     val_nll: Optional[float]
@@ -89,19 +96,23 @@ class ConfigRow:
     train_loss: Optional[float]  # mean over finished seeds: shown beside the report's, never selected on
     train_seconds: float  # summed over all seed runs
     best_run_id: str  # the finished seed run best on the selection metric ("" when none)
-    p_vs_best: Optional[float] = None  # Welch's test against the best config (None: fewer than 2 seeds)
+    p_vs_best: Optional[float] = None  # the pooled-noise t-test against the best (None: no config has 2 seeds)
     same_as_best: Optional[bool] = None  # p >= 0.05: cannot be told apart from the best; True for the best itself
     is_best: bool = False
+    raced_out: str = ""  # why it got no more seeds (empty: it got every seed asked for)
 
     @property
     def status(self) -> str:
+        if self.raced_out and self.runs == len(self.seeds):
+            return f"raced out after {self.runs} seed(s)"
         if self.runs == 0:
             return "NOT RUN"
         return "FINISHED" if len(self.seeds) == self.runs else f"{len(self.seeds)}/{self.runs} FINISHED"
 
 
-def aggregate(rows: list[RunRow], select: str = "val_accuracy") -> list:
-    """One ConfigRow per config (in the order rows first name it), compared with the best by `select`."""
+def aggregate(rows: list[RunRow], select: str = "val_accuracy", raced: Optional[dict] = None) -> list:
+    """One ConfigRow per config (in the order rows first name it), compared with the best by `select`.
+    `raced`: config group -> why it got no more seeds."""
     groups: dict = {}
     for r in rows:
         groups.setdefault(r["group"], []).append(r)
@@ -112,28 +123,43 @@ def aggregate(rows: list[RunRow], select: str = "val_accuracy") -> list:
         out.append(ConfigRow(
             name=f"{first['model']}-{first['loss']}-{first['optimizer']}", model=first["model"], loss=first["loss"],
             optimizer=first["optimizer"], lr=first["lr"], group=group,
-            runs=sum(r["status"] != "NOT RUN" for r in members), seeds=tuple(r["seed"] for r in done),
+            runs=sum(r["status"] not in NOT_RUN for r in members), seeds=tuple(r["seed"] for r in done),
             val_accuracy=stats.estimate([r["val_accuracy"] for r in done], fraction=True) if done else None,
             val_nll=stats.estimate([r["val_nll"] for r in done]) if done else None,
             train_loss=sum(r["train_loss"] for r in done) / len(done) if done else None,
             train_seconds=sum(r["train_seconds"] for r in members),
             best_run_id=pick_best(done, select, key=lambda r: r[select])["run_id"] if done else "",
+            raced_out=(raced or {}).get(group, ""),
         ))  # fmt: skip
     scored = [c for c in out if getattr(c, select) is not None]
     if not scored:
         return out
     top = pick_best(scored, select, key=lambda c: getattr(c, select).mean)
-    values = {g: [r[select] for r in m if r["status"] == "FINISHED" and r[select] is not None]
-              for g, m in groups.items()}
+    values = {c.group: [r[select] for r in groups[c.group] if r["status"] == "FINISHED" and r[select] is not None]
+              for c in scored}
+    family = {c.group: c.model for c in scored}
+    noise = seed_noise(rows, select)
+    p_values = stats.compare_with_best(values, top.group, noise, family) if noise else {}
     compared = []
     for c in out:
         if c is top:
             c = dataclasses.replace(c, is_best=True, same_as_best=True, p_vs_best=None)
-        elif getattr(c, select) is not None:
-            p = stats.welch_p(values[top.group], values[c.group])
+        elif p_values.get(c.group) is not None:
+            p = p_values[c.group]
             c = dataclasses.replace(c, p_vs_best=p, same_as_best=stats.indistinguishable(p))
         compared.append(c)
     return compared
+
+
+def seed_noise(rows: list[RunRow], select: str = "val_accuracy") -> Optional[stats.Noise]:
+    """The seed noise `aggregate` compares configs with (None: no config has two finished seeds)."""
+    values: dict = {}
+    family: dict = {}
+    for r in rows:
+        if r["status"] == "FINISHED" and r[select] is not None:
+            values.setdefault(r["group"], []).append(r[select])
+            family[r["group"]] = r["model"]
+    return stats.seed_noise(values, family)
 
 
 def best(configs: list) -> Optional[ConfigRow]:
@@ -185,15 +211,16 @@ def fmt_estimate(est: Optional[Estimate], percent: bool) -> tuple:
     return f"{mean} ± {scale * est.std:.{digits}f}", f"[{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
 
 
-def to_markdown(rows: list[RunRow], select: str = "val_accuracy") -> str:
+def to_markdown(rows: list[RunRow], select: str = "val_accuracy", raced: Optional[dict] = None) -> str:
     """Configs ranked by the seed mean, with intervals and the test against the best; then the report's
     layout with our numbers beside the report's."""
-    configs = aggregate(rows, select)
+    configs = aggregate(rows, select, raced)
     n_seeds = max((len(c.seeds) for c in configs), default=0)
+    noise = seed_noise(rows, select)
     lines = [
         f"Configs ranked by the mean {select} over seeds; ± is the standard deviation over seeds, [..] the 95% "
-        "confidence interval of the mean (t distribution). 'vs best': Welch's t-test against the best config; "
-        f"'=' marks configs that cannot be told apart from it at the 5% level (p >= {stats.ALPHA}).",
+        f"confidence interval of the mean (t distribution). {MARK_MEANING}"
+        + (f"; here: {noise.describe(percent=select == 'val_accuracy')}." if noise else "."),
         "",
         "| rank | model | loss | optimizer | lr | seeds | status | val_accuracy | 95% CI | val_nll | 95% CI | "
         "train_loss (epoch N) | vs best | train s |",
@@ -214,6 +241,10 @@ def to_markdown(rows: list[RunRow], select: str = "val_accuracy") -> str:
     if n_seeds < 2:
         lines += ["", "One seed per config: no interval can be given and no config can be told apart from another "
                       "by a test. Run with `--seeds 0,1,2` for intervals."]
+    out = [c for c in ranked(configs, select) if c.raced_out]
+    if out:
+        lines += ["", "Raced out (no more seeds: already shown worse than the leader; see `--race`):", ""]
+        lines += [f"- {c.name}: {c.raced_out}" for c in out]
     by_key = {(c.model, c.loss, c.optimizer): c for c in configs}
     lines += ["", "Final training loss (mean over seeds), ours (report's) - the report's only column; CE and BCE are "
                   "not comparable:", "", "| model | loss | Adam | SGD | RMSprop |", "|---|---|---|---|---|"]
@@ -236,4 +267,32 @@ def to_markdown(rows: list[RunRow], select: str = "val_accuracy") -> str:
                       f"{fmt_estimate(winner.val_accuracy, True)[0]}, val_nll {fmt_estimate(winner.val_nll, False)[0]}, "
                       f"{len(winner.seeds)} seed(s)); the report picked {'-'.join(REPORT_PICK)} by training loss."
                       + tie_note]
+    return "\n".join(lines) + "\n"
+
+
+def description(configs: list, select: str, best_link: str = "", top: int = 6) -> str:
+    """The answer as the parent run's description (the Overview in the MLflow UI): the `top` configs with
+    their seed means, intervals and marks, the others in a line, the raced-out ones in a line."""
+    winner = best(configs)
+    if winner is None:
+        return "No config finished yet."
+    order = ranked([c for c in configs if getattr(c, select) is not None], select)
+    est = lambda c: getattr(c, select)  # noqa: E731
+    percent = select == "val_accuracy"
+    link = f" ([best run]({best_link}))" if best_link else ""
+    lines = [f"**Best by mean {select}: {winner.name}**, {fmt_estimate(est(winner), percent)[0]} over "
+             f"{len(winner.seeds)} seed(s){link}.", "",
+             f"| rank | config | seeds | {select} | 95% CI | vs best |", "|---|---|---|---|---|---|"]
+    for rank, c in enumerate(order[:top], 1):
+        mean, ci = fmt_estimate(est(c), percent)
+        mark = "best" if c.is_best else "-" if c.p_vs_best is None else f"{'=' if c.same_as_best else '<'} (p {c.p_vs_best:.3f})"
+        lines.append(f"| {rank} | {c.name} | {len(c.seeds)} | {mean} | {ci} | {mark} |")
+    rest = [c for c in order[top:] if not c.raced_out]
+    if rest:
+        lines += ["", "Then: " + ", ".join(f"{c.name} {fmt_estimate(est(c), percent)[0].split(' ±')[0]}" for c in rest) + "."]
+    out = [c for c in order if c.raced_out]
+    if out:
+        lines += ["", f"Raced out (no more seeds once shown worse than the leader): "
+                      + ", ".join(f"{c.name} after {len(c.seeds)} seed(s)" for c in out) + "."]
+    lines += ["", MARK_MEANING + ". The full table: `summary.md` in Artifacts."]
     return "\n".join(lines) + "\n"

@@ -25,13 +25,13 @@ from typing import ClassVar, Optional
 import optuna
 from optuna.trial import TrialState
 
-from . import plots, runs, summary, tracking, train
+from . import plots, race, runs, summary, tracking, train
 from .config import RunConfig, direction
 from .data import Dataset
 from .engine import Hooks, SharedStudy
 from .grid import Grid, sweep_digest
-from .schema import (ATTR_NO_POINT, ATTR_POINT, ATTR_REQUEUED, ATTR_RUN, DEFAULT_STORAGE, KIND_SWEEP,
-                     KIND_SWEEP_CHILD, TAG_BEST_GROUP, TAG_BEST_RUN, TAG_CONFIG_HASH, TAG_FAILED_CONFIGS,
+from .schema import (ATTR_NO_POINT, ATTR_POINT, ATTR_RACED_OUT, ATTR_REQUEUED, ATTR_RUN, DEFAULT_STORAGE, KIND_SWEEP,
+                     KIND_SWEEP_CHILD, TAG_BEST_GROUP, TAG_BEST_RUN, TAG_CONFIG_HASH, TAG_FAILED_CONFIGS, TAG_RACE,
                      TAG_RETRIED, TAG_SELECT, TAG_STUDY, TAG_SWEEP, TAG_TRIAL)
 
 NO_POINT = "the queue was empty when this worker asked: other workers took the last points; nothing ran"
@@ -44,6 +44,7 @@ class SweepResult:
     configs: list  # summary.ConfigRow per config, aggregated over seeds
     best: Optional[summary.ConfigRow]  # best config by the seed mean of the selection metric
     skipped: int = 0  # (config, seed) runs already FINISHED before this command started
+    raced: dict = field(default_factory=dict)  # config group -> why it got no more seeds
     failed: list = field(default_factory=list)  # rows of runs that did not finish
     markdown: str = ""
     histories: dict = field(default_factory=dict)  # (model, loss, optimizer) -> {seed: per-epoch metrics}
@@ -79,6 +80,7 @@ class Sweep:
     grid: Grid
     configs: tuple  # RunConfig per (config, seed)
     select: str  # the validation metric that picks the best config
+    race: bool = True  # configs shown worse than the leader get no more seeds (see `race`)
     kind: ClassVar[str] = KIND_SWEEP
     catch: ClassVar[tuple] = (train.DivergedError,)  # a diverging config fails alone
 
@@ -104,7 +106,28 @@ class Sweep:
         }  # fmt: skip
 
     def parent_tags(self) -> dict:
-        return {TAG_SWEEP: sweep_digest(list(self.configs)), **tracking.environment_tags(self.configs[0].device)}
+        return {TAG_SWEEP: sweep_digest(list(self.configs)), TAG_RACE: "on" if self.race else "off",
+                **tracking.environment_tags(self.configs[0].device)}
+
+    def raced_out(self, study: optuna.Study, config: RunConfig) -> str:
+        """Why `config` gets no more seeds ("" if it races on), from the finished points of the seeds
+        before this point's: the verdict on a seed's round does not depend on how many workers run it, or
+        in which order its points end. (With several workers, a point of the previous round still running
+        counts from the next round on.)"""
+        if not self.race:
+            return ""
+        family = {c.run_name: c.model for c in self.configs}
+        done: dict = {}
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+            name = t.params.get("config")
+            if t.state == TrialState.PRUNED:
+                if name == config.run_name and ATTR_RACED_OUT in t.user_attrs:
+                    return t.user_attrs[ATTR_RACED_OUT]  # out for good
+            elif name in family and t.params["seed"] < config.seed:
+                done.setdefault(name, []).append(t.value)
+        prior = self.grid.seed_sd if self.select == "val_accuracy" else None  # seed_sd is an accuracy spread
+        return race.verdict(done, family, config.run_name, self.select, prior,
+                            {c.run_name: c.label for c in self.configs})
 
     def sampler(self, worker: int, finished_before: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=worker)  # never asked while the queue holds a point
@@ -134,6 +157,12 @@ class Sweep:
                 trial.set_user_attr(ATTR_NO_POINT, NO_POINT)
                 raise optuna.TrialPruned(NO_POINT)
             config = by_point[(trial.suggest_categorical("config", names), trial.suggest_categorical("seed", seeds))]
+            why = self.raced_out(shared.study, config)
+            if why:
+                trial.set_user_attr(ATTR_RACED_OUT, why)
+                if hooks.on_raced is not None:
+                    hooks.on_raced(config, why)
+                raise optuna.TrialPruned(why)  # no MLflow run: nothing was trained
             if hooks.on_start is not None:
                 k, elapsed = ran[0], time.monotonic() - started
                 hooks.on_start(k, max(todo, k + 1), config, elapsed, elapsed / k * (todo - k) if k and todo > k else None)
@@ -156,7 +185,13 @@ class Sweep:
         return objective
 
     def report(self, shared: SharedStudy) -> SweepResult:
-        result = summarize(shared.parent_id, list(self.configs), self.select)
+        raced_points, raced = {}, {}
+        group = {c.run_name: c.group for c in self.configs}
+        for t in shared.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+            if ATTR_RACED_OUT in t.user_attrs:
+                raced_points[(t.params["config"], t.params["seed"])] = t.user_attrs[ATTR_RACED_OUT]
+                raced.setdefault(group[t.params["config"]], t.user_attrs[ATTR_RACED_OUT])
+        result = summarize(shared.parent_id, list(self.configs), self.select, raced_points, raced)
         result.skipped, result.study_name, result.retried = shared.completed_before, shared.study_name, shared.retried()
         if result.retried:
             result.markdown += (f"\n\n{result.retried} (config, seed) run(s) were retried after the worker running "
@@ -176,12 +211,13 @@ def requeue(trial: optuna.Trial) -> None:
 
 def run_sweep(grid: Grid, configs: list, data: Dataset, *, experiment_id: str, storage_url: str = DEFAULT_STORAGE,
               study_name: Optional[str] = None, select: str = "val_accuracy", jobs: int = 1,
-              data_dir: Optional[str] = None, threads: int = 0, hooks: Hooks = Hooks()) -> SweepResult:
+              data_dir: Optional[str] = None, threads: int = 0, race: bool = True,
+              hooks: Hooks = Hooks()) -> SweepResult:
     """Open the sweep's study (creating it and its parent the first time), run the points still waiting
     (in this process, or in up to `jobs` worker processes that each load the data from `data_dir`), and
     summarize them on the parent. Other `fmnist sweep` commands on the same storage and study share the
-    points."""
-    plan = Sweep(grid, tuple(configs), select)
+    points. `race`: a config shown worse than the leader gets no more seeds."""
+    plan = Sweep(grid, tuple(configs), select, race)
     shared = SharedStudy.open(plan, storage_url, study_name or default_study_name(grid, configs, experiment_id),
                               experiment_id)
     left = len(shared.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
@@ -189,8 +225,10 @@ def run_sweep(grid: Grid, configs: list, data: Dataset, *, experiment_id: str, s
     return shared.close()
 
 
-def summarize(parent_id: str, configs: list, select: str) -> SweepResult:
-    """One row per (config, seed) from its newest child (a FINISHED one if any), in grid order."""
+def summarize(parent_id: str, configs: list, select: str, raced_points: Optional[dict] = None,
+              raced: Optional[dict] = None) -> SweepResult:
+    """One row per (config, seed) from its newest child (a FINISHED one if any), in grid order; a point
+    in `raced_points` ((run name, seed) -> reason) is RACED OUT; `raced`: config group -> reason."""
     by_hash: dict = {}
     for child in tracking.child_runs(parent_id):  # newest first
         key = child.data.tags.get(TAG_CONFIG_HASH)
@@ -200,16 +238,17 @@ def summarize(parent_id: str, configs: list, select: str) -> SweepResult:
     for config in configs:
         child = by_hash.get(config.digest())
         if child is None:
-            rows.append(summary.row(config, "NOT RUN", [], ""))
+            out = (config.run_name, config.seed) in (raced_points or {})
+            rows.append(summary.row(config, summary.RACED_OUT if out else "NOT RUN", [], ""))
             continue
         history = tracking.history(child.info.run_id)
         if child.info.status == "FINISHED":
             histories.setdefault((config.model, config.loss, config.optimizer), {})[config.seed] = history
         rows.append(summary.row(config, child.info.status, history, child.info.run_id))
-    aggregated = summary.aggregate(rows, select)
+    aggregated = summary.aggregate(rows, select, raced)
     return SweepResult(parent_run_id=parent_id, rows=rows, configs=aggregated, best=summary.best(aggregated),
-                       skipped=0, failed=[r for r in rows if r["status"] != "FINISHED"],
-                       markdown=summary.to_markdown(rows, select), histories=histories)
+                       skipped=0, failed=[r for r in rows if r["status"] not in ("FINISHED", summary.RACED_OUT)],
+                       markdown=summary.to_markdown(rows, select, raced), histories=histories, raced=dict(raced or {}))
 
 
 def log_summary(result: SweepResult, select: str) -> None:
@@ -223,7 +262,10 @@ def log_summary(result: SweepResult, select: str) -> None:
         tracking.log_figure(plots.accuracy_bars(done), "val_accuracy.png")
     failed = [f"{r['model']}-{r['loss']}-{r['optimizer']}" + (f" seed {r['seed']}" if len(result.rows) > len(result.configs) else "")
               for r in result.failed]
-    tags = {TAG_FAILED_CONFIGS: ", ".join(failed) or "none", TAG_SELECT: select, TAG_RETRIED: str(result.retried)}
+    tags = {TAG_FAILED_CONFIGS: ", ".join(failed) or "none", TAG_SELECT: select, TAG_RETRIED: str(result.retried),
+            # the run's description: the answer on its Overview, before any artifact is opened
+            "mlflow.note.content": summary.description(
+                result.configs, select, tracking.ui_page(result.best.best_run_id).lstrip("/") if result.best else "")}
     if result.best:
         b = result.best
         tied = [c.name for c in result.configs if c.same_as_best and not c.is_best]

@@ -43,12 +43,17 @@ EPOCH_METRICS = tuple(k for k in EpochMetrics.__annotations__ if k != "epoch")  
 UI_VIEW = "workflowType=machine_learning"
 
 
+def ui_page(run_id: str) -> str:
+    """The run's page in the UI's Model training view, from the UI's root (a link in a run description)."""
+    experiment = client().get_run(run_id).info.experiment_id
+    return f"/#/experiments/{experiment}/runs/{run_id}?{UI_VIEW}"
+
+
 def run_link(run_id: str) -> str:
     """Where a person sees the run, in the UI's Model training view: the server's page, or how to start the
     UI on a local store."""
     uri = tracking_uri()
-    experiment = client().get_run(run_id).info.experiment_id
-    page = f"/#/experiments/{experiment}/runs/{run_id}?{UI_VIEW}"
+    page = ui_page(run_id)
     if urlparse(uri).scheme in ("http", "https"):
         return f"{redact(uri).rstrip('/')}{page}"
     return f"mlflow ui --backend-store-uri {redact(uri)}, then http://127.0.0.1:5000{page}"
@@ -372,11 +377,34 @@ def log_text(text: str, artifact_file: str) -> None:
     mlflow.log_text(text, artifact_file)
 
 
+# What an MLproject parameter (or an extra `-P key=...`) holds when the command is to resolve it: `mlflow
+# run` logs the parameters as given, before the command runs, and MLflow params never change.
+DEFERRED_VALUES = ("grid", "auto")
+RESOLVED_SUFFIX = "_resolved"  # `seeds=grid` as `mlflow run` logged it; `seeds_resolved=0,1,2` as used
+
+
 def log_params_once(params: dict) -> None:
     """Log params on the active run, skipping those it already holds with the same value (e.g. "64" and
-    64): MLflow refuses to log a key twice, and `mlflow run` or a resumed run may have logged them."""
+    64): MLflow refuses to log a key twice, and `mlflow run` or a resumed run may have logged them. A key
+    `mlflow run` logged as a value the command resolves (`seeds=grid`, `lr=auto`) gets the value used as
+    `<key>_resolved` beside it; `run_params` reads them back as one."""
     logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
-    mlflow.log_params({k: v for k, v in params.items() if not _same_value(logged.get(k), v)})
+    new = {}
+    for key, value in params.items():
+        old = logged.get(key)
+        if _same_value(old, value):
+            continue
+        deferred = old is not None and old.strip().lower() in DEFERRED_VALUES
+        new[key + RESOLVED_SUFFIX if deferred else key] = value  # any other clash: MLflow refuses, naming it
+    mlflow.log_params(new)
+
+
+def run_params(run) -> dict:
+    """A run's params as used: `<key>_resolved` (see `log_params_once`) in place of `<key>`."""
+    params = dict(run.data.params)
+    for key in [k for k in params if k.endswith(RESOLVED_SUFFIX)]:
+        params[key[: -len(RESOLVED_SUFFIX)]] = params.pop(key)
+    return params
 
 
 def set_tags(tags: dict) -> None:

@@ -124,7 +124,8 @@ def sweep_args(tmp_path) -> list:
 
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump(SMALL_GRID))
-    return ["sweep", "--grid", str(grid), "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", *SMALL]
+    # every point must run here (what is tested is that each is claimed once); racing has its own tests
+    return ["sweep", "--grid", str(grid), "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--no-race", *SMALL]
 
 
 def search_args(tmp_path, trials: int) -> list:

@@ -101,9 +101,17 @@ def test_grid_seeds_expand_and_cli_overrides_them(tmp_path):
     assert len({c.digest() for c in configs}) == 4 and len({c.group for c in configs}) == 2
     assert [c.seed for c in g.configs(device="cpu", seeds=(5,))] == [5, 5]
     assert grid.parse_seeds("0,1,2") == (0, 1, 2)
-    for bad in ("0,0", "a,b", "-1", str(2**63)):
+    for bad in ("0,0", "a,b", "-1", str(2**63), "", " ", "0,,1", "0,1,"):
         with pytest.raises(ValueError):
             grid.parse_seeds(bad)
+
+
+@pytest.mark.parametrize("seeds, message", [("", "no seed given"), ("0,,1", "an empty seed in '0,,1'")])
+def test_empty_seeds_on_the_command_line_are_usage_errors(store, seeds, message):
+    """`--seeds ''` used to run the grid file's seeds silently, and `0,,1` ran as 0,1."""
+    result = CliRunner().invoke(cli.main, ["sweep", "--seeds", seeds, "--subset", "300"])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert children() == []
 
 
 @pytest.mark.parametrize("change, message", [
@@ -132,13 +140,14 @@ def test_seeded_sweep_groups_seeds_and_resumes_per_config_and_seed(store, tmp_pa
         return on_epoch_end, None
 
     with pytest.raises(KeyboardInterrupt):
-        sweep.run_sweep(g, configs, tiny_data, experiment_id=experiment_id, hooks=Hooks(progress=lambda trial, config: interrupt(config)))
+        sweep.run_sweep(g, configs, tiny_data, experiment_id=experiment_id, race=False,  # every point runs
+                        hooks=Hooks(progress=lambda trial, config: interrupt(config)))
     statuses = sorted((c.data.params["optimizer"], c.data.params["seed"], c.info.status) for c in children())
     # seed by seed: both seed-0 runs came first, then adam seed 1, then sgd seed 1 was interrupted
     assert statuses == [("adam", "0", "FINISHED"), ("adam", "1", "FINISHED"), ("sgd", "0", "FINISHED"),
                         ("sgd", "1", "KILLED")]
     started = []
-    result = sweep.run_sweep(g, configs, tiny_data, experiment_id=experiment_id,
+    result = sweep.run_sweep(g, configs, tiny_data, experiment_id=experiment_id, race=False,
                              hooks=Hooks(on_start=lambda k, n, config, *_: started.append((config.optimizer, config.seed))))
     assert started == [("sgd", 1)] and result.skipped == 3  # only the interrupted (config, seed) runs again
     finished = [c for c in children() if c.info.status == "FINISHED"]
