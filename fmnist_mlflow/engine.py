@@ -369,7 +369,11 @@ def run_job(job: Job) -> None:
     def on_trial_end(trial) -> None:
         print(f"worker {os.getpid()}: trial {trial.number} {trial.state.name}", flush=True)
 
-    hooks = Hooks(on_trial_end=on_trial_end)
+    def on_raced(config, why) -> None:
+        print(f"worker {os.getpid()}: {config.label} seed {config.seed}: raced out, not run ({why.split(';')[0]})",
+              flush=True)
+
+    hooks = Hooks(on_trial_end=on_trial_end, on_raced=on_raced)
     shared.work(job.plan.objective(shared, data, hooks), budget=job.budget, timeout=job.timeout, hooks=hooks)
 
 

@@ -125,7 +125,10 @@ class Sweep:
                     return t.user_attrs[ATTR_RACED_OUT]  # out for good
             elif name in family and t.params["seed"] < config.seed:
                 done.setdefault(name, []).append(t.value)
-        prior = self.grid.seed_sd if self.select == "val_accuracy" else None  # seed_sd is an accuracy spread
+        first = self.configs[0]
+        # seed_sd is the spread of val_accuracy at the grid's own size: a subset or fewer epochs spread more
+        at_size = self.select == "val_accuracy" and first.subset == 0 and first.epochs == self.grid.epochs
+        prior = self.grid.seed_sd if at_size else None
         return race.verdict(done, family, config.run_name, self.select, prior,
                             {c.run_name: c.label for c in self.configs})
 

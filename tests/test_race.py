@@ -13,7 +13,7 @@ from scipy import stats as sps
 
 from fmnist_mlflow import cli, race, schema, stats, summary
 
-# adam learns on the tiny subset; SGD at lr 1e-6 without momentum stays near chance (10%): clearly behind
+# adam learns in one epoch; SGD at lr 1e-6 without momentum stays near chance (10%): clearly behind
 RACE_GRID = {"name": "race", "models": ["model1"], "losses": ["ce"], "optimizers": ["adam", "sgd"],
              "lr": {"adam": 0.003, "sgd": 1e-6}, "batch_size": 64, "epochs": 1, "seeds": [0, 1, 2],
              "seed_sd": 0.01}  # fmt: skip
@@ -76,10 +76,10 @@ def test_race_verdict_uses_the_prior_until_a_family_has_two_seeds():
 
 # With two workers, a point of the previous round may still run when the next round starts; it then counts
 # from the round after. A third config, as good as adam, puts two points between sgd's seeds 0 and 1, so
-# that sgd's seed 0 has ended when its seed 1 is claimed. The prior is wide (10 points: 120 validation
-# images) so that rmsprop is not raced out on a first seed's luck; sgd, ~40 points behind, is.
+# that sgd's seed 0 has ended when its seed 1 is claimed. The prior is wide (5 points) so that rmsprop is
+# not raced out on a first seed's luck; sgd, ~70 points behind, is.
 TWO_WORKER_GRID = {**RACE_GRID, "optimizers": ["adam", "rmsprop", "sgd"],
-                   "lr": {"adam": 0.003, "rmsprop": 0.003, "sgd": 1e-6}, "seed_sd": 0.1}
+                   "lr": {"adam": 0.003, "rmsprop": 0.003, "sgd": 1e-6}, "seed_sd": 0.05}
 
 
 def grid_file(tmp_path, spec=RACE_GRID):
@@ -89,7 +89,8 @@ def grid_file(tmp_path, spec=RACE_GRID):
 
 
 def sweep(tmp_path, *extra, spec=RACE_GRID):
-    args = ["sweep", "--grid", str(grid_file(tmp_path, spec)), "--subset", "600", "--device", "cpu",
+    """The grid at its own size (full data, 1 epoch): the size its prior seed_sd is for."""
+    args = ["sweep", "--grid", str(grid_file(tmp_path, spec)), "--device", "cpu",
             "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", *extra]
     return CliRunner().invoke(cli.main, args, catch_exceptions=False)
 
@@ -129,7 +130,7 @@ def assert_raced(tmp_path) -> None:
 
 
 def test_a_config_clearly_behind_is_raced_out_and_the_summary_and_description_say_so(store, tmp_path):
-    result = sweep(tmp_path)
+    result = sweep(tmp_path, "--jobs", "1")
     assert result.exit_code == 0, result.output
     assert "model1-ce-sgd seed 1: raced out, not run" in result.output
     assert_raced(tmp_path)
@@ -152,14 +153,21 @@ def test_two_workers_and_a_resume_never_run_a_raced_out_point(store, tmp_path):
     assert result.exit_code == 0, result.output
     assert_raced(tmp_path)
     before = children()
-    again = sweep(tmp_path, spec=TWO_WORKER_GRID)
+    again = sweep(tmp_path, "--jobs", "1", spec=TWO_WORKER_GRID)
     assert again.exit_code == 0, again.output
     assert f"{len(before)} (config, seed) run(s) had already finished" in again.output
     assert children() == before  # nothing new ran: the raced-out points stay PRUNED
 
 
+def test_a_smoke_run_at_another_size_races_on_measured_spreads_only(store, tmp_path):
+    """The prior is the spread at the grid's own size: with --subset, seed 1 of every config runs."""
+    result = sweep(tmp_path, "--subset", "600", "--jobs", "1")
+    assert result.exit_code == 0, result.output
+    assert ("sgd", "1", "FINISHED") in children()
+
+
 def test_no_race_runs_every_point(store, tmp_path):
-    result = sweep(tmp_path, "--no-race")
+    result = sweep(tmp_path, "--no-race", "--jobs", "2", "--threads", "1")
     assert result.exit_code == 0, result.output
     assert [s for _, _, s in children()] == ["FINISHED"] * 6
     assert parent().data.tags[schema.TAG_RACE] == "off"
