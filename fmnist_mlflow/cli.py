@@ -15,7 +15,7 @@ import click
 
 from . import config as cfg
 from .cli_options import (build_config, check_alias, check_model_name, check_timeout, config_options, confirm_seeds, data_dir_option, device_options, epochs_option, experiment_option,
-                          jobs_option, storage_options, subset_option, tracking_options)
+                          jobs_option, storage_options, subset_option, system_metrics_option, tracking_options)
 from .console import EpochProgress, duration, on_wait, workers_line
 from .space import PRUNERS, SAMPLERS
 from .config import SELECT as SELECT_METRICS
@@ -106,6 +106,7 @@ def data(data_dir: Optional[str]) -> None:
 @main.command()
 @config_options
 @device_options
+@system_metrics_option
 @tracking_options
 @reported
 def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> None:
@@ -142,6 +143,7 @@ def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> N
               "config gets every seed.")
 @click.option("--no-race", is_flag=True, help="Same as `--race false`.")
 @device_options
+@system_metrics_option
 @jobs_option
 @storage_options("the grid's name, a digest of its configs, a stamp of the experiment")
 @epochs_option(0, "Epochs per config (0: the grid's own, 10 for the report's grid).", low=0)
@@ -229,6 +231,7 @@ def sweep(grid_file, select, seeds, race, no_race, device, precision, threads, j
               help="Seeds for --confirm: a count N (fresh seeds 1..N, not the search's own seed 0) or a list.")
 @jobs_option
 @device_options
+@system_metrics_option
 @tracking_options
 @reported
 def search(trials, timeout, storage, study_name, space_file, sampler, pruner, seed, confirm_k, confirm_seeds, jobs,
@@ -288,6 +291,7 @@ def register(experiment, parent_run_id, run_id, select, name, alias, force, data
     from . import connection, registry, tracking
 
     connection.check_reachable()
+    tracking.release_mlflow_run()  # the evaluation runs are new runs, nested under the seeds' runs
     # the narrowest scope given wins: one run, then one sweep/search, then the experiment
     runs = registry.candidates(experiment=experiment or "fmnist", parent_run_id=parent_run_id or None,
                                run_id=run_id or None)
@@ -301,17 +305,21 @@ def register(experiment, parent_run_id, run_id, select, name, alias, force, data
                + (f"mean {chosen.value.mean:.4f} over {seeds} seeds; registering seed "
                   f"{tracking.run_params(run).get('seed')} ({run.info.run_id}), the best of them on {select}"
                   if seeds > 1 else f"{chosen.value.mean:.4f} (run {run.info.run_id})"))
-    result = registry.register(chosen, data_mod.load_test(data_dir), name=name, alias=alias, select=select,
+    folder = data_mod.locate(data_dir)
+    result = registry.register(chosen, data_mod.load_test(folder), test_source=str(folder), name=name, alias=alias,
+                               select=select,
                                force=force)
     test = result.test
     click.echo(f"test set: accuracy {100 * test['test_accuracy']:.2f}%, loss {test['test_loss']:.4f}, "
-               f"nll {test['test_nll']:.4f} (metrics and test_evaluation/ on run {result.run_id})")
+               f"nll {test['test_nll']:.4f} (the evaluation runs nested under each seed's run)")
     acc = result.test_accuracy
     if acc.std is not None:
         click.echo(f"test accuracy over the config's {acc.n} seeds: mean {100 * acc.mean:.2f}% ± {100 * acc.std:.2f}, "
                    f"95% CI [{100 * acc.ci95[0]:.2f}, {100 * acc.ci95[1]:.2f}]%")
     moved = f"moved to version {result.version}" if result.alias_moved else "not moved"
     click.echo(f"registered {name} version {result.version}; alias {alias} {moved} ({result.reason})")
+    tracking.point_launcher_at(result.run_id)
+    click.echo(f"view it: {tracking.run_link(result.run_id)}")
     for entry in registry.alias_history(name, alias):
         previous = f"previous {entry['previous']}" if entry["previous"] else "the first"
         click.echo(f"  history: {entry['time']} version {entry['version']} ({previous}): {entry['reason']}")
@@ -346,6 +354,8 @@ def predict(model_uri, top_k, as_json, inputs) -> None:
             raise click.ClickException(f"cannot load model {model_uri}: {missing}") from None
         raise click.ClickException(f"cannot load model {model_uri}: {str(exc).splitlines()[0]}") from None
     names = (model.metadata.metadata or {}).get("class_names", list(data_mod.CLASS_NAMES))
+    # which model answers: an alias moves, so say the version it points at now (stderr with --json)
+    click.echo(f"model: {model_store.describe_uri(model_uri)}", err=as_json)
     results, failed = [], 0
     for path in inputs:
         try:

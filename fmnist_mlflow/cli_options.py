@@ -133,12 +133,28 @@ def device_options(fn):
     """Where and how a run computes: shared by train, sweep and search."""
     fn = click.option("--precision", type=click.Choice(cfg.PRECISIONS), default="auto", show_default=True,
                       help="bf16: autocast the forward pass (the model stays fp32). auto: bf16 on CUDA GPUs with "
-                      "bf16 and on CPUs with AMX-BF16 or AVX512-BF16, else fp32 (`fmnist --version` says which).")(fn)
+                      "bf16 and on CPUs with AMX-BF16 or AVX512-BF16, else fp32 (`fmnist data` says which).")(fn)
     fn = click.option("--threads", type=click.IntRange(0, max_threads()), default=0, show_default=True,
                       help="CPU threads per training process (0: all cores, or cores / N with --jobs N). "
                       "Give 1 to each of several workers started on one machine.")(fn)
     return click.option("--device", type=click.Choice(cfg.DEVICES), default="auto", show_default=True,
                         help="auto: CUDA when available.")(fn)
+
+
+def system_metrics_option(fn):
+    """--system-metrics/--no-system-metrics: MLflow's own switch ($MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING), set
+    for this process and the worker processes it starts; training runs log system metrics unless it is off."""
+
+    def set_switch(ctx, param, value: Optional[bool]) -> None:
+        if value is not None:
+            import os
+
+            os.environ["MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"] = "true" if value else "false"
+
+    return click.option("--system-metrics/--no-system-metrics", default=None, expose_value=False, callback=set_switch,
+                        help="Log MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) on "
+                        "every training run, every 10 s (default: on, unless $MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING "
+                        "is false).")(fn)
 
 
 def jobs_option(fn):
@@ -156,11 +172,21 @@ def storage_options(default_study: str):
         fn = click.option("--study", "study_name", default=None, callback=check_study_name,
                           help=f"Optuna study name (default: {default_study}). Same storage and study: resume "
                           "it, or join the workers already on it.")(fn)
-        return click.option("--storage", default=DEFAULT_STORAGE, show_default=True,
+        return click.option("--storage", default=DEFAULT_STORAGE, show_default=True, callback=check_storage,
                             help="Optuna storage: sqlite:///FILE (one machine), postgresql://USER@HOST:PORT/DB "
                             "(several machines), or journal:FILE (no lost-worker recovery).")(fn)
 
     return decorate
+
+
+def check_storage(ctx, param, url: str) -> str:
+    """The storage URL's form and driver, before any work (exit 2); the database is reached later."""
+    from .urls import storage_problem
+
+    problem = storage_problem(url)
+    if problem:
+        raise click.BadParameter(problem)
+    return url
 
 
 def check_study_name(ctx, param, study_name: Optional[str]) -> Optional[str]:

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import mlflow
 
 from .errors import FmnistError
+from .urls import redact  # noqa: F401  (re-exported: tracking.redact, connection.redact)
 
 
 REACH_TIMEOUT_S = 15.0  # give up on an unreachable tracking server after this long
@@ -32,11 +33,6 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
-def redact(url: str) -> str:
-    """A URL with its password replaced by ***, whatever its scheme, parseable or not."""
-    import re
-
-    return re.sub(r"(://[^/:@\s]*):[^@/\s]*@", r"\1:***@", url)
 
 
 def check_reachable(uri: Optional[str] = None, timeout: float = REACH_TIMEOUT_S) -> str:
@@ -89,7 +85,25 @@ def check_reachable(uri: Optional[str] = None, timeout: float = REACH_TIMEOUT_S)
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise TrackingError(f"tracking store {uri}: folder {folder} does not exist or is not writable")
         open_store(uri, lock=Path(path).resolve() if path else None)
+    elif scheme not in ("", "file") and len(scheme) > 1:  # (a one-letter scheme is a Windows drive)
+        _check_other_store(uri, shown, scheme)
     return uri
+
+
+def _check_other_store(uri: str, shown: str, scheme: str) -> None:
+    """A scheme this module does not know (databricks, a plugin's, a typo): MLflow must have a tracking
+    store for it; otherwise say so in one line, not with MLflow's words about the model registry."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as exc:  # MLflow raises several kinds for an unknown or unusable scheme
+        reason = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
+        if "unsupported uri" in reason.lower() or "unexpected uri scheme" in reason.lower() or \
+                "registry functionality is unavailable" in reason.lower():
+            reason = f"MLflow has no tracking store for the scheme {scheme!r}"
+        raise TrackingError(f"tracking store {shown}: {reason}; use sqlite:///FILE, http://HOST:PORT, "
+                            "postgresql://USER@HOST/DB or a folder") from None
 
 
 # What a database says when two processes create (or migrate) a new MLflow store's tables at the same moment:

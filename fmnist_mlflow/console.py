@@ -20,9 +20,10 @@ class EpochProgress:
     terminal (a log file, `mlflow run`), click would print the bar's label as a line of its own before
     every epoch's line: there the bar is left out."""
 
-    def __init__(self, config: cfg.RunConfig, prefix: str = ""):
+    def __init__(self, config: cfg.RunConfig, prefix: str = "", name: str = ""):
         self.config = config
         self.prefix = prefix
+        self.name = name or config.label  # what the lines call the run
         self.bar = None
         self.epoch = 1
         self.interactive = sys.stderr.isatty()
@@ -31,7 +32,7 @@ class EpochProgress:
         if not self.interactive:
             return
         if self.bar is None:
-            label = f"{self.prefix}{self.config.label} epoch {self.epoch}/{self.config.epochs}"
+            label = f"{self.prefix}{self.name} epoch {self.epoch}/{self.config.epochs}"
             self.bar = click.progressbar(length=total, label=label, file=sys.stderr)
             self.bar.__enter__()
         self.bar.update(1)
@@ -41,7 +42,7 @@ class EpochProgress:
 
     def on_epoch_end(self, m: "EpochMetrics") -> None:
         click.echo(
-            f"{self.prefix}{self.config.label} epoch {m['epoch']:>2}/{self.config.epochs}  "
+            f"{self.prefix}{self.name} epoch {m['epoch']:>2}/{self.config.epochs}  "
             f"train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  val_nll {m['val_nll']:.4f}  "
             f"val_acc {100 * m['val_accuracy']:.2f}%  {m['epoch_seconds']:.1f}s"
         )
@@ -72,8 +73,9 @@ def workers_line(workers: int, threads: int, asked: int, cap: str) -> str:
 
 
 def trial_progress(trial, config) -> tuple:
-    """(on_epoch_end, on_batch) for a trial's run: a bar and a line per epoch, prefixed with its number."""
-    bar = EpochProgress(config, prefix=f"  [trial {trial.number}] ")
+    """(on_epoch_end, on_batch) for a trial's run: a bar and a line per epoch, prefixed with its number and
+    named like its run (with the config's digest: trials of one model, loss and optimizer differ in the rest)."""
+    bar = EpochProgress(config, prefix=f"  [trial {trial.number}] ", name=config.run_name)
     return bar.on_epoch_end, bar.on_batch
 
 
@@ -103,7 +105,8 @@ def search_opened(shared, storage: str, uri: str) -> None:
                f"tracking to {redact(uri)}")
     if shared.filled:
         params, notes = shared.filled
-        click.echo(f"warm start: the grid's best config queued as the first trial: {brief_params(params)}"
+        click.echo(f"warm start: the first trial carries over the grid's best config where this space can hold it: "
+                   f"{brief_params(params)}; the rest is the space's own ({brief_params(space.fixed)})"
                    + "".join(f"\n  note: {note}" for note in notes))
 
 

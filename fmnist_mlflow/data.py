@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -130,8 +131,9 @@ def read_verified(folder: Path, name: str) -> bytes:
     expected_sha, expected_size = FILES[name]
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(f"{path} is unreadable or truncated ({exc}); delete it and get it again.\n{HOW_TO_GET}")
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:  # zlib.error: bytes overwritten inside
+        raise DataError(f"{path} is unreadable, truncated or corrupt ({exc}); delete it and get it again.\n"
+                        f"{HOW_TO_GET}") from None
     if len(raw) != expected_size or hashlib.sha256(raw).hexdigest() != expected_sha:
         raise DataError(
             f"{path} is corrupt: its contents ({len(raw):,} bytes) do not match the original Fashion-MNIST "

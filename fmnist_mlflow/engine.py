@@ -30,6 +30,7 @@ from optuna.trial import TrialState
 
 from . import parallel, tracking
 from .errors import FmnistError
+from .urls import storage_problem
 from .schema import (ATTR_HOLDS, ATTR_PARENT, ATTR_RUN, KIND_LAUNCHER, KIND_SWEEP_CHILD, KIND_TRIAL, TAG_KIND,
                      TAG_PARENT, TAG_STATE, TAG_STUDY, TAG_TRIAL)
 
@@ -89,11 +90,9 @@ def open_storage(url: str) -> tuple[optuna.storages.BaseStorage, bool]:
 
         return optuna.storages.JournalStorage(JournalFileBackend(str(path))), False
     scheme = url.split(":", 1)[0]
-    if "://" not in url or scheme.split("+")[0] not in ("sqlite", "postgresql", "mysql"):
-        raise StorageError(
-            f"Optuna storage {redact(url)!r} is not a storage URL; use sqlite:///FILE, "
-            "postgresql://USER@HOST:PORT/DB or journal:FILE"
-        )
+    problem = storage_problem(url)  # the CLI checked it already; a library caller gets the same message
+    if problem:
+        raise StorageError(f"Optuna storage {problem}")
     # A bounded wait: an unreachable database fails in seconds; sqlite waits for a busy writer instead.
     connect_args = {"timeout": 60} if scheme.startswith("sqlite") else {"connect_timeout": 10}
     interval = heartbeat_interval()

@@ -14,7 +14,6 @@ import mlflow
 import numpy as np
 import torch
 
-from . import plots
 from .data import CLASS_NAMES
 from .schema import VERSION_SOURCE_RUN
 from .tracking import client
@@ -87,18 +86,6 @@ def load_pyfunc(uri: str):
     return mlflow.pyfunc.load_model(uri)
 
 
-def log_to_run(run_id: str, *, metrics: dict, texts: dict, figures: dict) -> None:
-    """Add metrics and artifacts to a run that may have ended (its status does not change)."""
-    c = client()
-    model = logged_model(run_id)
-    for key, value in metrics.items():  # linked to the run's logged model, so the Models view shows them
-        c.log_metric(run_id, key, value, model_id=model.model_id if model else None)
-    for path, text in texts.items():
-        c.log_text(run_id, text, path)
-    for path, fig in figures.items():
-        c.log_figure(run_id, fig, path)
-        plots.close(fig)
-
 REGISTERED_MODEL_DESCRIPTION = (
     "Fashion-MNIST CNNs trained and selected by fmnist-mlflow (validation split, never the test set). "
     "Each version's description and tags give its config, seeds and test accuracy over seeds.")
@@ -113,20 +100,44 @@ def register_model_version(run_id: str, name: str, tags: dict, description: str 
             c.create_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
         except mlflow.exceptions.MlflowException:
             pass  # created by another process at the same moment
+    model = logged_model(run_id)
     for version in c.search_model_versions(f"name = '{name}'"):
         if version.tags.get(VERSION_SOURCE_RUN) == run_id:
             for key, value in tags.items():
                 c.set_model_version_tag(name, version.version, key, value)
             if description:
                 c.update_model_version(name, version.version, description=description)
+            _link(model, name, version.version)
             return str(version.version)
     # The client's call, not mlflow.register_model, which prints "already exists. Creating a new version"
     # on every registration after the first.
-    model = logged_model(run_id)
     source = f"models:/{model.model_id}" if model else f"runs:/{run_id}/{MODEL_ARTIFACT}"
     version = c.create_model_version(name, source, run_id=run_id, tags=tags, description=description or None,
                                      model_id=model.model_id if model else None)
+    _link(model, name, version.version)
     return str(version.version)
+
+
+def _link(model, name: str, version) -> None:
+    """Record the version on its logged model, as `mlflow.register_model` does: the Models view's
+    "Registered models" column reads the logged model's `mlflow.modelVersions` tag (a sqlite-backed
+    registry does not keep the version's own `model_id`)."""
+    if model is None:
+        return
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    linked = json.loads(client().get_logged_model(model.model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    if not any(v.get("name") == name and str(v.get("version")) == str(version) for v in linked):
+        client().set_logged_model_tags(model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+            linked + [{"name": name, "version": version}])})
+
+
+def version_model_id(version) -> Optional[str]:
+    """The logged model a version holds: its `model_id` where the registry keeps it, else its source."""
+    if version.model_id:
+        return version.model_id
+    source = version.source or ""
+    return source[len("models:/"):] if source.startswith("models:/m-") else None
 
 
 def _registered(name: str) -> bool:
@@ -157,6 +168,28 @@ def missing_alias(uri: str) -> Optional[str]:
     except Exception:  # the store itself failed: the caller's message names that
         return None
     return None
+
+
+def describe_uri(uri: str) -> str:
+    """Which model a URI names, for a person: the registered version an alias points at now, with its
+    logged model and run; a logged model's name and run; else the URI itself."""
+    if not uri.startswith("models:/"):
+        return uri
+    ref = uri[len("models:/"):]
+    try:
+        if "@" in ref:  # NAME@ALIAS
+            name, _, alias = ref.partition("@")
+            version, pointed = client().get_model_version_by_alias(name, alias), f" (alias {alias})"
+        elif "/" in ref:  # NAME/VERSION
+            name, _, number = ref.partition("/")
+            version, pointed = client().get_model_version(name, number), ""
+        if "@" in ref or "/" in ref:
+            return (f"{name} version {version.version}{pointed}: logged model {version_model_id(version) or '-'}, "
+                    f"run {version.run_id}")
+        model = client().get_logged_model(ref)
+        return f"logged model {model.model_id} ({model.name}), run {model.source_run_id}"
+    except Exception:  # the model loaded; what names it is a courtesy
+        return uri
 
 
 def move_alias(name: str, alias: str, version: str) -> None:

@@ -73,12 +73,15 @@ def _read_array(path: str) -> Batch:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty or truncated file
         raise InputError(f"{path}: not a readable .npy array ({type(exc).__name__}: {exc or 'empty file'})") from None
+    shape = array.shape  # as the file has it: what a message names
+    if array.ndim and len(array) == 0:
+        raise InputError(f"{path}: shape {shape} holds no image")
     if array.shape == (28, 28):
         array = array[None]
     if array.ndim == 3 and array.shape[1:] == (28, 28):
         array = array[:, None]
-    if array.ndim != 4 or array.shape[1:] != (1, 28, 28) or len(array) == 0:
-        raise InputError(f"{path}: shape {array.shape} is not (28, 28), (N, 28, 28) or (N, 1, 28, 28)")
+    if array.ndim != 4 or array.shape[1:] != (1, 28, 28):
+        raise InputError(f"{path}: shape {shape} is not (28, 28), (N, 28, 28) or (N, 1, 28, 28)")
     if array.dtype == np.uint8:
         return Batch(path, array)
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):

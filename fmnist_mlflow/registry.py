@@ -9,9 +9,12 @@ winner is evaluated on the test set (mean, std, 95% interval); the one model reg
 best on validation (selection never looks at the test set), with the seed figures in its tags and
 description.
 
-Where a user finds the evaluation: on the selected run itself, as metrics `test_accuracy`, `test_loss`,
-`test_nll` and artifacts `test_evaluation/` (confusion matrix, per-class accuracy as a figure, a CSV and
-a Markdown table, misclassified examples); the same figures are tags on the model version. The alias (default `champion`)
+Where a user finds the evaluation: in an evaluation run (kind `evaluation`, named `<run>-test`) nested
+under each evaluated training run, MLflow 3's pattern: it takes the logged model and the test split as
+inputs and logs `test_accuracy`, `test_loss`, `test_nll` linked to both (the Models view shows them on
+the model), with the confusion matrix, per-class accuracy as a figure, a CSV and a Markdown table, and
+misclassified examples as artifacts; the training run keeps its training alone (its charts are its epoch
+curves). The same figures are tags on the model version. The alias (default `champion`)
 moves only to a version at least as good on the selection metric (compared from the runs themselves,
 seed means where there are seeds; a holder without a finite value never blocks), unless forced; every
 move is appended to the registered model's tag `fmnist.alias_history.<alias>` (JSON: version, previous,
@@ -33,8 +36,8 @@ from .data import Split
 from .stats import Estimate
 from .config import better, pick_best
 from .errors import FmnistError
-from .schema import (KIND_CONFIRM, KIND_SWEEP_CHILD, KIND_TRAIN, KIND_TRIAL, TAG_ALIAS_HISTORY, VERSION_CONFIG,
-                     VERSION_SEED_RUNS, VERSION_SOURCE_RUN)
+from .schema import (KIND_CONFIRM, KIND_EVALUATION, KIND_SWEEP_CHILD, KIND_TRAIN, KIND_TRIAL, TAG_ALIAS_HISTORY,
+                     VERSION_CONFIG, VERSION_SEED_RUNS, VERSION_SOURCE_RUN)
 
 MODEL_KINDS = (KIND_TRAIN, KIND_SWEEP_CHILD, KIND_TRIAL, KIND_CONFIRM)  # run kinds that log a model
 TEST_METRICS = ("test_accuracy", "test_loss", "test_nll")
@@ -139,35 +142,52 @@ def choose(runs: list, select: str) -> Selection:
     return Selection(chosen, pick, estimates[best], len(groups), tuple(notes))
 
 
-def evaluate_once(run, test: Split) -> dict:
-    """Test metrics of the run's logged model, computed and logged on the run the first time only."""
-    if all(m in run.data.metrics for m in TEST_METRICS):
-        return {m: run.data.metrics[m] for m in TEST_METRICS}
+def evaluation_run(run) -> Optional[Run]:
+    """The newest FINISHED evaluation run of a training run (nested under it), or None."""
+    found = tracking.find_runs([run.info.experiment_id], {"mlflow.parentRunId": run.info.run_id,
+                                                          tracking.TAG_KIND: KIND_EVALUATION}, status="FINISHED")
+    return found[0] if found else None
+
+
+def evaluate_once(run, test: Split, source: Optional[str] = None) -> dict:
+    """Test metrics of the run's logged model, from its evaluation run; evaluated (in a new evaluation run
+    nested under the training run) the first time only. `source`: where the test files were read."""
+    done = evaluation_run(run)
+    if done is not None and all(m in done.data.metrics for m in TEST_METRICS):
+        return {m: done.data.metrics[m] for m in TEST_METRICS}
+    from .data import locate
     from .predict import model_input
 
+    logged = model_store.logged_model(run.info.run_id)
     model = model_store.load_pyfunc(model_store.model_uri(run.info.run_id))
     result = evaluation.evaluate(lambda x: model.predict(model_input(model, x)), test, tracking.run_params(run).get("loss", "ce"))
     title = f"{run.info.run_name} on the test set: {100 * result['test_accuracy']:.2f}%"
     metrics = {m: result[m] for m in TEST_METRICS}
     # Per-class accuracy as one figure on a common axis and a table, not ten metrics: the UI draws each metric
-    # as its own single-bar chart on its own scale, above the epoch curves.
+    # as its own single-bar chart on its own scale.
     per_class = result["per_class_accuracy"]
     csv = "class,test_accuracy\n" + "".join(f"{k},{v:.4f}\n" for k, v in per_class.items())
     table = ("| class | test accuracy |\n|---|---|\n"
              + "".join(f"| {k} | {100 * v:.2f}% |\n" for k, v in per_class.items()))
-    model_store.log_to_run(run.info.run_id, metrics=metrics,
-                           texts={"test_evaluation/per_class.csv": csv, "test_evaluation/per_class.md": table},
-                           figures={"test_evaluation/confusion_matrix.png": plots.confusion(result["confusion"], title),
-                                    "test_evaluation/per_class_accuracy.png": plots.per_class(per_class, title),
-                                    "test_evaluation/misclassified.png": plots.misclassified(test, result, title)})
+    tags = {tracking.TAG_CONFIG_NAME: run.data.tags.get(tracking.TAG_CONFIG_NAME, run.info.run_name),
+            tracking.TAG_CONFIG_GROUP: group_of(run), "mlflow.note.content":
+            f"The model of run {run.info.run_name} ({run.info.run_id}) on the 10,000 test images: "
+            f"{100 * result['test_accuracy']:.2f}% accuracy. The training run holds its training alone."}
+    with tracking.run(f"{run.info.run_name}-test", kind=KIND_EVALUATION, parent_run_id=run.info.run_id, tags=tags):
+        tracking.log_evaluation(
+            logged.model_id if logged else None, test, source or str(locate(None)), metrics,
+            texts={"per_class.csv": csv, "per_class.md": table},
+            figures={"confusion_matrix.png": plots.confusion(result["confusion"], title),
+                     "per_class_accuracy.png": plots.per_class(per_class, title),
+                     "misclassified.png": plots.misclassified(test, result, title)})
     return metrics
 
 
 def register(selection: Selection, test: Split, *, name: str, alias: str, select: str,
-             force: bool = False) -> Registration:
+             force: bool = False, test_source: Optional[str] = None) -> Registration:
     """Evaluate every seed of the chosen config on the test set, register the picked seed, move the alias."""
     run = selection.pick
-    per_seed = {r.info.run_id: evaluate_once(r, test) for r in selection.runs}
+    per_seed = {r.info.run_id: evaluate_once(r, test, test_source) for r in selection.runs}
     test_metrics = per_seed[run.info.run_id]
     test_acc = stats.estimate([m["test_accuracy"] for m in per_seed.values()], fraction=True)
     value = selection.value.mean

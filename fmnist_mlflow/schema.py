@@ -14,7 +14,8 @@ KIND_SEARCH = "search"  # an Optuna study's parent run
 KIND_TRIAL = "trial"  # one trial of a search
 KIND_CONFIRM = "confirm"  # a search's best trial re-run on a fresh seed (`fmnist search --confirm`)
 KIND_LAUNCHER = "launcher"  # the run `mlflow run` made, when the work was logged elsewhere (tag PARENT says where)
-KINDS = (KIND_TRAIN, KIND_SWEEP, KIND_SWEEP_CHILD, KIND_SEARCH, KIND_TRIAL, KIND_CONFIRM, KIND_LAUNCHER)
+KIND_EVALUATION = "evaluation"  # a registered model evaluated on the test set, nested under its training run
+KINDS = (KIND_TRAIN, KIND_SWEEP, KIND_SWEEP_CHILD, KIND_SEARCH, KIND_TRIAL, KIND_CONFIRM, KIND_LAUNCHER, KIND_EVALUATION)
 
 # --- tags on every run -----------------------------------------------------------------------------------
 TAG_KIND = "fmnist.kind"  # one of KINDS

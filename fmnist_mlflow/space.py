@@ -217,6 +217,11 @@ def load_space(path: str | Path = DEFAULT_SPACE) -> Space:
             raise SpecError(f"{where}: {name} is both fixed and searched")
     if not choices and not ranges and not lr:
         raise SpecError(f"{where}: search is empty; nothing to tune")
+    schedules = choices.get("schedule", (fixed.get("schedule", RunConfig.schedule),))
+    if ("warmup" in fixed or "warmup" in ranges) and "onecycle" not in schedules:
+        # RunConfig cannot tell a given warmup from its default (0.3): refuse it here, where it was given
+        raise SpecError(f"{where}: warmup applies to the onecycle schedule only, and this space's schedule is "
+                        f"{', '.join(map(str, schedules))}: drop warmup or use schedule onecycle")
     models = choices.get("model", (fixed.get("model", "model1"),))
     if "dropout" in ranges and "model1" in models:
         raise SpecError(f"{where}: dropout is searched but model1 has no dropout layer")

@@ -98,6 +98,8 @@ class Noise:
     def describe(self, percent: bool = True) -> str:
         scale, unit = (100, " points") if percent else (1, "")
         fmt = lambda sd, df: f"{scale * sd:.2f}{unit} ({'prior' if math.isinf(df) else f'{df:g} df'})"  # noqa: E731
+        if not self.by_family:
+            return f"prior seed sd {scale * self.fallback[0]:.2f}{unit}: no model family has a config with two seeds yet"
         if self.pooled:
             text = f"seed sd pooled over all configs {fmt(*next(iter(self.by_family.values())))}"
             return text + (f" (Levene's test of the model families' spreads: p {self.levene_p:.2f})"
@@ -107,7 +109,7 @@ class Noise:
                else "too few seeds to test whether the families' spreads differ")
         text = f"seed sd per model family ({why}): {parts}"
         if self.fallback:
-            text += f"; a family without two seeds of a config yet: {fmt(*self.fallback)}"
+            text += f"; a family with no config of two seeds: {fmt(*self.fallback)}"
         return text
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 import platform
 import subprocess
@@ -30,8 +31,9 @@ from .config import SPLIT_SEED, RunConfig
 from .data import FILES, Dataset
 from .connection import TrackingError, redact, tracking_uri
 from .train import EpochMetrics
-from .schema import (KIND_CONFIRM, KIND_LAUNCHER, KIND_TRAIN, TAG_CONFIG_GROUP, TAG_CONFIG_HASH, TAG_CONFIG_NAME,
-                     TAG_FAILURE, TAG_KIND, TAG_PARENT, TAG_THREADS, TAG_WORKER)
+from .schema import (KIND_CONFIRM, KIND_EVALUATION, KIND_LAUNCHER, KIND_SWEEP_CHILD, KIND_TRAIN, KIND_TRIAL,
+                     TAG_CONFIG_GROUP, TAG_CONFIG_HASH, TAG_CONFIG_NAME, TAG_FAILURE, TAG_KIND, TAG_PARENT,
+                     TAG_THREADS, TAG_WORKER)
 
 EPOCH_METRICS = tuple(k for k in EpochMetrics.__annotations__ if k != "epoch")  # logged per step = epoch
 
@@ -108,11 +110,11 @@ def use_experiment(name: str) -> str:
     return experiment.experiment_id
 
 
-_launcher: Optional[str] = None  # the run `mlflow run` left in Default, once use_experiment moved the work
+_launcher: Optional[str] = None  # the run `mlflow run` made that holds no work (use_experiment, release_mlflow_run)
 
 
 def point_launcher_at(run_id: str) -> None:
-    """Tag the run `mlflow run` left in Default (if this process has one) with the run that holds the work."""
+    """Tag the run `mlflow run` made that holds no work (if this process has one) with the run that does."""
     global _launcher
     if _launcher is None:
         return
@@ -120,10 +122,22 @@ def point_launcher_at(run_id: str) -> None:
     target = client().get_run(run_id)
     experiment = mlflow.get_experiment(target.info.experiment_id).name
     client().set_tag(launcher, TAG_PARENT, run_id)
+    in_default = client().get_run(launcher).info.experiment_id == DEFAULT_EXPERIMENT_ID
     client().set_tag(launcher, "mlflow.note.content",
-                     f"`mlflow run` put this run in Default; the work is run {run_id} "
-                     f"({target.info.run_name}) in experiment {experiment!r}: {run_link(run_id)}. "
-                     f"`mlflow run . --experiment-name {experiment}` leaves no run here.")
+                     f"`mlflow run` made this run{' in Default' if in_default else ''}; the work is run {run_id} "
+                     f"({target.info.run_name}) in experiment {experiment!r}: {run_link(run_id)}."
+                     + (f" `mlflow run . --experiment-name {experiment}` leaves no run here." if in_default else ""))
+
+
+def release_mlflow_run() -> None:
+    """Inside `mlflow run` of a command whose runs nest under others' (`register`'s evaluation runs): take
+    the run MLflow made out of this process's environment, since MLflow would adopt it ($MLFLOW_RUN_ID) as
+    the first run the process opens; `point_launcher_at` then points it at the work."""
+    global _launcher
+    made = os.environ.pop("MLFLOW_RUN_ID", None)
+    if made:
+        _launcher = made
+        client().set_tag(made, TAG_KIND, KIND_LAUNCHER)
 
 
 def _end(status: str, reason: Optional[str] = None) -> None:
@@ -173,6 +187,7 @@ def run(
         parent_run_id=parent_run_id,
         nested=parent_run_id is not None,
         tags=tags,
+        log_system_metrics=kind in TRAINING_KINDS and system_metrics(),
     )
     if adopt:
         mlflow.set_tags({"mlflow.runName": run_name, **tags})
@@ -197,9 +212,24 @@ def worker_name() -> str:
     return f"{platform.node()}:{os.getpid()}"
 
 
+TRAINING_KINDS = (KIND_TRAIN, KIND_SWEEP_CHILD, KIND_TRIAL, KIND_CONFIRM)  # runs that train: system metrics
+# MLflow announces each run's monitor starting, stopping and skipping the GPU at INFO (four lines a run,
+# 200 for the main job); the run's System metrics tab is where a user looks.
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+
+
+def system_metrics() -> bool:
+    """Whether training runs log MLflow's system metrics (CPU, memory, disk and network every 10 s; GPU
+    too where nvidia-ml-py is installed): yes, unless $MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING says false
+    (`--no-system-metrics` sets it for a command and its workers)."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING as switch
+
+    return switch.get() if switch.is_set() else True
+
+
 # Runs one process opens and closes by itself; a sweep's children and a search's trials are the engine's
 # to reap (by their trial's state), and parents are held open by several workers in turn.
-SOLO_KINDS = (KIND_TRAIN, KIND_CONFIRM)
+SOLO_KINDS = (KIND_TRAIN, KIND_CONFIRM, KIND_EVALUATION)
 ABANDONED_REASON = ("abandoned: its process on this machine ended without closing it (e.g. the tracking store's disk "
                     "was full, or it was killed); ended by the next fmnist command")
 
@@ -302,6 +332,23 @@ def _log_input(dataset, context: str) -> None:
             if attempt == 2 or ("UNIQUE" not in str(exc) and "already exists" not in str(exc)):
                 raise
             time.sleep(0.2 * (attempt + 1))
+
+
+def log_evaluation(model_id: Optional[str], test, source: str, metrics: dict, texts: dict, figures: dict) -> None:
+    """On the active (evaluation) run: the logged model and the test split as its inputs, the test metrics
+    linked to both (so the Models view shows them on the model), and the evaluation's tables and figures."""
+    from mlflow.entities import LoggedModelInput
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # see log_config
+        dataset = mlflow.data.from_numpy(features=test.x.cpu().numpy(), targets=test.y.cpu().numpy(), source=source,
+                                         name="fashion-mnist-test", digest=split_digest("test", 0))
+    mlflow.log_input(dataset, context="testing", model=LoggedModelInput(model_id) if model_id else None)
+    mlflow.log_metrics(metrics, model_id=model_id, dataset=dataset)
+    for path, text in texts.items():
+        mlflow.log_text(text, path)
+    for path, fig in figures.items():
+        log_figure(fig, path)
 
 
 def split_digest(context: str, subset: int) -> str:

@@ -64,3 +64,19 @@ def test_no_source_lists_the_three_ways(tmp_path, monkeypatch):
     with pytest.raises(data.DataError) as err:
         data.locate(tmp_path, download=False)
     assert "--data-dir" in str(err.value) and "apt-get install" in str(err.value) and "torchvision" in str(err.value)
+
+
+def test_a_gzip_body_with_overwritten_bytes_is_one_line_naming_the_file(tmp_path):
+    """Bytes overwritten inside the compressed stream make zlib fail (not a truncation): one line, exit 1."""
+    from click.testing import CliRunner
+
+    from fmnist_mlflow import cli
+
+    copy_dataset(tmp_path)
+    target = tmp_path / "train-images-idx3-ubyte.gz"
+    raw = bytearray(target.read_bytes())
+    raw[5000:5016] = b"\xff" * 16
+    target.write_bytes(bytes(raw))
+    result = CliRunner().invoke(cli.main, ["data", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "train-images-idx3-ubyte.gz is unreadable, truncated or corrupt" in result.output

@@ -2,6 +2,7 @@
 host name (the README's scaling-out recipe), passwords in URIs, unreadable inputs to `fmnist predict`."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -101,6 +102,18 @@ def test_allowed_hosts_the_readme_recipe_and_a_clear_error_for_a_refused_host_na
         stop(server)
 
 
+@pytest.mark.parametrize("command", [["train", "--device", "cpu", "--subset", "300", "--epochs", "1"],
+                                     ["predict", "nothing.npy"]])
+def test_a_tracking_uri_of_an_unknown_scheme_is_one_line_naming_it(store, monkeypatch, command):
+    """MLflow's own words were "Model registry functionality is unavailable"."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "notascheme://foo")
+    mlflow.set_tracking_uri("notascheme://foo")
+    result = CliRunner().invoke(cli.main, command)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "tracking store notascheme://foo: MLflow has no tracking store for the scheme 'notascheme'" in result.output
+    assert "registry functionality" not in result.output
+
+
 def test_no_password_is_ever_printed(store, tmp_path, monkeypatch):
     bad = f"http://user:secretpw@127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", bad)
@@ -111,7 +124,7 @@ def test_no_password_is_ever_printed(store, tmp_path, monkeypatch):
     mlflow.set_tracking_uri(store)
     result = CliRunner().invoke(cli.main, ["search", "--storage", "postgresql://user:secretpw@host:notaport/db",
                                            "--trials", "1", "--subset", "300", "--epochs", "1", "--device", "cpu"])
-    assert result.exit_code == 1 and "secretpw" not in result.output and "user:***@host" in result.output
+    assert result.exit_code == 2 and "secretpw" not in result.output and "user:***@host" in result.output
 
 
 def test_predict_treats_empty_arrays_and_decompression_bombs_as_bad_inputs(tmp_path):
@@ -120,6 +133,10 @@ def test_predict_treats_empty_arrays_and_decompression_bombs_as_bad_inputs(tmp_p
     (tmp_path / "empty.npy").write_bytes(b"")
     with pytest.raises(predict.InputError, match="empty.npy: not a readable .npy array"):
         predict.read_input(str(tmp_path / "empty.npy"))
+    for shape in ((0, 28, 28), (0, 1, 28, 28), (0,)):  # named as the file has it, not as reshaped
+        np.save(tmp_path / "none.npy", np.zeros(shape, dtype=np.uint8))
+        with pytest.raises(predict.InputError, match=re.escape(f"none.npy: shape {shape} holds no image")):
+            predict.read_input(str(tmp_path / "none.npy"))
     bomb = tmp_path / "bomb.png"
     Image.new("L", (1, 1)).save(bomb)
     limit = Image.MAX_IMAGE_PIXELS

@@ -76,6 +76,9 @@ def test_search_prints_its_link_and_its_trials_have_their_own_names(store, tmp_p
                for line in result.output.splitlines())
     trials = [r for r in all_runs() if r.data.tags.get(tracking.TAG_KIND) == "trial"]
     assert len(trials) == 3 and len({r.info.run_name for r in trials}) == 3
+    # the epoch lines name each trial's run, digest included: trials of one model and optimizer differ in it
+    for run in trials:
+        assert f"[trial {run.data.tags['fmnist.trial']}] {run.info.run_name} epoch" in result.output
 
 
 def test_warm_start_says_why_a_grid_value_was_moved_into_the_space(store, tmp_path):
@@ -86,6 +89,9 @@ def test_warm_start_says_why_a_grid_value_was_moved_into_the_space(store, tmp_pa
     result = invoke(*search_args(tmp_path, space, trials=1), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "warm start" in result.output and "weight_decay 1e-06 for the grid's 0.0" in result.output
+    # what was carried over, and that the rest is the space's own (it may change schedule, batch, width...)
+    assert "carries over the grid's best config where this space can hold it" in result.output
+    assert "the rest is the space's own" in result.output
     assert "log-scale range cannot hold" in result.output
 
 

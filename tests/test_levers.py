@@ -39,6 +39,10 @@ def space_with(tmp_path, fixed=None, **search):
     ({}, {"width": 5}, "unknown width 5; choose from numbers in 0.25..4"),
     ({}, {"model": "model1", "width": 2}, "width applies to model3 only"),
     ({}, {"warmup": 0.2}, "warmup applies to the onecycle schedule only"),
+    # 0.3 is also RunConfig's default, so the config alone cannot tell it was given: the space file does
+    ({}, {"warmup": 0.3}, "warmup applies to the onecycle schedule only, and this space's schedule is constant"),
+    ({}, {"warmup": 0.3, "schedule": "constant"}, "warmup applies to the onecycle schedule only"),
+    ({"warmup": {"low": 0.1, "high": 0.4}}, {"schedule": "cosine"}, "this space's schedule is cosine"),
 ])
 def test_bad_lever_values_in_a_space_file_are_one_clear_error(tmp_path, search, fixed, message):
     with pytest.raises(SpecError, match="space.yaml") as err:

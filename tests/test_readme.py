@@ -78,11 +78,41 @@ def test_every_readme_mlflow_run_command_runs_as_written_in_a_fresh_copy(tmp_pat
         assert one_seed.data.params["seeds"] == "0" and one_seed.data.tags[schema.TAG_RACE] == "off"
         # the main job's second run resumed the first: its run is a launcher pointing at the parent
         launchers = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == schema.KIND_LAUNCHER]
-        assert [r.data.tags[schema.TAG_PARENT] for r in launchers] == [main.info.run_id]
+        assert [r.data.tags[schema.TAG_PARENT] for r in launchers if r.data.tags[schema.TAG_PARENT] in
+                {g.info.run_id for g in grids}] == [main.info.run_id]
         assert [r for r in runs if r.data.tags.get(schema.TAG_KIND) == "search"]
         version = mlflow.MlflowClient().get_model_version_by_alias("fmnist-cnn", "champion")
         assert version.tags[schema.VERSION_SOURCE_RUN] in {r.info.run_id for r in runs}
+        # `mlflow run -e register` made a run; it points at the registered run instead of standing empty
+        assert version.tags[schema.VERSION_SOURCE_RUN] in {r.data.tags[schema.TAG_PARENT] for r in launchers}
     finally:
         mlflow.set_tracking_uri(None)
     studies = optuna.get_all_study_summaries(f"sqlite:///{project / 'optuna.db'}")
     assert all(s.user_attrs.get(schema.ATTR_PARENT) for s in studies)  # no half-made study left behind
+
+
+def test_search_and_register_entry_points_without_experiment_name_land_in_fmnist(tmp_path):
+    """Without --experiment-name `mlflow run` makes its run in Default: each entry point leaves it there as
+    a launcher pointing at the work, which lands in experiment fmnist (main and train: tests/test_sweep.py,
+    tests/test_cli.py)."""
+    project = fresh_copy(tmp_path)
+    env = cli_env()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for command in ("mlflow run . -e search --env-manager local -P trials=2 -P pruner=none",
+                    "mlflow run . -e register --env-manager local"):
+        proc = subprocess.run(tiny(command), cwd=project, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{command}\n{(proc.stdout + proc.stderr)[-4000:]}"
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    try:
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        assert not [r for r in runs if r.info.status != "FINISHED"]
+        launchers = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == schema.KIND_LAUNCHER]
+        assert len(launchers) == 2 and {r.info.experiment_id for r in launchers} == {"0"}
+        work = [r for r in runs if r not in launchers]
+        assert work and {mlflow.get_experiment(r.info.experiment_id).name for r in work} == {"fmnist"}
+        (search,) = [r for r in work if r.data.tags.get(schema.TAG_KIND) == "search"]
+        version = mlflow.MlflowClient().get_model_version_by_alias("fmnist-cnn", "champion")
+        assert sorted(r.data.tags[schema.TAG_PARENT] for r in launchers) == \
+            sorted([search.info.run_id, version.tags[schema.VERSION_SOURCE_RUN]])
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -38,23 +38,46 @@ def test_register_picks_best_by_validation_and_logs_the_test_evaluation(two_runs
     version = mlflow.MlflowClient().get_model_version_by_alias("fmnist-cnn", "champion")
     assert version.tags["source_run_id"] == good.run_id
     run = mlflow.get_run(good.run_id)
-    assert {"test_accuracy", "test_loss", "test_nll"} <= set(run.data.metrics)
-    # per-class accuracy is a figure and a table, not ten single-bar metric charts above the curves
-    assert not [k for k in run.data.metrics if "per_class" in k]
-    assert 0.1 < run.data.metrics["test_accuracy"] < 1
-    assert float(version.tags["test_accuracy"]) == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6)
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(good.run_id, "test_evaluation")}
-    assert artifacts == {"test_evaluation/confusion_matrix.png", "test_evaluation/misclassified.png",
-                         "test_evaluation/per_class.csv", "test_evaluation/per_class.md",
-                         "test_evaluation/per_class_accuracy.png"}
-    table = mlflow.artifacts.load_text(f"runs:/{good.run_id}/test_evaluation/per_class.md")
+    # the training run holds its training alone: its charts are its epoch curves
+    assert not [k for k in run.data.metrics if k.startswith("test_") or "per_class" in k]
+    # the evaluation is a run of its own, nested under the training run, with the model and the test set as
+    # its inputs and the test metrics linked to both (MLflow 3's pattern)
+    (evaluation,) = mlflow.search_runs(experiment_ids=[run.info.experiment_id], output_format="list",
+                                       filter_string=f"tags.`mlflow.parentRunId` = '{good.run_id}'")
+    assert evaluation.data.tags["fmnist.kind"] == "evaluation" and evaluation.info.status == "FINISHED"
+    assert evaluation.info.run_name == f"{run.info.run_name}-test"
+    assert {"test_accuracy", "test_loss", "test_nll"} == set(evaluation.data.metrics)
+    assert 0.1 < evaluation.data.metrics["test_accuracy"] < 1
+    assert float(version.tags["test_accuracy"]) == pytest.approx(evaluation.data.metrics["test_accuracy"], abs=1e-6)
+    (model,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                           filter_string=f"source_run_id = '{good.run_id}'")
+    inputs = mlflow.get_run(evaluation.info.run_id).inputs
+    assert [i.model_id for i in inputs.model_inputs] == [model.model_id]
+    assert [d.dataset.name for d in inputs.dataset_inputs] == ["fashion-mnist-test"]
+    linked = {m.key: m for m in mlflow.get_logged_model(model.model_id).metrics}
+    assert linked["test_accuracy"].run_id == evaluation.info.run_id
+    assert linked["test_accuracy"].dataset_name == "fashion-mnist-test"
+    # the registered version is linked to its logged model: the Models view's "Registered models" column
+    # reads the model's mlflow.modelVersions tag (a sqlite registry keeps no model_id on the version)
+    assert version.source == f"models:/{model.model_id}"
+    assert json.loads(mlflow.get_logged_model(model.model_id).tags["mlflow.modelVersions"]) == [
+        {"name": "fmnist-cnn", "version": version.version}]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(evaluation.info.run_id)}
+    assert artifacts == {"confusion_matrix.png", "misclassified.png", "per_class.csv", "per_class.md",
+                         "per_class_accuracy.png"}
+    table = mlflow.artifacts.load_text(f"runs:/{evaluation.info.run_id}/per_class.md")
     assert table.count("\n") == 12 and "| Trouser |" in table
     # no MLflow chatter about the registered model, no "(previous None)" on a new store
     assert "already exists" not in result.output and "Creating a new version" not in result.output
     assert "previous None" not in result.output and "first holder" in result.output
     assert "uint8" not in version.description and "float32" in version.description
     assert run.info.status == "FINISHED"  # evaluating did not reopen the run
-    assert f"{100 * run.data.metrics['test_accuracy']:.2f}%" in result.output
+    assert f"{100 * evaluation.data.metrics['test_accuracy']:.2f}%" in result.output
+    assert f"view it: mlflow ui --backend-store-uri" in result.output and good.run_id in result.output
+    again = invoke("register")  # evaluated once: a second register reuses the evaluation run
+    assert again.exit_code == 0, again.output
+    assert len(mlflow.search_runs(experiment_ids=[run.info.experiment_id], output_format="list",
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{good.run_id}'")) == 1
 
 
 def test_alias_does_not_move_to_a_worse_version_without_force(two_runs):
@@ -86,9 +109,16 @@ def test_predict_png_and_npy_and_its_errors(two_runs, tmp_path):
     result = CliRunner().invoke(cli.main, ["predict", "--model-uri", good.model_uri, "--top-k", "2",
                                            str(tmp_path / "a.png"), str(tmp_path / "big.jpg"), str(tmp_path / "batch.npy")])
     assert result.exit_code == 0, result.output
-    lines = result.output.strip().splitlines()
+    model, *lines = result.output.strip().splitlines()
+    # which model answered: the logged model and the run it came from
+    assert model == f"model: logged model {good.model_uri.split('/')[-1]} ({mlflow.get_run(good.run_id).info.run_name}), run {good.run_id}"
     assert len(lines) == 5 and lines[0].startswith(f"{tmp_path / 'a.png'}: ")
     assert "resized from 56x56 to 28x28" in lines[1] and lines[4].startswith(f"{tmp_path / 'batch.npy'}[2]: ")
+    invoke("register")  # the default URI, the champion alias: the version it points at now is named
+    result = CliRunner().invoke(cli.main, ["predict", str(tmp_path / "a.png")])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"model: fmnist-cnn version 1 (alias champion): logged model m-")
+    assert f"run {good.run_id}" in result.output.splitlines()[0]
 
     result = CliRunner().invoke(cli.main, ["predict", "--model-uri", good.model_uri, "--json", str(tmp_path / "a.png"),
                                            str(tmp_path / "wrong.npy"), str(tmp_path / "broken.png"),
@@ -144,7 +174,7 @@ def test_serve_the_champion_over_rest(two_runs, store, tmp_path):
             expected = good.model(torch.from_numpy(x)).numpy()
         np.save(tmp_path / "x.npy", x)
         predicted = json.loads(invoke("predict", "--model-uri", "models:/fmnist-cnn@champion", "--json", "--top-k",
-                                      "1", str(tmp_path / "x.npy")).output)
+                                      "1", str(tmp_path / "x.npy")).stdout)  # stdout: JSON alone
         # raw uint8 pixels as JSON integers, floats in [0, 1] (torchvision's ToTensor), and floats 0-255
         for inputs in (x.tolist(), (x / 255.0).tolist(), x.astype(float).tolist()):
             response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": inputs}, timeout=60)

@@ -154,12 +154,16 @@ def test_warm_start_from_the_grid_best(store, tmp_path):
 @pytest.mark.parametrize("storage, message", [
     ("not-a-url", "is not a storage URL"),
     ("journal:/nonexistent/dir/log", "does not exist"),
+    ("mysql://me:secret@127.0.0.1/optuna", "the database driver 'MySQLdb' is not installed"),
+    ("postgresql+nodriver://me@127.0.0.1/optuna", "postgresql.nodriver"),
 ])
-def test_bad_storage_fails_before_any_run(store, tmp_path, storage, message):
+def test_bad_storage_is_a_usage_error_before_any_work(store, tmp_path, storage, message):
+    """The URL's form and driver are checked where the option is read (exit 2), before the data loads."""
     args = search_args(tmp_path)
     args[args.index("--storage") + 1] = storage
     result = CliRunner().invoke(cli.main, args)
-    assert result.exit_code == 1 and message in result.output
+    assert result.exit_code == 2 and message in result.output and "secret" not in result.output
+    assert "Traceback" not in result.output
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 

@@ -206,3 +206,26 @@ def test_mlflow_run_main_entry_point_is_the_sweep(tmp_path):
         assert (proc.stderr + proc.stdout).count(" epoch ") == 2  # the two configs' epoch lines, no bar labels
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_a_failed_start_leaves_nothing_that_blocks_the_next_run(store, tmp_path, monkeypatch, tiny_data):
+    """A start that fails after creating the study (here: the parent run cannot be made) deletes the study:
+    the next command would otherwise wait for a parent that never comes, and fail."""
+    import optuna
+
+    g = grid.load_grid(write_grid(tmp_path))
+    configs = g.configs(subset=600, device="cpu")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    experiment_id = tracking.use_experiment("fmnist")
+    real = tracking.create_run
+
+    def store_gone(*args, **kwargs):
+        raise RuntimeError("tracking store gone")
+
+    monkeypatch.setattr(tracking, "create_run", store_gone)
+    with pytest.raises(RuntimeError, match="tracking store gone"):
+        sweep.run_sweep(g, configs, tiny_data, experiment_id=experiment_id, storage_url=storage)
+    assert optuna.get_all_study_summaries(storage) == []
+    monkeypatch.setattr(tracking, "create_run", real)
+    result = sweep.run_sweep(g, configs, tiny_data, experiment_id=experiment_id, storage_url=storage)
+    assert len(result.rows) == 2 and not result.failed

@@ -36,7 +36,7 @@ def test_a_run_that_ends_nan_fails_and_is_never_selected(store):
     assert "DivergedError" in failed.data.tags[tracking.TAG_FAILURE]
     result = invoke("register", "--select", "val_nll")
     assert result.exit_code == 0, result.output
-    finished = next(r for r in all_runs() if r.info.status == "FINISHED")
+    finished = next(r for r in all_runs() if r.info.status == "FINISHED" and r.data.tags[tracking.TAG_KIND] == "train")
     assert champion().tags["source_run_id"] == finished.info.run_id
 
 
