@@ -27,7 +27,8 @@ def verdict(done: dict, family: dict, config: str, select: str, prior_sd: Option
     if not done.get(config):
         return ""
     scored = [key for key, values in done.items() if values]
-    leader = pick_best(scored, select, key=lambda key: sum(done[key]) / len(done[key]))
+    mean = {key: sum(done[key]) / len(done[key]) for key in scored}
+    leader = pick_best(scored, select, key=mean.get)
     if leader == config:
         return ""
     noise = stats.seed_noise({k: done[k] for k in scored}, family, prior_sd)
@@ -37,8 +38,7 @@ def verdict(done: dict, family: dict, config: str, select: str, prior_sd: Option
     if stats.indistinguishable(p):
         return ""
     name = name or {}
-    mean = lambda key: sum(done[key]) / len(done[key])  # noqa: E731
-    gap = abs(mean(leader) - mean(config)) * (100 if select == "val_accuracy" else 1)
+    gap = abs(mean[leader] - mean[config]) * (100 if select == "val_accuracy" else 1)
     unit = " points" if select == "val_accuracy" else ""
     return (f"after {len(done[config])} seed(s), {gap:.2f}{unit} {'behind' if SELECT[select] else 'above'} the leader "
             f"{name.get(leader, leader)} ({len(done[leader])} seed(s)) on {select}, p {p:.4f} < {stats.ALPHA}; "

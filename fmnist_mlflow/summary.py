@@ -135,10 +135,8 @@ def aggregate(rows: list[RunRow], select: str = "val_accuracy", raced: Optional[
     if not scored:
         return out
     top = pick_best(scored, select, key=lambda c: getattr(c, select).mean)
-    values = {c.group: [r[select] for r in groups[c.group] if r["status"] == "FINISHED" and r[select] is not None]
-              for c in scored}
-    family = {c.group: c.model for c in scored}
-    noise = seed_noise(rows, select)
+    values, family = finished_values(rows, select)
+    noise = stats.seed_noise(values, family)
     p_values = stats.compare_with_best(values, top.group, noise, family) if noise else {}
     compared = []
     for c in out:
@@ -151,15 +149,20 @@ def aggregate(rows: list[RunRow], select: str = "val_accuracy", raced: Optional[
     return compared
 
 
-def seed_noise(rows: list[RunRow], select: str = "val_accuracy") -> Optional[stats.Noise]:
-    """The seed noise `aggregate` compares configs with (None: no config has two finished seeds)."""
+def finished_values(rows: list[RunRow], select: str) -> tuple:
+    """({config group: the finished seeds' values of `select`}, {config group: model family})."""
     values: dict = {}
     family: dict = {}
     for r in rows:
         if r["status"] == "FINISHED" and r[select] is not None:
             values.setdefault(r["group"], []).append(r[select])
             family[r["group"]] = r["model"]
-    return stats.seed_noise(values, family)
+    return values, family
+
+
+def seed_noise(rows: list[RunRow], select: str = "val_accuracy") -> Optional[stats.Noise]:
+    """The seed noise `aggregate` compares configs with (None: no config has two finished seeds)."""
+    return stats.seed_noise(*finished_values(rows, select))
 
 
 def best(configs: list) -> Optional[ConfigRow]:
