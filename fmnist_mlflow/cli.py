@@ -15,9 +15,10 @@ import click
 
 from . import config as cfg
 from .cli_options import (build_config, check_alias, check_model_name, check_timeout, config_options, confirm_seeds, data_dir_option, device_options, epochs_option, experiment_option,
-                          jobs_option, storage_options, subset_option, system_metrics_option, tracking_options)
+                          jobs_option, race_options, storage_options, subset_option, system_metrics_option, tracking_options)
 from .console import EpochProgress, duration, on_wait, workers_line
-from .space import PRUNERS, SAMPLERS
+from .pruners import CATALOGUE, PRUNERS
+from .space import SAMPLERS
 from .config import SELECT as SELECT_METRICS
 
 EXIT_INTERRUPTED = 130
@@ -136,12 +137,9 @@ def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> N
 @click.option("--seeds", default=None, metavar="0,1,2|grid",
               help="Training seeds, each config runs once per seed (default, or `grid`: the grid file's `seeds`, "
               "0,1,2 for the report's).")
-@click.option("--race", type=click.BOOL, default=True, is_flag=False, flag_value=True, show_default=True,
-              metavar="[true|false]",
-              help="Race the seeds: a config already shown worse than the leader (the summary's test) gets no "
-              "more seeds; its points end PRUNED with the reason, and no run. `--race false` or --no-race: every "
-              "config gets every seed.")
-@click.option("--no-race", is_flag=True, help="Same as `--race false`.")
+@race_options("Race the seeds: a config already shown worse than the leader (the summary's test) gets no more "
+              "seeds; its points end PRUNED with the reason, and no run. `--race false` or --no-race: every config "
+              "gets every seed.")
 @device_options
 @system_metrics_option
 @jobs_option
@@ -151,7 +149,7 @@ def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> N
 @experiment_option("MLflow experiment name; $MLFLOW_EXPERIMENT_NAME if set.")
 @data_dir_option
 @reported
-def sweep(grid_file, select, seeds, race, no_race, device, precision, threads, jobs, storage, study_name, epochs, subset,
+def sweep(grid_file, select, seeds, race, device, precision, threads, jobs, storage, study_name, epochs, subset,
           experiment, data_dir) -> None:
     """Run every config of a grid as nested runs under one parent; resumable (finished configs are skipped).
 
@@ -198,7 +196,7 @@ def sweep(grid_file, select, seeds, race, no_race, device, precision, threads, j
                          on_workers=lambda n: click.echo(workers_line(n, threads, jobs, f"the {n} point(s) left")))
     result = sweep_mod.run_sweep(grid, configs, dataset, experiment_id=experiment_id, select=select, storage_url=storage,
                                  study_name=study_name, jobs=jobs or hardware.default_jobs(configs[0].device, len(configs), subset),
-                                 data_dir=data_dir, threads=threads, race=race and not no_race, hooks=hooks)
+                                 data_dir=data_dir, threads=threads, race=race, hooks=hooks)
     tracking.point_launcher_at(result.parent_run_id)
     click.echo("")
     click.echo(result.markdown)
@@ -221,7 +219,8 @@ def sweep(grid_file, select, seeds, race, no_race, device, precision, threads, j
               help="Search space file (default: experiments/search.yaml).")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default="tpe", show_default=True)
 @click.option("--pruner", type=click.Choice(PRUNERS), default=PRUNERS[0], show_default=True,
-              help="percentile: prune the bottom quarter from epoch 4 of 10 on (see experiments/SEARCH.md).")
+              help=f"{PRUNERS[0]}, the default: {CATALOGUE[PRUNERS[0]].what} (chosen by replaying the candidates "
+              "on a study's curves, experiments/SEARCH.md).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
               help="Sampler seed for a reproducible single-process search (default: fresh entropy; a resumed "
               "study or another worker never replays the same suggestions).")
@@ -229,12 +228,15 @@ def sweep(grid_file, select, seeds, race, no_race, device, precision, threads, j
               help="After the trials, re-run the K best with --seeds seeds each and name the champion by the mean.")
 @click.option("--seeds", "confirm_seeds", default="3", show_default=True, metavar="N|1,2,3", callback=confirm_seeds,
               help="Seeds for --confirm: a count N (fresh seeds 1..N, not the search's own seed 0) or a list.")
+@race_options("Race --confirm's contenders: seed by seed, one already shown worse than the leader (the main job's "
+              "test) gets no more seeds, so the champion is one that got them all. `--race false` or --no-race: "
+              "every contender gets every seed.")
 @jobs_option
 @device_options
 @system_metrics_option
 @tracking_options
 @reported
-def search(trials, timeout, storage, study_name, space_file, sampler, pruner, seed, confirm_k, confirm_seeds, jobs,
+def search(trials, timeout, storage, study_name, space_file, sampler, pruner, seed, confirm_k, confirm_seeds, race, jobs,
            device, precision, threads, epochs, subset, experiment, data_dir) -> None:
     """Search model3's training settings with Optuna (the space file says which: optimizer and learning rate,
     dropout, weight decay, schedule, batch size, label smoothing, augmentation, width, weight average); each
@@ -267,7 +269,8 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
         shared.run(dataset, jobs=workers, threads=threads, data_dir=data_dir, budget=trials, timeout=timeout, hooks=hooks)
     console.search_summary(shared.close(), space.metric)
     if confirm_k:
-        done = confirm.confirm(shared, dataset, k=confirm_k, seeds=confirm_seeds, on_start=console.confirm_started)
+        done = confirm.confirm(shared, dataset, k=confirm_k, seeds=confirm_seeds, race=race,
+                               on_start=console.confirm_started, on_raced=console.confirm_raced)
         console.confirmed(done, space.metric)
     click.echo(f"view it: {tracking.run_link(shared.parent_id)}")
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import functools
+
 import click
 
 from . import config as cfg
@@ -155,6 +157,24 @@ def system_metrics_option(fn):
                         help="Log MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) on "
                         "every training run, every 10 s (default: on, unless $MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING "
                         "is false).")(fn)
+
+
+def race_options(what: str):
+    """--race [true|false] and --no-race, shared by the sweep (its seeds) and the search (its confirm step):
+    the value is False when either says so."""
+
+    def decorate(fn):
+        fn = click.option("--no-race", "no_race", is_flag=True, help="Same as `--race false`.")(fn)
+        fn = click.option("--race", type=click.BOOL, default=True, is_flag=False, flag_value=True, show_default=True,
+                          metavar="[true|false]", help=what)(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, race: bool, no_race: bool, **kwargs):
+            return fn(*args, race=race and not no_race, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def jobs_option(fn):

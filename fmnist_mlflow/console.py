@@ -90,6 +90,9 @@ def trial_ended(total: int, metric: str):
         elapsed = time.monotonic() - started
         left = f", ~{duration(elapsed / len(done) * (total - len(done)))} left" if len(done) < total else ""
         value = "-" if t.value is None else f"{t.value:.4f}"
+        if t.state.name == "PRUNED" and t.intermediate_values:  # where it stopped, and at what value
+            at = max(t.intermediate_values)
+            value = f"{t.intermediate_values[at]:.4f} after epoch {at}"
         click.echo(f"trial {t.number} {t.state.name} [{len(done)}/{total}{left}]: {metric} {value}  "
                    f"{brief_params(t.params)}")
 
@@ -114,10 +117,8 @@ def search_summary(summary, metric: str) -> None:
     click.echo(f"{summary.trials} trials in the study: {summary.states}; epochs run {summary.epochs_run}, "
                f"saved by pruning {summary.epochs_saved}"
                + (f"; {summary.retried} retried after their worker was lost" if summary.retried else ""))
-    from .search_report import replay_line
-
     for r in summary.replays:
-        click.echo(f"  replayed on the completed trials, the {r.pruner} pruner {replay_line(r)}")
+        click.echo(f"  replayed on the completed trials, the {r.pruner} pruner {r.line()}")
     if summary.best:
         b = summary.best
         click.echo(f"best: trial {b['number']} {metric} {b['value']:.4f} {brief_params(b['params'])} (run {b['run_id']})")
@@ -125,6 +126,10 @@ def search_summary(summary, metric: str) -> None:
 
 def confirm_started(n: int, total: int, trial, config) -> None:
     click.echo(f"[confirm {n + 1}/{total}] trial {trial.number} seed {config.seed}")
+
+
+def confirm_raced(trial, config, why: str) -> None:
+    click.echo(f"[confirm] trial {trial.number} seed {config.seed}: raced out, not run ({why.split(';')[0]})")
 
 
 def confirmed(done, metric: str) -> None:

@@ -19,7 +19,7 @@ from typing import ClassVar, Optional
 
 import optuna
 
-from . import runs, search_report, tracking, train
+from . import pruners, runs, search_report, tracking, train
 from .data import Dataset
 from .engine import Hooks, SharedStudy
 from .schema import (ATTR_RUN, ATTR_START_POINT, ATTR_WARM_START, KIND_SEARCH, KIND_SWEEP, KIND_TRIAL, TAG_BEST_RUN,
@@ -54,22 +54,6 @@ def make_sampler(name: str, seed: Optional[int]) -> optuna.samplers.BaseSampler:
     # costs 4-10 minutes on a 2-core CPU, so a study here has ~20 trials, and its first random ones scored
     # 87-90% against 92-93% for the start points (experiments/SEARCH.md): modelling should start early.
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=5)
-
-
-def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
-    if name == "median":
-        # Judge a trial only after 3 trials completed and its own first 2 epochs (early epochs are noisy).
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
-    # "percentile", the default: prune only the bottom quarter, only from epoch 4 of 10 on (the earliest
-    # step Optuna prunes at is n_warmup_steps), and only once 6 trials completed. Scheduled runs (cosine,
-    # onecycle) trail constant-rate runs early and overtake them at the end; the median pruner, judging
-    # from epoch 2, threw such trials away (experiments/SEARCH.md has the measurements).
-    return optuna.pruners.PercentilePruner(75.0, n_startup_trials=6, n_warmup_steps=max(1, epochs // 2) - 1,
-                                           n_min_trials=4)
 
 
 @dataclass(frozen=True)
@@ -108,7 +92,7 @@ class Search:
         return make_sampler(self.sampler_name, sampler_seed(self.seed, finished_before, worker))
 
     def pruner(self) -> optuna.pruners.BasePruner:
-        return make_pruner(self.pruner_name, self.settings.epochs)
+        return pruners.make(self.pruner_name, self.settings.epochs)
 
     def fill(self, study: optuna.Study, experiment_id: str) -> Optional[tuple]:
         """Queue the grid's best config (when the experiment holds a finished sweep) and the space file's
@@ -172,11 +156,10 @@ class Search:
         return objective
 
     def report(self, shared: SharedStudy) -> search_report.SearchSummary:
-        """The study's summary, logged on its parent: trials, figures, the best trial, what pruning saved
-        and what the percentile and median pruners would have stopped."""
+        """The study's summary, logged on its parent: trials, curves, figures, the best trial, what pruning
+        saved and what each candidate pruner would have stopped."""
         epochs = self.settings.epochs
-        replays = tuple(search_report.replay_pruner(shared.study, name, lambda name=name: make_pruner(name, epochs),
-                                                    epochs) for name in ("percentile", "median"))
-        summary = search_report.summarize(shared.study, shared.parent_id, epochs, replays, retried=shared.retried())
-        search_report.log(shared.study, summary, self.space.metric)
+        summary = search_report.summarize(shared.study, shared.parent_id, epochs, pruners.replay_all(shared.study, epochs),
+                                          retried=shared.retried())
+        search_report.log(shared.study, summary, self.space.metric, epochs)
         return summary

@@ -16,7 +16,7 @@ from typing import Optional
 import optuna
 from optuna.trial import TrialState
 
-from . import tracking
+from . import fidelity, pruners, tracking
 from .schema import ATTR_RUN, TAG_BEST_RUN, TAG_BEST_TRIAL, TAG_PRUNER_REPLAY, TAG_RETRIED, TAG_TRIALS
 
 
@@ -28,7 +28,7 @@ class SearchSummary:
     best: Optional[dict]  # number, value, params, run_id
     epochs_run: int  # epochs trained over all finished and pruned trials
     epochs_saved: int  # epochs pruning skipped: what pruned trials would have run to the end
-    replays: tuple = ()  # PrunerReplay per pruner: how it would have treated the completed trials
+    replays: tuple = ()  # pruners.Replay per candidate pruner: what it would have stopped of the completed trials
     retried: int = 0  # trials redone because the worker running them was lost
 
 
@@ -105,13 +105,17 @@ def _figure(axes):
     return first.figure
 
 
-def log(study: optuna.Study, summary: SearchSummary, metric: str) -> None:
-    """Log the summary on the active (parent) run and tag the best trial's run."""
+def log(study: optuna.Study, summary: SearchSummary, metric: str, epochs: int) -> None:
+    """Log the summary on the active (parent) run and tag the best trial's run: the trials, every curve,
+    what early epochs say (`fidelity`), what each pruner would have stopped, and the figures."""
     tracking.log_text(trials_csv(study), "trials.csv")
-    for name, fig in figures(study).items():
+    tracking.log_text(fidelity.curves_csv(study), "curves.csv")
+    tracking.log_text(fidelity.markdown(fidelity.early_epochs(study, epochs), metric) + "\n"
+                      + replays_markdown(summary.replays), "early_epochs.md")
+    for name, fig in {**figures(study), "curves.png": fidelity.figure(study, epochs, metric)}.items():
         tracking.log_figure(fig, name)
     tags = {TAG_TRIALS: summary.trials, TAG_RETRIED: summary.retried, **{f"{TAG_TRIALS}_{k.lower()}": v for k, v in summary.states.items()},
-            **{f"{TAG_PRUNER_REPLAY}.{r.pruner}": replay_line(r) for r in summary.replays}}
+            **{f"{TAG_PRUNER_REPLAY}.{r.pruner}": r.line() for r in summary.replays}}
     metrics = {"epochs_run": summary.epochs_run, "pruned_epochs_saved": summary.epochs_saved}
     if summary.best:
         b = summary.best
@@ -124,46 +128,14 @@ def log(study: optuna.Study, summary: SearchSummary, metric: str) -> None:
     tracking.log_metrics(metrics)
 
 
-
-def replay_line(r) -> str:
-    return (f"would stop {r.would_prune} of {r.completed} completed trials ({r.epochs_saved} epochs saved), "
-            f"{r.good_pruned} of them among the {r.good} best (top half)")
-
-
-@dataclass(frozen=True)
-class PrunerReplay:
-    """How a pruner would have treated the study's completed trials, each judged against the others."""
-
-    pruner: str
-    completed: int  # completed trials replayed
-    would_prune: int  # of them, how many the pruner would have stopped early
-    good: int  # completed trials in the top half by final value
-    good_pruned: int  # good trials the pruner would have stopped: the cost of pruning
-    epochs_saved: int  # epochs it would have skipped over the completed trials
-
-
-def replay_pruner(study: optuna.Study, name: str, make_pruner, epochs: int) -> PrunerReplay:
-    """Replay a pruner (Optuna's own, fresh from `make_pruner()` for each trial) on each completed trial's
-    curve, leave-one-out: the other completed trials stand in for those that would have run before it."""
-    completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                 if len(t.intermediate_values) >= epochs]
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    ranked = sorted(completed, key=lambda t: t.value, reverse=maximize)
-    good = {t.number for t in ranked[: max(1, len(ranked) // 2)]} if ranked else set()
-    would, good_pruned, saved = 0, 0, 0
-    for trial in completed:
-        others = optuna.create_study(direction=study.direction, pruner=make_pruner())
-        for other in completed:
-            if other.number != trial.number:
-                others.add_trial(optuna.trial.create_trial(
-                    params=other.params, distributions=other.distributions, value=other.value,
-                    intermediate_values=dict(other.intermediate_values)))
-        replayed = others.ask()
-        for step in range(1, epochs):  # never after the last epoch, as in the search
-            replayed.report(trial.intermediate_values[step], step)
-            if replayed.should_prune():
-                would += 1
-                good_pruned += trial.number in good
-                saved += epochs - step
-                break
-    return PrunerReplay(name, len(completed), would, len(good), good_pruned, saved)
+def replays_markdown(replays: tuple) -> str:
+    """The candidate pruners replayed on the study's completed trials, as a table."""
+    lines = ["Each pruner replayed on the completed trials in the order they started (`pruners.replay`):", "",
+             "| pruner | what it does | first epoch it can stop | trials stopped | trial-epochs saved | final top trials stopped |",
+             "|---|---|---|---|---|---|"]
+    for r in replays:
+        p = pruners.CATALOGUE[r.pruner]
+        lost = ", ".join(str(n) for n in r.top_stopped) or "none"
+        lines.append(f"| {r.pruner} | {p.what} | {p.first_epoch(r.epochs)} | {len(r.stopped)} of {r.trials} | "
+                     f"{r.epochs_saved} of {r.trials * r.epochs} ({100 * r.share_saved:.0f}%) | {lost} |")
+    return "\n".join(lines) + "\n"

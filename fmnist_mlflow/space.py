@@ -23,7 +23,6 @@ from .config import (AUGMENTS, LOSSES, MAX_WIDTH, MIN_WIDTH, MODELS, OPTIMIZERS,
 from .grid import SpecError, brief as _brief, check_known, read_yaml
 
 
-PRUNERS = ("percentile", "median", "hyperband", "none")  # the first is the default
 SAMPLERS = ("tpe", "random")
 DEFAULT_SPACE = Path(__file__).parent / "specs" / "search.yaml"  # experiments/search.yaml, shipped in the package
 FIXABLE = {"model": str, "loss": str, "optimizer": str, "batch_size": int, "seed": int, "dropout": float, "lr": float,
@@ -91,6 +90,9 @@ class Space:
     lr: dict  # optimizer -> Range
     source: str
     start_points: tuple = ()  # Optuna params dicts enqueued first on a new study
+    # prior seed-to-seed sd of the metric at the search's own size, for racing in confirm (see `race`); not
+    # part of the digest: it says how noisy a trial is, not what the space searches
+    seed_sd: Optional[float] = None
 
     @property
     def direction(self) -> str:
@@ -177,7 +179,7 @@ def _choices(where: str, name: str, value) -> tuple:
 def load_space(path: str | Path = DEFAULT_SPACE) -> Space:
     spec = read_yaml(path)
     where = str(path)
-    check_known(where, "", spec, ("name", "metric", "fixed", "search", "start_points"))
+    check_known(where, "", spec, ("name", "metric", "fixed", "search", "start_points", "seed_sd"))
     metric = spec.get("metric", "val_accuracy")
     if metric not in SELECT:
         raise SpecError(f"{where}: metric {_brief(metric)} is not one of {', '.join(SELECT)}")
@@ -225,8 +227,12 @@ def load_space(path: str | Path = DEFAULT_SPACE) -> Space:
     models = choices.get("model", (fixed.get("model", "model1"),))
     if "dropout" in ranges and "model1" in models:
         raise SpecError(f"{where}: dropout is searched but model1 has no dropout layer")
+    seed_sd = spec.get("seed_sd")
+    if seed_sd is not None and not (_is_number(seed_sd) and 0 < seed_sd < 1):
+        raise SpecError(f"{where}: seed_sd must be a number above 0 and below 1 (a spread of {metric}), "
+                        f"got {_brief(seed_sd)}")
     space = Space(name=str(spec.get("name", Path(where).stem)), metric=metric, fixed=fixed, choices=choices,
-                  ranges=ranges, lr=lr, source=where)
+                  ranges=ranges, lr=lr, source=where, seed_sd=seed_sd)
     points = spec.get("start_points") or []
     if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
         raise SpecError(f"{where}: start_points must be a list of mappings, got {_brief(points)}")

@@ -134,7 +134,9 @@ def aggregate(rows: list[RunRow], select: str = "val_accuracy", raced: Optional[
     scored = [c for c in out if getattr(c, select) is not None]
     if not scored:
         return out
-    top = pick_best(scored, select, key=lambda c: getattr(c, select).mean)
+    # a raced-out config was shown worse than the leader of its round: the best is one that got every seed
+    contenders = [c for c in scored if not c.raced_out] or scored
+    top = pick_best(contenders, select, key=lambda c: getattr(c, select).mean)
     values, family = finished_values(rows, select)
     noise = stats.seed_noise(values, family)
     p_values = stats.compare_with_best(values, top.group, noise, family) if noise else {}

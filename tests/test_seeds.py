@@ -303,27 +303,3 @@ def test_register_selects_by_the_seed_mean_and_reports_test_accuracy_over_seeds(
     assert f"mean {100 * est.mean:.2f}%" in result.output
     assert "Test accuracy over its 3 seed(s)" in version.description
     assert mlflow.MlflowClient().get_registered_model("fmnist-cnn").description
-
-
-def test_pruner_replay_counts_good_trials_a_pruner_would_have_stopped():
-    """Late bloomers (a little below the median mid-run, best at the end, like scheduled runs) replayed on
-    real Optuna pruners: the old median pruner stops them from epoch 2; the default percentile pruner
-    stops only the clearly weak bottom quarter, and only from epoch 4."""
-    import optuna
-
-    from fmnist_mlflow import search, search_report
-
-    study = optuna.create_study(direction="maximize")
-    for i in range(12):
-        kind = "late" if i < 3 else "weak" if i < 6 else "steady"
-        mid = {"late": 0.83, "weak": 0.70, "steady": 0.86}[kind] + 0.001 * i
-        final = {"late": 0.93, "weak": 0.80, "steady": 0.88}[kind] + 0.001 * i
-        curve = {e: mid for e in range(1, 10)} | {10: final}
-        study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=final, intermediate_values=curve))
-    median = search_report.replay_pruner(study, "median", lambda: search.make_pruner("median", 10), 10)
-    percentile = search_report.replay_pruner(study, "percentile", lambda: search.make_pruner("percentile", 10), 10)
-    assert (median.completed, median.good) == (12, 6)
-    assert median.good_pruned == 3  # all three late bloomers, the best trials of the study
-    assert percentile.good_pruned == 0 and percentile.would_prune == 3  # the weak ones only
-    assert median.epochs_saved > percentile.epochs_saved
-    assert "0 of them among the 6 best (top half)" in search_report.replay_line(percentile)

@@ -1,0 +1,132 @@
+"""The search's pruners, and a replay of each on a study's recorded curves: what it would have stopped.
+
+Every pruner here is Optuna's own, configured for a 10-epoch run whose learning rate follows a schedule
+(onecycle peaks at 30% of the run, so early epochs rank trials less well than on a constant rate: the
+fidelity is measured in `fidelity`, not assumed). `replay` runs a pruner over a study's completed trials
+in the order they started, each judged against the trials before it (pruned ones with the curve they
+had when stopped), as a study with that pruner would have judged them; it reports the trial-epochs it
+would have saved beside which of the study's final top trials it would have stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import optuna
+
+TOP = 5  # the final top trials a pruner must not stop (the shortlist a confirm step draws from)
+
+
+@dataclass(frozen=True)
+class Pruner:
+    name: str
+    make: Callable[[int], optuna.pruners.BasePruner]  # epochs -> a fresh pruner
+    first_epoch: Callable[[int], int]  # epochs -> the first epoch after which it can stop a trial
+    what: str  # one line for --help and the reports
+
+
+def _optuna(name: str, **settings) -> Callable:
+    """A factory of Optuna's pruner `name` (optuna is imported when a pruner is made, not by the CLI)."""
+
+    def make(epochs: int):
+        import optuna
+
+        return getattr(optuna.pruners, name)(**{k: v(epochs) if callable(v) else v for k, v in settings.items()})
+
+    return make
+
+
+CATALOGUE = {p.name: p for p in (
+    # the default until the measurement of experiments/SEARCH.md: the bottom quarter, from epoch 4, once 6 completed
+    Pruner("percentile", _optuna("PercentilePruner", percentile=75.0, n_startup_trials=6, n_min_trials=4,
+                                 n_warmup_steps=lambda e: max(1, e // 2 - 1)),
+           lambda e: max(1, e // 2 - 1), "the bottom quarter at the same epoch, from epoch 4 of 10, once 6 trials completed"),
+    # n_warmup_steps is the first step Optuna judges at
+    Pruner("median", _optuna("MedianPruner", n_startup_trials=3, n_warmup_steps=2), lambda e: 2,
+           "below the median at the same epoch, from epoch 2, once 3 trials completed"),
+    Pruner("hyperband", _optuna("HyperbandPruner", min_resource=1, max_resource=lambda e: e, reduction_factor=3),
+           lambda e: 1, "Hyperband: brackets of successive halving from epochs 1, 3 and 9"),
+    Pruner("asha", _optuna("SuccessiveHalvingPruner", min_resource=1, reduction_factor=3),
+           lambda e: 1, "asynchronous successive halving: only the top third goes on at epochs 1, 3 and 9"),
+    Pruner("none", _optuna("NopPruner"), lambda e: e, "no pruning: every trial runs every epoch"),
+)}  # fmt: skip
+PRUNERS = tuple(CATALOGUE)  # the first is the default
+
+
+def make(name: str, epochs: int) -> "optuna.pruners.BasePruner":
+    return CATALOGUE[name].make(epochs)
+
+
+@dataclass(frozen=True)
+class Replay:
+    """How a pruner would have treated a study's completed trials, in the order they started."""
+
+    pruner: str
+    trials: int  # completed trials with a whole curve, replayed
+    epochs: int  # epochs per trial
+    stopped: dict  # trial number -> the epoch after which the pruner would have stopped it
+    top: tuple  # the study's final top trials (numbers, best first)
+
+    @property
+    def epochs_saved(self) -> int:
+        return sum(self.epochs - at for at in self.stopped.values())
+
+    @property
+    def share_saved(self) -> float:
+        return self.epochs_saved / (self.trials * self.epochs) if self.trials else 0.0
+
+    @property
+    def top_stopped(self) -> tuple:
+        return tuple(n for n in self.top if n in self.stopped)
+
+    def line(self) -> str:
+        lost = ", ".join(f"trial {n} (final rank {self.top.index(n) + 1})" for n in self.top_stopped) or "none"
+        return (f"would stop {len(self.stopped)} of {self.trials} completed trials, saving {self.epochs_saved} of "
+                f"{self.trials * self.epochs} trial-epochs ({100 * self.share_saved:.0f}%); of the final top "
+                f"{len(self.top)} it would stop: {lost}")
+
+
+def whole_curves(study: optuna.Study, epochs: int) -> list:
+    """The completed trials that reported every epoch, in the order they started."""
+    from optuna.trial import TrialState
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.value is not None and all(e in t.intermediate_values for e in range(1, epochs + 1))]
+    return sorted(done, key=lambda t: (t.datetime_start or t.datetime_complete, t.number))
+
+
+def top_trials(trials: list, maximize: bool, top: int = TOP) -> tuple:
+    return tuple(t.number for t in sorted(trials, key=lambda t: t.value, reverse=maximize)[:top])
+
+
+def replay(study: optuna.Study, name: str, epochs: int, top: int = TOP) -> Replay:
+    """Replay pruner `name` (a fresh one) over the study's completed trials: a new in-memory study asks a
+    trial for each, reports its recorded epochs and asks the pruner after each but the last, as the
+    search does. A trial the replay stops is told PRUNED with the curve it had, so later ones are judged
+    against what a study with that pruner would have held. Trials ran side by side in the real study,
+    and its sampler saw no pruned trials: the replay is a sequential approximation."""
+    import optuna
+    from optuna.trial import TrialState
+
+    trials = whole_curves(study, epochs)
+    replayed = optuna.create_study(direction=study.direction, pruner=make(name, epochs),
+                                   sampler=optuna.samplers.RandomSampler(seed=0))
+    stopped = {}
+    for trial in trials:
+        t = replayed.ask()
+        for epoch in range(1, epochs + 1):
+            t.report(trial.intermediate_values[epoch], epoch)
+            if epoch < epochs and t.should_prune():
+                stopped[trial.number] = epoch
+                replayed.tell(t, state=TrialState.PRUNED)
+                break
+        else:
+            replayed.tell(t, trial.value)
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    return Replay(name, len(trials), epochs, stopped, top_trials(trials, maximize, top))
+
+
+def replay_all(study: optuna.Study, epochs: int) -> tuple:
+    return tuple(replay(study, name, epochs) for name in PRUNERS if name != "none")

@@ -1,0 +1,135 @@
+"""A search that spends its compute where it pays: what early epochs say, pruner replays, the default
+pruner, and racing in the confirm step."""
+
+import csv
+import io
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from click.testing import CliRunner
+from scipy.stats import spearmanr
+
+from fmnist_mlflow import cli, fidelity, pruners, search, tracking
+from test_search import SPACE, study_runs
+
+
+def artifact(run, name: str) -> str:
+    return mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{name}")
+
+
+def curve_study(curves: dict, direction="maximize") -> optuna.Study:
+    """An in-memory study of completed trials with these curves ({number: [value per epoch]}), in order."""
+    study = optuna.create_study(direction=direction, study_name="curves")
+    for values in curves.values():
+        study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=values[-1],
+                                                  intermediate_values={e + 1: v for e, v in enumerate(values)}))
+    return study
+
+
+def test_replay_judges_each_trial_against_the_trials_before_it():
+    """Median pruner from epoch 2 once 3 trials completed: the first three are never judged; of the later
+    ones only those below the earlier trials' median stop, and a late bloomer among the final top 5 is
+    reported as lost."""
+    good = [0.80, 0.85, 0.88, 0.90]
+    curves = {0: good, 1: [g + 0.01 for g in good], 2: [g - 0.01 for g in good],
+              3: [0.60, 0.62, 0.64, 0.66],  # clearly behind from the first epoch: stopped after epoch 2
+              4: [0.70, 0.70, 0.80, 0.95],  # a late bloomer, the final best: stopped after epoch 2 all the same
+              5: [0.81, 0.86, 0.89, 0.905]}
+    r = pruners.replay(curve_study(curves), "median", epochs=4)
+    assert r.trials == 6 and r.stopped == {3: 2, 4: 2}
+    assert r.top == (4, 1, 5, 0, 2) and r.top_stopped == (4,)
+    assert r.epochs_saved == 4 and r.share_saved == pytest.approx(4 / 24)
+    assert "trial 4 (final rank 1)" in r.line()
+    assert pruners.replay(curve_study(curves), "none", epochs=4).stopped == {}
+
+
+def test_early_epoch_table_ranks_and_names_the_top_trials_below_the_median():
+    curves = {n: [0.5 + 0.01 * n, 0.6 + 0.01 * n, 0.7 + 0.01 * n] for n in range(6)}
+    curves[6] = [0.40, 0.50, 0.90]  # last at epochs 1-2, first at the end
+    rows = fidelity.early_epochs(curve_study(curves), epochs=3)
+    assert [r.epoch for r in rows] == [1, 2]
+    expected = spearmanr([c[0] for c in curves.values()], [c[-1] for c in curves.values()]).statistic
+    assert rows[0].spearman == pytest.approx(expected) and rows[0].trials == 7
+    assert rows[0].top_below_median == (6,)  # the final best was below the median; the others of the top 5 not
+    table = fidelity.markdown(rows, "val_accuracy")
+    assert "| 1 | 0.25 | trial 6 |" in table  # 1 - 6 * (6² + 6 * 1²) / (7 * 48)
+
+
+def test_a_tiny_search_logs_every_curve_and_the_early_epoch_table(store, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    args = ["search", "--space", str(space), "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--trials", "4",
+            "--epochs", "3", "--subset", "300", "--pruner", "none", "--jobs", "1"]
+    result = CliRunner().invoke(cli.main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (parent,), trials = study_runs()
+    client = mlflow.MlflowClient()
+    assert {"curves.csv", "early_epochs.md", "curves.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    rows = list(csv.DictReader(io.StringIO(artifact(parent, "curves.csv"))))
+    assert len(rows) == 4 * 3 and {r["state"] for r in rows} == {"COMPLETE"}
+    logged = {(t.data.tags[search.TAG_TRIAL], s.step): s.value for t in trials
+              for s in client.get_metric_history(t.info.run_id, "val_accuracy")}
+    assert all(float(r["value"]) == pytest.approx(logged[(r["number"], int(r["epoch"]))]) for r in rows)
+    table = artifact(parent, "early_epochs.md")
+    assert "| 1 |" in table and "| 2 |" in table and "| 3 |" not in table.split("Each pruner")[0]
+    for name in pruners.PRUNERS:
+        if name != "none":
+            assert f"| {name} |" in table
+    assert "replayed on the completed trials, the percentile pruner would stop" in result.output
+
+
+RACE_SPACE = {**SPACE, "search": {"optimizer": {"choices": ["adam", "sgd"]}, "dropout": {"low": 0.0, "high": 0.6},
+                                  "lr": {"adam": {"low": 3e-3, "high": 3e-3}, "sgd": {"low": 1e-6, "high": 1e-6}}},
+              # a recipe that learns, and one whose rate is too small to move the weights: clearly behind
+              "start_points": [{"optimizer": "adam", "lr": 3e-3, "dropout": 0.2},
+                               {"optimizer": "sgd", "lr": 1e-6, "dropout": 0.2}]}  # fmt: skip
+
+
+def confirm_runs():
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    return [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "confirm"]
+
+
+def test_confirm_races_a_contender_clearly_behind_and_a_resume_does_not_run_it(store, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(RACE_SPACE))
+    common = ["search", "--space", str(space), "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--epochs", "2",
+              "--subset", "600", "--pruner", "none", "--jobs", "1", "--confirm", "2", "--seeds", "3"]
+    result = CliRunner().invoke(cli.main, [*common, "--trials", "2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    good, bad = (t.number for t in sorted(study.trials, key=lambda t: t.params["optimizer"]))  # adam, sgd
+    runs = confirm_runs()
+    seeds = {n: sorted(int(r.data.params["seed"]) for r in runs if r.data.tags[search.TAG_TRIAL] == str(n))
+             for n in (good, bad)}
+    # the smoke size has no prior: two seeds each measure the spread, then the contender behind is out
+    assert seeds == {good: [1, 2, 3], bad: [1, 2]}
+    assert f"trial {bad} seed 3: raced out, not run" in result.output
+    (parent,) = study_runs()[0]
+    parent = mlflow.get_run(parent.info.run_id)
+    assert parent.data.tags["fmnist.champion_trial"] == str(good)
+    markdown = artifact(parent, "confirm.md")
+    assert "Raced out (no more seeds):" in markdown and f"- trial {bad}: after 2 seed(s)" in markdown
+    assert "raced out after 2 seed(s)" in artifact(parent, "confirm.csv")
+
+    again = CliRunner().invoke(cli.main, [*common, "--trials", "0"], catch_exceptions=False)
+    assert again.exit_code == 0, again.output
+    assert len(confirm_runs()) == 5 and "[confirm " not in again.output.replace("[confirm] ", "")
+    assert f"trial {bad} seed 3: raced out, not run" in again.output
+
+    every = CliRunner().invoke(cli.main, [*common, "--trials", "0", "--no-race"], catch_exceptions=False)
+    assert every.exit_code == 0, every.output
+    assert len(confirm_runs()) == 6  # without racing the contender behind gets its third seed
+
+
+def test_the_space_files_seed_spread_counts_only_at_the_search_size():
+    from fmnist_mlflow import confirm
+    from fmnist_mlflow.space import load_space
+
+    space = load_space()
+    assert space.seed_sd == pytest.approx(0.0019)
+    assert confirm.prior_sd(space, search.SearchSettings()) == space.seed_sd
+    assert confirm.prior_sd(space, search.SearchSettings(subset=600)) is None
+    assert confirm.prior_sd(space, search.SearchSettings(epochs=3)) is None
