@@ -1,5 +1,5 @@
 """`python -m fmnist_mlflow` runs the `fmnist` command."""
 
-from .cli import main
+from .cli import entry
 
-main(prog_name="fmnist")
+entry()

@@ -34,16 +34,29 @@ def use_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
+def store_errors() -> tuple:
+    """The exception classes of the tracking and Optuna stores that were imported: an error cannot come from
+    a library that was never imported, so a usage error answers before MLflow (seconds) is loaded."""
+    where = (("mlflow.exceptions", "MlflowException"), ("requests", "RequestException"),
+             ("sqlalchemy.exc", "SQLAlchemyError"))
+    return tuple(getattr(sys.modules[m], name) for m, name in where if m in sys.modules)
+
+
+def interrupted_line() -> str:
+    """What an interrupt ended: the runs this process ended KILLED, or that none was open (e.g. predict)."""
+    tracking = sys.modules.get(f"{__package__}.tracking")
+    ended = tracking.INTERRUPTED if tracking else []
+    if not ended:
+        return "interrupted (no run was open)"
+    return f"interrupted: run{'s' if len(ended) > 1 else ''} {', '.join(ended)} ended KILLED"
+
+
 def reported(fn):
     """Turn library errors into one readable line (exit 1) and interrupts into exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        import requests
-        import sqlalchemy.exc
-        from mlflow.exceptions import MlflowException
-
-        from . import connection, parallel
+        from . import parallel
         from .errors import FmnistError
 
         try:
@@ -51,12 +64,18 @@ def reported(fn):
                 return fn(*args, **kwargs)
         except FmnistError as exc:
             raise click.ClickException(str(exc)) from None
-        except (MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError) as exc:
-            raise click.ClickException(connection.describe_failure(exc)) from None
-        except OSError as exc:  # e.g. the disk of the tracking store or its artifacts is full
-            raise click.ClickException(connection.describe_os_error(exc)) from None
+        except Exception as exc:
+            if isinstance(exc, store_errors()):
+                from . import connection
+
+                raise click.ClickException(connection.describe_failure(exc)) from None
+            if isinstance(exc, OSError):  # e.g. the disk of the tracking store or its artifacts is full
+                from . import connection
+
+                raise click.ClickException(connection.describe_os_error(exc)) from None
+            raise
         except KeyboardInterrupt:
-            click.echo("interrupted: the run was marked KILLED", err=True)
+            click.echo(interrupted_line(), err=True)
             sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
@@ -70,6 +89,19 @@ def reported(fn):
 MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_LOGGING_LEVEL": "WARNING",
                    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
+def entry() -> None:
+    """The `fmnist` program: the command group, and an interrupted command's process exits at once (its runs
+    were ended KILLED before; see `parallel.exit_now`)."""
+    try:
+        main(prog_name="fmnist")
+    except SystemExit as exc:
+        if exc.code == EXIT_INTERRUPTED:
+            from .parallel import exit_now
+
+            exit_now(EXIT_INTERRUPTED)
+        raise
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -112,10 +144,10 @@ def data(data_dir: Optional[str]) -> None:
 @reported
 def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> None:
     """Train one configuration as one MLflow run (params, per-epoch metrics, curves, model)."""
+    config = build_config(**values)  # usage errors before torch and MLflow are imported
     from . import data as data_mod
     from . import connection, runs, tracking
 
-    config = build_config(**values)
     use_threads(threads)
     uri = connection.check_reachable()
     dataset = data_mod.load(data_dir, subset=config.subset)
@@ -155,14 +187,11 @@ def sweep(grid_file, select, seeds, race, device, precision, threads, jobs, stor
 
     The grid is an Optuna study: any number of `fmnist sweep` workers with the same options, on machines
     that share --storage and the tracking server, share its configs; a lost worker's config is retried."""
-    from . import data as data_mod
     import time
 
     from . import grid as grid_mod
-    from . import connection, engine, hardware, tracking
-    from . import sweep as sweep_mod
 
-    try:
+    try:  # usage errors before torch and MLflow are imported
         grid = grid_mod.load_grid(grid_file or grid_mod.DEFAULT_GRID)
         # "grid" (MLproject's default) or none given: the grid file's seeds
         seed_list = grid_mod.parse_seeds(seeds) if seeds is not None and seeds.strip() != "grid" else None
@@ -171,6 +200,10 @@ def sweep(grid_file, select, seeds, race, device, precision, threads, jobs, stor
         raise click.UsageError(str(exc)) from None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--seeds") from None
+    from . import data as data_mod
+    from . import connection, engine, hardware, tracking
+    from . import sweep as sweep_mod
+
     use_threads(threads)
     engine.heartbeat_interval()  # a bad $FMNIST_HEARTBEAT_S: one line before any store is touched
     uri = connection.check_reachable()
@@ -241,17 +274,19 @@ def search(trials, timeout, storage, study_name, space_file, sampler, pruner, se
     """Search model3's training settings with Optuna (the space file says which: optimizer and learning rate,
     dropout, weight decay, schedule, batch size, label smoothing, augmentation, width, weight average); each
     trial a nested run under the study's parent run; --confirm re-runs the best on fresh seeds."""
-    from . import confirm, connection, console, engine, hardware, search as search_mod, tracking
-    from . import data as data_mod
     from .space import DEFAULT_SPACE, SpecError, load_space
 
     if trials == 0 and not confirm_k:
         raise click.UsageError("--trials 0 runs nothing; add --confirm K to confirm an existing study's best trials")
-    try:  # usage errors before any study or run; device and precision resolved once, for every worker
+    try:  # usage errors before any study or run (and before torch, MLflow and Optuna are imported)
         space = load_space(space_file or DEFAULT_SPACE)
-        checked = build_config(device=device, subset=subset, epochs=epochs, precision=precision)
     except SpecError as exc:
         raise click.UsageError(str(exc)) from None
+    # device and precision resolved once, for every worker
+    checked = build_config(device=device, subset=subset, epochs=epochs, precision=precision)
+    from . import confirm, connection, console, engine, hardware, search as search_mod, tracking
+    from . import data as data_mod
+
     settings = search_mod.SearchSettings(epochs, subset, checked.device, checked.precision)
     plan = search_mod.Search(study_name or space.name, space, settings, sampler, pruner, seed)
     use_threads(threads)

@@ -120,14 +120,6 @@ class RunConfig:
             object.__setattr__(self, "momentum", DEFAULT_MOMENTUM[self.optimizer])
         if self.dropout is None:
             object.__setattr__(self, "dropout", DEFAULT_DROPOUT[self.model])
-        if self.device == "auto":
-            object.__setattr__(self, "device", _auto_device())
-        if self.device == "cuda" and not hardware.cuda_available():
-            raise ConfigError("device 'cuda' was asked for but torch sees no CUDA device")
-        try:
-            object.__setattr__(self, "precision", hardware.resolve_precision(self.precision, self.device))
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
         for name in ("lr", "momentum", "dropout", "weight_decay", "label_smoothing", "warmup", "width", "ema"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
@@ -164,6 +156,16 @@ class RunConfig:
                 raise ConfigError(f"{name} must be in 1..{high:,}, got {getattr(self, name)}")
         if self.subset < 0 or 0 < self.subset < 5 or self.subset > TRAIN_SIZE:
             raise ConfigError(f"subset must be 0 (all) or 5..{TRAIN_SIZE:,} (the training split), got {self.subset}")
+        # Last: resolving the device imports torch (seconds on a loaded machine), so every check that needs
+        # no torch has already answered.
+        if self.device == "auto":
+            object.__setattr__(self, "device", _auto_device())
+        if self.device == "cuda" and not hardware.cuda_available():
+            raise ConfigError("device 'cuda' was asked for but torch sees no CUDA device")
+        try:
+            object.__setattr__(self, "precision", hardware.resolve_precision(self.precision, self.device))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def label(self) -> str:

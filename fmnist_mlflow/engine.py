@@ -297,13 +297,16 @@ class SharedStudy:
             self.work(self.plan.objective(self, data, hooks), budget=budget, timeout=timeout, hooks=hooks)
             return 1
         budgets = [None] * jobs if budget is None else [n for n in parallel.split(budget, jobs) if n]
-        if hooks.on_workers is not None:
-            hooks.on_workers(len(budgets))
         job_list = [Job(self.plan, self.storage_url, self.study_name, self.experiment_id, self.parent_id, data_dir,
                         data.subset, i, n, timeout) for i, n in enumerate(budgets)]
-        codes = parallel.run_workers(run_job, [(job,) for job in job_list], tracking.tracking_uri(), threads)
-        if any(codes):
-            raise WorkerError(f"worker exit codes {codes}; see the runs for reasons")
+        # this process owns the parent while its workers run: an interrupt (even before a worker has opened
+        # it) ends it KILLED here
+        with tracking.run(self.plan.name, kind=self.plan.kind, run_id=self.parent_id):
+            if hooks.on_workers is not None:
+                hooks.on_workers(len(budgets))
+            codes = parallel.run_workers(run_job, [(job,) for job in job_list], tracking.tracking_uri(), threads)
+            if any(codes):
+                raise WorkerError(f"worker exit codes {codes}; see the runs for reasons")
         return len(job_list)
 
     def work(self, objective: Callable, *, budget: Optional[int] = None, timeout: Optional[float] = None,

@@ -157,6 +157,9 @@ def _end(status: str, reason: Optional[str] = None) -> None:
         pass
 
 
+INTERRUPTED: list = []  # runs this process ended KILLED on an interrupt, for the command's last line
+
+
 @contextlib.contextmanager
 def run(
     run_name: str,
@@ -195,6 +198,8 @@ def run(
         yield active
     except KeyboardInterrupt as exc:
         _end("KILLED", f"interrupted ({exc or 'Ctrl-C'})")
+        if active.info.run_id not in INTERRUPTED:
+            INTERRUPTED.append(active.info.run_id)
         raise
     except killed_on as exc:
         _end("KILLED", f"{type(exc).__name__}: {exc}")

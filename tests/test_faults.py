@@ -235,3 +235,47 @@ def test_a_run_ended_while_its_server_is_gone_is_forgotten_by_this_process(store
             mlflow.set_tracking_uri(f"http://127.0.0.1:{free_port()}")  # nothing listens there: refused
             raise RuntimeError("the work failed, then the server went")
     assert mlflow.active_run() is None
+
+
+def test_usage_errors_answer_before_torch_mlflow_or_optuna_are_imported(tmp_path):
+    """The checks that need no torch come first: a usage error costs a fraction of a second, not the
+    seconds torch and MLflow take to import on a loaded machine."""
+    probe = ("import sys\nfrom fmnist_mlflow.cli import main\n"
+             "try:\n    main(sys.argv[1:], prog_name='fmnist')\nexcept SystemExit as exc:\n"
+             "    heavy = sorted(m for m in ('torch', 'mlflow', 'optuna') if m in sys.modules)\n"
+             "    print('exit', exc.code, 'imported', heavy)\n")
+    for args in (["train", "--model", "model1", "--dropout", "0.3"], ["train", "--lr", "0"],
+                 ["sweep", "--seeds", "0,,1"], ["sweep", "--epochs", "3", "--subset", "2"],
+                 ["search", "--space", os.devnull], ["search", "--trials", "0"]):
+        proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=tmp_path,
+                              env=cli_env(), timeout=120)
+        assert "exit 2 imported []" in proc.stdout, (args, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_while_sweep_workers_start_ends_the_parent_killed_and_says_so(store, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "fmnist_mlflow", "sweep", "--seeds", "0", "--subset", "600",
+                             "--epochs", "2", "--jobs", "2"], env=cli_env(MLFLOW_TRACKING_URI=store), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # the workers are being started: no child run can have begun
+        lines.append(line)
+        if "2 workers" in line:
+            proc.terminate()
+            break
+    lines += proc.stdout.readlines()
+    proc.wait(timeout=120)
+    output = "".join(lines)
+    assert proc.returncode == 130, output
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "KILLED", output
+    assert f"interrupted: run {parents[0].info.run_id} ended KILLED" in output
+    assert {r.info.status for r in runs} <= {"KILLED", "FINISHED"} and "Traceback" not in output
+
+
+def test_an_interrupt_with_no_run_open_does_not_claim_one_was_killed(monkeypatch):
+    monkeypatch.setattr(tracking, "INTERRUPTED", [])
+    assert cli.interrupted_line() == "interrupted (no run was open)"
+    monkeypatch.setattr(tracking, "INTERRUPTED", ["abc"])
+    assert cli.interrupted_line() == "interrupted: run abc ended KILLED"
