@@ -42,6 +42,14 @@ def store_errors() -> tuple:
     return tuple(getattr(sys.modules[m], name) for m, name in where if m in sys.modules)
 
 
+def exception_chain(exc: BaseException, depth: int = 12) -> list:
+    """`exc`, then what it was raised from or while handling, and so on."""
+    chain = [exc]
+    while len(chain) < depth and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    return chain
+
+
 def interrupted_line() -> str:
     """What an interrupt ended: the runs this process ended KILLED, or that none was open (e.g. predict)."""
     tracking = sys.modules.get(f"{__package__}.tracking")
@@ -65,15 +73,19 @@ def reported(fn):
         except FmnistError as exc:
             raise click.ClickException(str(exc)) from None
         except Exception as exc:
-            if isinstance(exc, store_errors()):
-                from . import connection
+            # a store or file-system error, raised as it is or behind another library's error (Optuna, failing
+            # to record a failed trial on a full disk, ends in an AssertionError whose context is the store's)
+            chain = exception_chain(exc)
+            found = next((e for e in chain if isinstance(e, store_errors() + (OSError,))), None)
+            if found is None:
+                raise
+            from . import connection
 
-                raise click.ClickException(connection.describe_failure(exc)) from None
-            if isinstance(exc, OSError):  # e.g. the disk of the tracking store or its artifacts is full
-                from . import connection
-
-                raise click.ClickException(connection.describe_os_error(exc)) from None
-            raise
+            if isinstance(found, OSError) and not isinstance(found, store_errors()):
+                raise click.ClickException(connection.describe_os_error(found)) from None
+            optuna_store = any(type(e).__name__ == "StorageInternalError" for e in chain)
+            raise click.ClickException(connection.describe_failure(found, "the Optuna storage" if optuna_store
+                                                                   else None)) from None
         except KeyboardInterrupt:
             click.echo(interrupted_line(), err=True)
             sys.exit(EXIT_INTERRUPTED)

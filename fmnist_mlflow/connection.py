@@ -185,14 +185,15 @@ def _check_database(uri: str, shown: str) -> None:
         raise TrackingError(f"tracking store {shown} cannot be reached: {redact(first)}") from None
 
 
-def describe_failure(exc: BaseException) -> str:
-    """One line for an error raised while talking to the tracking store."""
+def describe_failure(exc: BaseException, store: Optional[str] = None) -> str:
+    """One line for an error raised while talking to a store (default: the tracking store)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     if len(text) > 300:
         text = text[:300] + "..."
+    store = store or f"tracking store {redact(tracking_uri())}"
     if "disk is full" in text or "No space left" in text:
-        return f"tracking store {redact(tracking_uri())} failed: its disk is full. {FULL_DISK_ADVICE}"
-    return f"tracking store {redact(tracking_uri())} failed: {redact(text)}"
+        return f"{store} failed: its disk is full. {FULL_DISK_ADVICE}"
+    return f"{store} failed: {redact(text)}"
 
 
 FULL_DISK_ADVICE = ("What was logged before stays (params, the epochs' metrics); a run that could not be closed is "

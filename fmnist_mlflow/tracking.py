@@ -221,6 +221,9 @@ TRAINING_KINDS = (KIND_TRAIN, KIND_SWEEP_CHILD, KIND_TRIAL, KIND_CONFIRM)  # run
 # MLflow announces each run's monitor starting, stopping and skipping the GPU at INFO (four lines a run,
 # 200 for the main job); the run's System metrics tab is where a user looks.
 logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+# MLflow's SQL store logs a traceback for every failed database operation before raising it (a full disk
+# printed ~600 lines, 15 tracebacks); the error is raised all the same, and the CLI says it in one line.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def system_metrics() -> bool:
