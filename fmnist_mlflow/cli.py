@@ -45,8 +45,12 @@ def store_errors() -> tuple:
 def exception_chain(exc: BaseException, depth: int = 12) -> list:
     """`exc`, then what it was raised from or while handling, and so on."""
     chain = [exc]
-    while len(chain) < depth and (chain[-1].__cause__ or chain[-1].__context__) is not None:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    while len(chain) < depth:
+        last = chain[-1]
+        before = last.__cause__ or (None if last.__suppress_context__ else last.__context__)
+        if before is None:
+            break
+        chain.append(before)
     return chain
 
 
@@ -72,6 +76,8 @@ def reported(fn):
                 return fn(*args, **kwargs)
         except FmnistError as exc:
             raise click.ClickException(str(exc)) from None
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # already what the user sees
         except Exception as exc:
             # a store or file-system error, raised as it is or behind another library's error (Optuna, failing
             # to record a failed trial on a full disk, ends in an AssertionError whose context is the store's)

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 # Mean and std of the Fashion-MNIST training pixels, scaled to [0, 1].
 PIXEL_MEAN = 0.2860
 PIXEL_STD = 0.3530
+PIXEL_MAX = 255.0  # the brightest raw pixel: the accepted input range is [0, 255] (or [0, 1], see Normalize)
 
 
 class Normalize(nn.Module):
@@ -30,6 +31,9 @@ class Normalize(nn.Module):
             # NaN or infinite pixels would give NaN logits; refuse them. The check is an op of the exported
             # graph, so a served model answers such a request with HTTP 400 instead of 200 and NaNs.
             torch._assert_async(torch.isfinite(x).all(), "pixels must be finite numbers (got NaN or infinity)")
+            # Outside 0-255 is no image (a pixel of -1e6 or 1e30 gave logits near 1e28): refused the same way.
+            torch._assert_async(((x >= 0) & (x <= PIXEL_MAX)).all(),
+                                "pixels must lie in [0, 255] (raw values) or [0, 1]")
             x = x * torch.where(x.amax(dim=(1, 2, 3), keepdim=True) > 1.0, 1.0 / 255.0, 1.0)
         return (x - PIXEL_MEAN) / PIXEL_STD
 

@@ -1,7 +1,9 @@
 """Classify images with any logged or registered model, through `mlflow.pyfunc` (no training code).
 
 Inputs: PNG/JPEG images (converted to 28x28 grayscale; a note says when one was resized) and `.npy`
-arrays of shape (28, 28), (N, 28, 28) or (N, 1, 28, 28), uint8 0-255 or float in [0, 1]. Fashion-MNIST
+arrays of shape (28, 28), (N, 28, 28) or (N, 1, 28, 28): uint8, or numbers in [0, 255] (raw pixels) or [0, 1],
+each image's scale told by its brightest pixel, as the logged model reads them; NaN, infinite and
+out-of-range pixels are refused in the model's words. Fashion-MNIST
 images are light garments on a black background; photos of dark garments on white need inverting first.
 Each input that cannot be read gives an `InputError` naming it; the others are still classified.
 """
@@ -17,6 +19,7 @@ from .data import CLASS_NAMES
 from .errors import FmnistError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+PIXEL_MAX = 255.0  # models.PIXEL_MAX, without importing torch
 
 
 class InputError(FmnistError, ValueError):
@@ -86,10 +89,17 @@ def _read_array(path: str) -> Batch:
         return Batch(path, array)
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise InputError(f"{path}: dtype {array.dtype} is not numeric; expected uint8 0-255 or floats in [0, 1]")
-    if np.issubdtype(array.dtype, np.floating) and array.min() >= 0 and array.max() <= 1:
-        return Batch(path, np.round(array * 255).astype(np.uint8), "scaled from [0, 1] floats")
-    raise InputError(f"{path}: dtype {array.dtype} with range {array.min()}..{array.max()}; "
-                     "expected uint8 0-255 or floats in [0, 1]")
+    # what the logged model accepts (models.Normalize), refused in the model's words
+    if not np.isfinite(array).all():
+        raise InputError(f"{path}: pixels must be finite numbers (got NaN or infinity)")
+    if array.min() < 0 or array.max() > PIXEL_MAX:
+        raise InputError(f"{path}: pixels must lie in [0, 255] (raw values) or [0, 1]; "
+                         f"this {array.dtype} array holds {array.min()}..{array.max()}")
+    # each image's scale told by its brightest pixel, as the model does: above 1 is 0-255, else [0, 1]
+    raw = array.reshape(len(array), -1).max(axis=1) > 1
+    scaled = np.where(raw[:, None, None, None], array, np.asarray(array, dtype=np.float64) * PIXEL_MAX)
+    note = "" if raw.all() else "scaled from [0, 1] floats"
+    return Batch(path, np.round(scaled).astype(np.uint8), note)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -28,3 +28,30 @@ def test_model2_has_dropout_between_conv2_and_pooling():
     model = models.build("model2", dropout=0.5)
     assert isinstance(model.drop, torch.nn.Dropout2d) and model.drop.p == 0.5
     assert isinstance(models.build("model1", dropout=0.0).drop, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("bad, words", [(float("nan"), "finite"), (float("inf"), "finite"), (-1.0, "[0, 255]"),
+                                        (255.5, "[0, 255]"), (1e30, "[0, 255]"), (-1e6, "[0, 255]")])
+def test_the_model_and_predict_refuse_the_same_pixels_in_the_same_words(tmp_path, bad, words):
+    """The accepted range is [0, 255] (raw values) or [0, 1], finite: the model (and so any loader or server
+    of it) and `fmnist predict` agree on it, and on each image's scale."""
+    import numpy as np
+
+    from fmnist_mlflow import predict
+
+    model = models.build("model1", dropout=0.0).eval()
+    x = torch.rand(3, 1, 28, 28)
+    x[1, 0, 3, 4] = bad
+    with pytest.raises(RuntimeError, match="pixels must") as raised:
+        model(x)
+    assert words in str(raised.value)
+    np.save(tmp_path / "bad.npy", x.numpy())
+    with pytest.raises(predict.InputError, match="pixels must") as refused:
+        predict.read_input(str(tmp_path / "bad.npy"))
+    assert words in str(refused.value)
+    # what both accept, they read alike: [0, 1] floats, 0-255 floats, 0-255 integers
+    good = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    for array in (good.numpy() / 255.0, good.numpy().astype(np.float32), good.numpy().astype(np.int64)):
+        np.save(tmp_path / "good.npy", array)
+        assert (predict.read_input(str(tmp_path / "good.npy")).images == good.numpy()).all()
+        torch.testing.assert_close(model(torch.from_numpy(array).float()), model(good))

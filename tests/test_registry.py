@@ -191,5 +191,23 @@ def test_serve_the_champion_over_rest(two_runs, store, tmp_path):
             response = requests.post(f"http://127.0.0.1:{port}/invocations", data=body, timeout=60,
                                      headers={"Content-Type": "application/json"})
             assert 400 <= response.status_code < 500, (bad, response.status_code, response.text[:300])
+            assert "pixels must be finite numbers" in response.text
+        # pixels outside [0, 255]: refused by the model's graph too (they gave logits near 1e28 with HTTP 200)
+        for bad in (-1e6, 1e30, 256.0):
+            inputs = x.astype(float).tolist()
+            inputs[0][0][5][5] = bad
+            response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": inputs}, timeout=60)
+            assert 400 <= response.status_code < 500 and "pixels must lie in [0, 255]" in response.text, bad
+            # MLflow's scoring server writes the body of a model's error: its own message, and a stack trace
+            # (README, "Serve the champion"); the model's words are in the trace's last line
+            assert response.json()["error_code"] == "BAD_REQUEST"
+        # an empty batch: MLflow's scoring server answers before the model sees it (README documents it)
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": []}, timeout=60)
+        assert response.status_code == 400 and response.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert "Failed to enforce schema" in response.json()["message"]
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
+                                 json={"inputs": np.zeros((2, 1, 32, 32)).tolist()})  # the wrong size
+        assert response.status_code == 400 and response.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert "Failed to enforce schema" in response.json()["message"] and "shape" in response.json()["message"]
     finally:
         stop(proc)
