@@ -43,9 +43,14 @@ CATALOGUE = {p.name: p for p in (
     Pruner("percentile", _optuna("PercentilePruner", percentile=75.0, n_startup_trials=6, n_min_trials=4,
                                  n_warmup_steps=lambda e: max(1, e // 2 - 1)),
            lambda e: max(1, e // 2 - 1), "the bottom quarter at the same epoch, from epoch 4 of 10, once 6 trials completed"),
+    Pruner("percentile-early", _optuna("PercentilePruner", percentile=75.0, n_startup_trials=5, n_min_trials=4,
+                                       n_warmup_steps=2),
+           lambda e: 2, "the bottom quarter at the same epoch, from epoch 2, once 5 trials completed"),
     # n_warmup_steps is the first step Optuna judges at
     Pruner("median", _optuna("MedianPruner", n_startup_trials=3, n_warmup_steps=2), lambda e: 2,
            "below the median at the same epoch, from epoch 2, once 3 trials completed"),
+    Pruner("median-late", _optuna("MedianPruner", n_startup_trials=5, n_warmup_steps=lambda e: max(1, e // 2 - 1)),
+           lambda e: max(1, e // 2 - 1), "below the median at the same epoch, from epoch 4 of 10, once 5 trials completed"),
     Pruner("hyperband", _optuna("HyperbandPruner", min_resource=1, max_resource=lambda e: e, reduction_factor=3),
            lambda e: 1, "Hyperband: brackets of successive halving from epochs 1, 3 and 9"),
     Pruner("asha", _optuna("SuccessiveHalvingPruner", min_resource=1, reduction_factor=3),
@@ -111,7 +116,8 @@ def replay(study: optuna.Study, name: str, epochs: int, top: int = TOP) -> Repla
     from optuna.trial import TrialState
 
     trials = whole_curves(study, epochs)
-    replayed = optuna.create_study(direction=study.direction, pruner=make(name, epochs),
+    # the study's own name: Hyperband puts a trial in a bracket by a hash of the study's name and its number
+    replayed = optuna.create_study(study_name=study.study_name, direction=study.direction, pruner=make(name, epochs),
                                    sampler=optuna.samplers.RandomSampler(seed=0))
     stopped = {}
     for trial in trials:

@@ -133,3 +133,28 @@ def test_the_space_files_seed_spread_counts_only_at_the_search_size():
     assert confirm.prior_sd(space, search.SearchSettings()) == space.seed_sd
     assert confirm.prior_sd(space, search.SearchSettings(subset=600)) is None
     assert confirm.prior_sd(space, search.SearchSettings(epochs=3)) is None
+
+
+def test_the_default_pruner_stops_a_trial_clearly_behind_and_its_run_ends_killed_at_that_epoch(store, tmp_path):
+    """Six recipes that learn, then one whose rate cannot move the weights: the default pruner (whatever
+    the measurement chose) stops that one once it may judge, and its run ends KILLED, saying after which
+    epoch; the trials line says so too."""
+    default = pruners.PRUNERS[0]
+    good = [{"optimizer": "adam", "lr": 3e-3, "dropout": d} for d in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)]
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({**RACE_SPACE, "start_points": [*good, {"optimizer": "sgd", "lr": 1e-6,
+                                                                              "dropout": 0.2}]}))
+    epochs = 5
+    args = ["search", "--space", str(space), "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--trials", "7",
+            "--epochs", str(epochs), "--subset", "600", "--jobs", "1"]  # no --pruner: the default
+    result = CliRunner().invoke(cli.main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    (bad,) = [t for t in study.trials if t.params["optimizer"] == "sgd"]
+    assert bad.state.name == "PRUNED", (default, result.output)
+    stopped = max(bad.intermediate_values)
+    assert pruners.CATALOGUE[default].first_epoch(epochs) <= stopped < epochs
+    (run,) = [r for r in study_runs()[1] if r.data.tags[search.TAG_TRIAL] == str(bad.number)]
+    assert run.info.status == "KILLED" and run.data.tags[search.TAG_STATE] == "PRUNED"
+    assert f"pruned after epoch {stopped} " in run.data.tags[tracking.TAG_FAILURE]
+    assert f"trial {bad.number} PRUNED" in result.output and f"after epoch {stopped}" in result.output
