@@ -33,10 +33,12 @@ class BenchPlan:
     grid_subset: int  # training images per config in the --jobs comparison (one epoch each)
     jobs: int
     tracked_subset: int = 0  # training images of the tracked-vs-untracked runs (0: all 50,000)
+    monitor_seconds: float = 20.0  # length of each idle run of the system-metrics CPU comparison
 
 
 QUICK = BenchPlan(rounds=3, images={"model1": 10_000, "model3": 4_000}, tracked_epochs=2, grid_subset=2_000, jobs=2)
-FULL = BenchPlan(rounds=5, images={"model1": 50_000, "model3": 20_000}, tracked_epochs=10, grid_subset=10_000, jobs=2)
+FULL = BenchPlan(rounds=5, images={"model1": 50_000, "model3": 20_000}, tracked_epochs=10, grid_subset=10_000, jobs=2,
+                 monitor_seconds=60.0)
 
 
 def machine() -> str:
@@ -209,6 +211,42 @@ def tracking_overhead(plan: BenchPlan, device: str, report) -> dict:
             "tracked_no_system_metrics_s": bare, "system_metrics_overhead": system}
 
 
+def system_metrics_cpu(plan: BenchPlan, report) -> dict:
+    """The CPU time MLflow's system-metrics monitor takes: this process's CPU seconds over an idle run of
+    the plan's `monitor_seconds` with the monitor on, against the same run with it off, alternated. Wall-clock ratios of whole
+    runs cannot resolve a cost below their few percent of round-to-round noise; this can. The share of one
+    core it reports is an upper bound on what it takes from training (on 2 cores, 2 workers each have one)."""
+    import mlflow
+
+    from . import connection
+
+    seconds = plan.monitor_seconds
+
+    def idle_run(on: bool) -> float:
+        with _system_metrics(on):
+            mlflow.start_run(experiment_id=experiment, log_system_metrics=on)
+            before = time.process_time()
+            time.sleep(seconds)
+            used = time.process_time() - before
+            mlflow.end_run()
+        return used
+
+    with tempfile.TemporaryDirectory() as tmp:
+        previous = mlflow.get_tracking_uri()
+        connection.use_uri(f"sqlite:///{tmp}/mlflow.db")
+        try:
+            experiment = mlflow.MlflowClient().create_experiment("bench-system-metrics")
+            idle_run(True)  # warm-up: the store's tables, psutil
+            res = alternate(max(2, plan.rounds - 1), {"on": lambda: idle_run(True), "off": lambda: idle_run(False)})
+        finally:
+            connection.use_uri(previous)
+    on, off = statistics.median(res["on"]), statistics.median(res["off"])
+    share = (on - off) / seconds
+    report(f"system metrics: the monitor used {1000 * (on - off):.0f} ms of CPU over a {seconds:.0f} s run "
+           f"({100 * share:.2f}% of one core; sampling every 10 s)")
+    return {"cpu_seconds_on": on, "cpu_seconds_off": off, "seconds": seconds, "core_share": share}
+
+
 @contextlib.contextmanager
 def _system_metrics(on: bool):
     """MLflow's own switch for system metrics, set for the runs inside the block."""
@@ -267,6 +305,7 @@ def run(plan: BenchPlan, device: str, report=print) -> dict:
     speed = throughput(plan, device, report)
     prec = precision(plan, device, report)
     overhead = tracking_overhead(plan, device, report)
+    monitor = system_metrics_cpu(plan, report)
     jobs = grid_jobs(plan, device, report)
     return {
         "speedup": speed["model1"]["speedup"], "speedup_model3": speed["model3"]["speedup"],
@@ -274,7 +313,9 @@ def run(plan: BenchPlan, device: str, report=print) -> dict:
         "bf16_speedup_model3": prec["model3"].get("bf16_vs_fp32_floor"),
         "ours_vs_floor_model3": prec["model3"]["ours_vs_floor"],
         "tracking_overhead": overhead["overhead"], "system_metrics_overhead": overhead["system_metrics_overhead"],
+        "system_metrics_core_share": monitor["core_share"],
         "jobs_speedup": jobs["jobs_speedup"],
-        "throughput": speed, "precision": prec, "tracking": overhead, "grid": jobs, "machine": machine(),
+        "throughput": speed, "precision": prec, "tracking": overhead, "system_metrics": monitor, "grid": jobs,
+        "machine": machine(),
         "device": device, "plan": "quick" if plan == QUICK else "full" if plan == FULL else "custom",
     }  # fmt: skip

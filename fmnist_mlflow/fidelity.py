@@ -76,8 +76,9 @@ def curves_csv(study: optuna.Study) -> str:
 
 
 def figure(study: optuna.Study, epochs: int, metric: str):
-    """Each trial's curve; completed ones coloured by final rank (dark = best), pruned ones grey, dashed, up
-    to the epoch they stopped at."""
+    """Each trial's curve; completed ones coloured by final rank (dark = best, the top 5 bold), pruned ones
+    grey and dashed up to the epoch they stopped at. Left: every value; right: the same, zoomed on the
+    final top trials' region."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,23 +86,27 @@ def figure(study: optuna.Study, epochs: int, metric: str):
 
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     done = sorted(whole_curves(study, epochs), key=lambda t: t.value, reverse=maximize)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    pruned = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     cmap = plt.get_cmap("viridis")
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,)):
-        steps = sorted(t.intermediate_values)
-        ax.plot(steps, [t.intermediate_values[s] for s in steps], color="0.6", ls="--", lw=0.8)
-    for rank, t in enumerate(done):
-        steps = sorted(t.intermediate_values)
-        ax.plot(steps, [t.intermediate_values[s] for s in steps], color=cmap(rank / max(1, len(done) - 1)),
-                lw=2.0 if rank < TOP else 0.9, label=f"trial {t.number} (final rank {rank + 1})" if rank < TOP else None)
-    values = [t.value for t in done]
-    if values:  # focus on the region the trials compete in
-        low = min(values) if maximize else max(values)
-        ax.set_ylim(bottom=low - 0.05 if maximize else None)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{study.study_name}: validation curves by final rank (grey dashed: pruned)")
-    if done:
-        ax.legend(fontsize=8, loc="lower right")
+    for ax in axes:
+        for t in pruned:
+            steps = sorted(t.intermediate_values)
+            ax.plot(steps, [t.intermediate_values[s] for s in steps], color="0.6", ls="--", lw=0.8)
+        for rank, t in enumerate(done):
+            steps = sorted(t.intermediate_values)
+            ax.plot(steps, [t.intermediate_values[s] for s in steps], color=cmap(rank / max(1, len(done) - 1)),
+                    lw=2.0 if rank < TOP else 0.9, label=f"trial {t.number} (final rank {rank + 1})" if rank < TOP else None)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+    top = [t.value for t in done[:2 * TOP]]
+    if top:  # zoom: the region the best trials compete in
+        spread = max(top) - min(top)
+        axes[1].set_ylim(min(top) - spread - 0.005, max(top) + 0.3 * spread + 0.002) if maximize else \
+            axes[1].set_ylim(min(top) - 0.3 * spread - 0.002, max(top) + spread + 0.005)
+        axes[1].set_xlim(epochs / 2, epochs + 0.2)
+        axes[1].set_title(f"zoom: the second half, the final top {len(top)}")
+        axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].set_title(f"{study.study_name}: curves by final rank (grey dashed: pruned)")
     fig.tight_layout()
     return fig

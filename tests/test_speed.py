@@ -162,11 +162,11 @@ def test_cuda_bf16_run(store):
 def test_bench_runs_every_comparison_on_a_tiny_plan(store, monkeypatch):
     fake_cpu(monkeypatch, "avx512_bf16")
     plan = bench.BenchPlan(rounds=1, images={"model1": 256, "model3": 128}, tracked_epochs=1, grid_subset=100,
-                           jobs=2, tracked_subset=300)
+                           jobs=2, tracked_subset=300, monitor_seconds=2.0)
     lines = []
     result = bench.run(plan, "cpu", report=lines.append)
     for key in ("speedup", "speedup_model3", "tracking_overhead", "jobs_speedup", "machine", "default_precision",
-                "bf16_speedup_model3", "ours_vs_floor_model3"):
+                "bf16_speedup_model3", "ours_vs_floor_model3", "system_metrics_core_share"):
         assert key in result
     assert result["speedup"] > 0 and result["throughput"]["model3"]["classic_img_s"] > 0
     assert result["default_precision"] == "bf16"  # the faked CPU has AVX512-BF16
