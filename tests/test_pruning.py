@@ -158,3 +158,37 @@ def test_the_default_pruner_stops_a_trial_clearly_behind_and_its_run_ends_killed
     assert run.info.status == "KILLED" and run.data.tags[search.TAG_STATE] == "PRUNED"
     assert f"pruned after epoch {stopped} " in run.data.tags[tracking.TAG_FAILURE]
     assert f"trial {bad.number} PRUNED" in result.output and f"after epoch {stopped}" in result.output
+
+
+def test_the_rung_pruner_judges_once_against_every_trial_that_got_there_pruned_ones_included():
+    from fmnist_mlflow.rung import RungPruner
+
+    study = optuna.create_study(direction="maximize", pruner=RungPruner(epoch=1, keep=0.5, n_startup=3))
+
+    def run(curve):
+        """Report the curve epoch by epoch; the epoch after which the pruner stopped it, or None."""
+        trial = study.ask()
+        for epoch, value in enumerate(curve, 1):
+            trial.report(value, epoch)
+            if trial.should_prune():
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                return epoch
+        study.tell(trial, curve[-1])
+        return None
+
+    assert [run([v, 0.9]) for v in (0.80, 0.50, 0.60)] == [None, None, None]  # the first 3 are never judged
+    assert run([0.55, 0.95]) == 1  # below the median (0.60) of the 3 before it: stopped after epoch 1
+    # the stopped trial counts: epoch-1 values 0.80, 0.50, 0.60, 0.55 -> the bar is the 2nd best, 0.60
+    assert run([0.60, 0.10]) is None  # at the bar goes on, and is never judged again, however it ends
+    assert run([0.59, 0.99]) == 1
+    minimize = optuna.create_study(direction="minimize", pruner=RungPruner(epoch=2, keep=0.5, n_startup=1))
+    first = minimize.ask()
+    first.report(0.3, 1), first.report(0.3, 2)
+    minimize.tell(first, 0.3)
+    second = minimize.ask()
+    second.report(0.9, 1)
+    assert not second.should_prune()  # not its epoch yet
+    second.report(0.9, 2)
+    assert second.should_prune()  # worse than the one before it at epoch 2, minimizing
+    with pytest.raises(ValueError):
+        RungPruner(epoch=0)
