@@ -103,10 +103,11 @@ def reported(fn):
 # timeout) kept a sweep hanging for about 16 minutes when the server died. The user's own settings win;
 # worker processes inherit these.
 # Also quieter MLflow: its INFO lines and a "View run" line per run buried the command's own output (a
-# sweep printed 19 pairs); the commands print their own links.
+# sweep printed 19 pairs); the commands print their own links. And no usage telemetry: MLflow 3 sends
+# events to its own servers from every process; these commands talk to the tracking store alone.
 MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_LOGGING_LEVEL": "WARNING",
-                   "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+                   "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
 def entry() -> None:

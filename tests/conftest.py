@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from fmnist_mlflow import data
+# Tests send traffic to 127.0.0.0/8 only: MLflow's usage telemetry (a request to MLflow's servers from each
+# process that uses it) is off here and in every process a test starts (they inherit this environment).
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+from fmnist_mlflow import data  # noqa: E402
 
 VENV_BIN = str(Path(sys.executable).parent)
 TINY = 600  # training images in the tiny subset (120 validation)

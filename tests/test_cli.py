@@ -1,5 +1,6 @@
 """The `fmnist` CLI against real tracking stores: sqlite, a real `mlflow server`, and `mlflow run`."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,13 @@ def test_mlflow_run_with_experiment_name_leaves_no_stray_run(tmp_path):
         assert mlflow.get_experiment(run.info.experiment_id).name == "fmnist"
     finally:
         mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize("given, expected", [(None, "true"), ("false", "false")])
+def test_commands_turn_mlflow_telemetry_off_unless_the_user_said_otherwise(monkeypatch, given, expected):
+    if given is None:
+        monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", given)
+    assert invoke(["sweep", "--seeds", "0,,1"]).exit_code == 2  # any command: the group sets its defaults first
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == expected
