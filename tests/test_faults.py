@@ -281,24 +281,10 @@ def test_an_interrupt_with_no_run_open_does_not_claim_one_was_killed(monkeypatch
     assert cli.interrupted_line() == "interrupted: run abc ended KILLED"
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 3 MB tmpfs (the full disk a user meets), mounted for the test and unmounted after it."""
-    where = tmp_path / "tiny-disk"
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(where)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield where
-    subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-@pytest.mark.parametrize("command", [["train", "--model", "model3", "--epochs", "2"],
-                                     ["sweep", "--seeds", "0", "--epochs", "1", "--jobs", "1", "--no-race"]])
-def test_a_full_disk_is_one_line_and_the_next_command_ends_the_stranded_runs(tiny_disk, tmp_path, command):
-    filler = tiny_disk / "filler"
-    if command[0] == "train":  # leave room for the store but not for the run's model
-        filler.write_bytes(b"\0" * 1700 * 1024)
+def test_a_sweep_on_a_full_disk_is_one_line_and_its_resume_ends_the_stranded_runs(tiny_disk, tmp_path):
+    """Optuna, failing to record the failed trial on the full disk, ends in its own AssertionError: the line
+    names the store error behind it. (`fmnist train` on a full disk: tests/test_first_meet.py.)"""
+    command = ["sweep", "--seeds", "0", "--epochs", "1", "--jobs", "1", "--no-race"]
     env = cli_env()
     env.pop("MLFLOW_TRACKING_URI", None)  # the default store, ./mlflow.db, on the full disk
     run = [sys.executable, "-m", "fmnist_mlflow", *command, "--subset", "600", "--device", "cpu"]
@@ -307,9 +293,9 @@ def test_a_full_disk_is_one_line_and_the_next_command_ends_the_stranded_runs(tin
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stderr.count("\n") == 1 and "its disk is full" in proc.stderr and "Traceback" not in proc.stderr
     # room again, the store as the failure left it: what a user does next
-    subprocess.run(["mount", "-o", "remount,size=20m", str(tiny_disk)], check=True)
-    # the same command again: a sweep resumes (its engine reaps the stranded child and retries its point after
-    # its heartbeat stops), a train ends the stranded run FAILED
+    subprocess.run(["mount", "-o", "remount,size=40m", str(tiny_disk)], check=True)
+    # the same command again: the sweep resumes, its engine reaps the stranded child and retries its point
+    # once its heartbeat has stopped
     again = subprocess.run(run, cwd=tiny_disk, env={**env, "FMNIST_HEARTBEAT_S": "1"}, capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
