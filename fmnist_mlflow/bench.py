@@ -174,15 +174,11 @@ def precision(plan: BenchPlan, device: str, report) -> dict:
 
 def tracking_overhead(plan: BenchPlan, device: str, report) -> dict:
     """Wall time of a fully tracked run against the same training untracked, on full data."""
-    import mlflow
-
-    from . import connection, runs, tracking
+    from . import runs, tracking
 
     dataset = data_mod.load(subset=plan.tracked_subset)
     config = RunConfig(model="model1", epochs=plan.tracked_epochs, device=device, subset=plan.tracked_subset)
-    with tempfile.TemporaryDirectory() as tmp:
-        previous = mlflow.get_tracking_uri()
-        connection.use_uri(f"sqlite:///{tmp}/mlflow.db")
+    with _temp_store() as tmp:
         cwd = os.getcwd()
         os.chdir(tmp)  # artifacts land in the temp dir's ./mlruns
         try:
@@ -200,7 +196,6 @@ def tracking_overhead(plan: BenchPlan, device: str, report) -> dict:
             })
         finally:
             os.chdir(cwd)
-            connection.use_uri(previous)
     untracked, tracked = statistics.median(res["untracked"]), statistics.median(res["tracked"])
     bare = statistics.median(res["tracked, no system metrics"])
     fraction, system = (tracked - untracked) / untracked, (tracked - bare) / bare
@@ -213,12 +208,10 @@ def tracking_overhead(plan: BenchPlan, device: str, report) -> dict:
 
 def system_metrics_cpu(plan: BenchPlan, report) -> dict:
     """The CPU time MLflow's system-metrics monitor takes: this process's CPU seconds over an idle run of
-    the plan's `monitor_seconds` with the monitor on, against the same run with it off, alternated. Wall-clock ratios of whole
-    runs cannot resolve a cost below their few percent of round-to-round noise; this can. The share of one
-    core it reports is an upper bound on what it takes from training (on 2 cores, 2 workers each have one)."""
+    the plan's `monitor_seconds` with the monitor on, against the same run with it off, alternated.
+    Wall-clock ratios of whole runs cannot resolve a cost below their few percent of round-to-round noise;
+    this can. The share of one core it reports is an upper bound on what it takes from training."""
     import mlflow
-
-    from . import connection
 
     seconds = plan.monitor_seconds
 
@@ -231,20 +224,31 @@ def system_metrics_cpu(plan: BenchPlan, report) -> dict:
             mlflow.end_run()
         return used
 
-    with tempfile.TemporaryDirectory() as tmp:
-        previous = mlflow.get_tracking_uri()
-        connection.use_uri(f"sqlite:///{tmp}/mlflow.db")
-        try:
-            experiment = mlflow.MlflowClient().create_experiment("bench-system-metrics")
-            idle_run(True)  # warm-up: the store's tables, psutil
-            res = alternate(max(2, plan.rounds - 1), {"on": lambda: idle_run(True), "off": lambda: idle_run(False)})
-        finally:
-            connection.use_uri(previous)
+    with _temp_store():
+        experiment = mlflow.MlflowClient().create_experiment("bench-system-metrics")
+        idle_run(True)  # warm-up: the store's tables, psutil
+        res = alternate(max(2, plan.rounds - 1), {"on": lambda: idle_run(True), "off": lambda: idle_run(False)})
     on, off = statistics.median(res["on"]), statistics.median(res["off"])
     share = (on - off) / seconds
     report(f"system metrics: the monitor used {1000 * (on - off):.0f} ms of CPU over a {seconds:.0f} s run "
            f"({100 * share:.2f}% of one core; sampling every 10 s)")
     return {"cpu_seconds_on": on, "cpu_seconds_off": off, "seconds": seconds, "core_share": share}
+
+
+@contextlib.contextmanager
+def _temp_store():
+    """A throwaway sqlite tracking store for the block (yields its folder); the previous URI after it."""
+    import mlflow
+
+    from . import connection
+
+    with tempfile.TemporaryDirectory() as tmp:
+        previous = mlflow.get_tracking_uri()
+        connection.use_uri(f"sqlite:///{tmp}/mlflow.db")
+        try:
+            yield tmp
+        finally:
+            connection.use_uri(previous)
 
 
 @contextlib.contextmanager

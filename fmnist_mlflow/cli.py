@@ -81,13 +81,13 @@ def reported(fn):
         except Exception as exc:
             # a store or file-system error, raised as it is or behind another library's error (Optuna, failing
             # to record a failed trial on a full disk, ends in an AssertionError whose context is the store's)
-            chain = exception_chain(exc)
-            found = next((e for e in chain if isinstance(e, store_errors() + (OSError,))), None)
+            chain, stores = exception_chain(exc), store_errors()
+            found = next((e for e in chain if isinstance(e, stores + (OSError,))), None)
             if found is None:
                 raise
             from . import connection
 
-            if isinstance(found, OSError) and not isinstance(found, store_errors()):
+            if not isinstance(found, stores):  # a file-system error
                 raise click.ClickException(connection.describe_os_error(found)) from None
             optuna_store = any(type(e).__name__ == "StorageInternalError" for e in chain)
             raise click.ClickException(connection.describe_failure(found, "the Optuna storage" if optuna_store

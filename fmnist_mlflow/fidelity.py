@@ -44,8 +44,8 @@ def early_epochs(study: optuna.Study, epochs: int, top: int = TOP) -> list:
         if len(trials) >= 3 and len(set(at)) > 1 and len(set(final)) > 1:
             rho = float(spearmanr(at, final).statistic)
         median = statistics.median(at) if at else None
-        below = tuple(n for n in best for t in trials if t.number == n
-                      and (t.intermediate_values[k] < median if maximize else t.intermediate_values[k] > median))
+        value = {t.number: t.intermediate_values[k] for t in trials}
+        below = tuple(n for n in best if (value[n] < median if maximize else value[n] > median))
         out.append(EarlyEpoch(k, len(trials), rho, below))
     return out
 
@@ -102,8 +102,8 @@ def figure(study: optuna.Study, epochs: int, metric: str):
     top = [t.value for t in done[:2 * TOP]]
     if top:  # zoom: the region the best trials compete in
         spread = max(top) - min(top)
-        axes[1].set_ylim(min(top) - spread - 0.005, max(top) + 0.3 * spread + 0.002) if maximize else \
-            axes[1].set_ylim(min(top) - 0.3 * spread - 0.002, max(top) + spread + 0.005)
+        below, above = (spread + 0.005, 0.3 * spread + 0.002)[:: 1 if maximize else -1]  # room on the worse side
+        axes[1].set_ylim(min(top) - below, max(top) + above)
         axes[1].set_xlim(epochs / 2, epochs + 0.2)
         axes[1].set_title(f"zoom: the second half, the final top {len(top)}")
         axes[0].legend(fontsize=8, loc="lower right")

@@ -1,8 +1,8 @@
 """The search's pruners, and a replay of each on a study's recorded curves: what it would have stopped.
 
-Every pruner here is Optuna's own, configured for a 10-epoch run whose learning rate follows a schedule
-(onecycle peaks at 30% of the run, so early epochs rank trials less well than on a constant rate: the
-fidelity is measured in `fidelity`, not assumed). `replay` runs a pruner over a study's completed trials
+Every pruner here is an Optuna pruner (Optuna's own, or `rung.RungPruner`), configured for a 10-epoch run
+whose learning rate follows a schedule (onecycle peaks at 30% of the run, so early epochs could rank trials
+otherwise than the last: the fidelity is measured in `fidelity`, not assumed). `replay` runs a pruner over a study's completed trials
 in the order they started, each judged against the trials before it (pruned ones with the curve they
 had when stopped), as a study with that pruner would have judged them; it reports the trial-epochs it
 would have saved beside which of the study's final top trials it would have stopped.

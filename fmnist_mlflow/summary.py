@@ -297,7 +297,7 @@ def description(configs: list, select: str, best_link: str = "", top: int = 6) -
         lines += ["", "Then: " + ", ".join(f"{c.name} {fmt_estimate(est(c), percent)[0].split(' ±')[0]}" for c in rest) + "."]
     out = [c for c in order if c.raced_out]
     if out:
-        lines += ["", f"Raced out (no more seeds once shown worse than the leader): "
+        lines += ["", "Raced out (no more seeds once shown worse than the leader): "
                       + ", ".join(f"{c.name} after {len(c.seeds)} seed(s)" for c in out) + "."]
     lines += ["", MARK_MEANING + ". The full table: `summary.md` in Artifacts."]
     return "\n".join(lines) + "\n"
