@@ -8,6 +8,10 @@ over seeds; Welch's t-test compares the search champion with the grid champion.
 
     cd <the folder of the tracking store>
     python <repo>/scripts/results.py --out <repo>/experiments/results.json [--sweep-parent ID] [--search-parent ID]
+
+A search run in a store of its own (no grid in it): `--grid-from <an earlier results.json>` takes the grid
+champion and the report's pick from that file, as measured there (its `source` kept under
+`source.grid_from`), and keeps that file's search champion as `previous_search_champion`.
 """
 
 from __future__ import annotations
@@ -65,20 +69,30 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--sweep-parent")
     parser.add_argument("--search-parent")
+    parser.add_argument("--grid-from", help="an earlier results.json: its grid figures, for a store without a grid")
     args = parser.parse_args()
     torch.set_num_threads(1)  # inference times per image on one core, comparable between machines' cores
-    sweep_parent = args.sweep_parent or newest(schema.KIND_SWEEP, schema.TAG_BEST_GROUP)
     search_parent = args.search_parent or newest(schema.KIND_SEARCH, schema.TAG_CHAMPION_GROUP)
-    sweep_tags = tracking.get_run(sweep_parent).data.tags
     search_tags = tracking.get_run(search_parent).data.tags
     test = data.load_test()
-    out = {
-        "grid_champion": describe(group_runs(sweep_parent, **{tracking.TAG_CONFIG_GROUP: sweep_tags[schema.TAG_BEST_GROUP]}),
-                                  test),
-        "search_champion": describe(group_runs(search_parent, **{
-            tracking.TAG_CONFIG_GROUP: search_tags[schema.TAG_CHAMPION_GROUP]}), test),
-        "report_pick": describe(group_runs(sweep_parent, dict(zip(("model", "loss", "optimizer"), REPORT_PICK))), test),
-    }
+    search = describe(group_runs(search_parent, **{tracking.TAG_CONFIG_GROUP: search_tags[schema.TAG_CHAMPION_GROUP]}),
+                      test)
+    if args.grid_from:
+        with open(args.grid_from) as fh:
+            earlier = json.load(fh)
+        out = {"grid_champion": earlier["grid_champion"], "search_champion": search,
+               "report_pick": earlier["report_pick"], "previous_search_champion": earlier["search_champion"]}
+        sweep_parent = None
+    else:
+        sweep_parent = args.sweep_parent or newest(schema.KIND_SWEEP, schema.TAG_BEST_GROUP)
+        sweep_tags = tracking.get_run(sweep_parent).data.tags
+        out = {
+            "grid_champion": describe(group_runs(sweep_parent, **{
+                tracking.TAG_CONFIG_GROUP: sweep_tags[schema.TAG_BEST_GROUP]}), test),
+            "search_champion": search,
+            "report_pick": describe(group_runs(sweep_parent, dict(zip(("model", "loss", "optimizer"), REPORT_PICK))),
+                                    test),
+        }
     grid, search = out["grid_champion"]["test_accuracy"], out["search_champion"]["test_accuracy"]
     out["search_vs_grid"] = {
         "test_accuracy_gain_points": 100 * (search["mean"] - grid["mean"]),
@@ -86,12 +100,14 @@ def main() -> None:
     }
     out["source"] = {"sweep_parent_run_id": sweep_parent, "search_parent_run_id": search_parent,
                      "commit": tracking.git_commit(), "test_images": len(test)}
+    if args.grid_from:
+        out["source"]["grid_from"] = earlier["source"]
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=2)
         fh.write("\n")
     print("| | config | seeds | test accuracy mean ± std | 95% CI | val accuracy mean | weights | ms/image batch 1 | ms/image batch 256 |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for key in ("grid_champion", "search_champion", "report_pick"):
+    for key in [k for k in ("grid_champion", "search_champion", "report_pick", "previous_search_champion") if k in out]:
         r = out[key]
         t, v = r["test_accuracy"], r["val_accuracy"]
         ci = f"[{100 * t['ci95'][0]:.2f}, {100 * t['ci95'][1]:.2f}]" if t["ci95"] else "n/a"
