@@ -263,7 +263,8 @@ def sweep(grid_file, select, seeds, race, device, precision, threads, jobs, stor
 
 @main.command()
 @click.option("--trials", type=click.IntRange(min=0), default=20, show_default=True,
-              help="Trials this command runs (split over --jobs workers); 0 with --confirm: only confirm.")
+              help="Trials this command runs, shared by its --jobs workers (one whose trials were pruned early starts "
+              "the next); 0 with --confirm: only confirm.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, callback=check_timeout,
               help="Stop starting new trials after this many seconds.")
 @storage_options("the space's name")

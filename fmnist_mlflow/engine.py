@@ -187,7 +187,7 @@ class Plan(Protocol):
 
     def fill(self, study: optuna.Study, experiment_id: str) -> Any: ...  # a new study's first queued trials
 
-    def more(self, study: optuna.Study, ran: int, budget: Optional[int]) -> bool: ...  # start another trial?
+    def more(self, study: optuna.Study) -> bool: ...  # start another trial (if the command's budget allows)?
 
     def objective(self, shared: "SharedStudy", data, hooks: Hooks) -> Callable: ...
 
@@ -206,7 +206,7 @@ class Job:
     data_dir: Optional[str]
     subset: int
     worker: int  # 0, 1, ...: its sampler seed differs from the other workers'
-    budget: Optional[int] = None  # trials this worker starts (None: until the plan says stop)
+    budget: Optional[parallel.Budget] = None  # trials the command's workers start in all (None: until the plan says stop)
     timeout: Optional[float] = None  # seconds after which it starts none
 
 
@@ -294,32 +294,35 @@ class SharedStudy:
         if jobs <= 1:
             if self.finished_before:
                 self.study.sampler = self.plan.sampler(0, self.finished_before)
-            self.work(self.plan.objective(self, data, hooks), budget=budget, timeout=timeout, hooks=hooks)
+            self.work(self.plan.objective(self, data, hooks), budget=None if budget is None else parallel.Budget(budget),
+                      timeout=timeout, hooks=hooks)
             return 1
-        budgets = [None] * jobs if budget is None else [n for n in parallel.split(budget, jobs) if n]
+        jobs = jobs if budget is None else min(jobs, budget)
+        shared_budget = None if budget is None else parallel.Budget(budget)
         job_list = [Job(self.plan, self.storage_url, self.study_name, self.experiment_id, self.parent_id, data_dir,
-                        data.subset, i, n, timeout) for i, n in enumerate(budgets)]
+                        data.subset, i, shared_budget, timeout) for i in range(jobs)]
         # this process owns the parent while its workers run: an interrupt (even before a worker has opened
         # it) ends it KILLED here
         with tracking.run(self.plan.name, kind=self.plan.kind, run_id=self.parent_id):
             if hooks.on_workers is not None:
-                hooks.on_workers(len(budgets))
+                hooks.on_workers(len(job_list))
             codes = parallel.run_workers(run_job, [(job,) for job in job_list], tracking.tracking_uri(), threads)
             if any(codes):
                 raise WorkerError(f"worker exit codes {codes}; see the runs for reasons")
         return len(job_list)
 
-    def work(self, objective: Callable, *, budget: Optional[int] = None, timeout: Optional[float] = None,
+    def work(self, objective: Callable, *, budget: Optional[parallel.Budget] = None, timeout: Optional[float] = None,
              hooks: Hooks = Hooks()) -> int:
-        """Run trials in this process while the plan wants more (and a lost worker's retry waits), then stay
-        while other workers' trials run: fail the lost ones and run their retries. Returns the trials run.
-        `timeout` (seconds) stops starting trials, and waiting, after it."""
+        """Run trials in this process while the plan wants more and the command's `budget` has trials left
+        (and while a lost worker's retry waits), then stay while other workers' trials run: fail the lost
+        ones and run their retries. Returns the trials run. `timeout` (seconds) stops starting trials, and
+        waiting, after it."""
         deadline = time.monotonic() + timeout if timeout else None
         callbacks = [lambda study, trial: hooks.on_trial_end(trial)] if hooks.on_trial_end else []
         ran = 0
         with tracking.run(self.plan.name, kind=self.plan.kind, run_id=self.parent_id):
             while deadline is None or time.monotonic() < deadline:
-                if self.plan.more(self.study, ran, budget) or retry_waiting(self.study):
+                if (self.plan.more(self.study) and (budget is None or budget.claim())) or retry_waiting(self.study):
                     # (Optuna fails stale trials as each trial starts)
                     self.study.optimize(objective, n_trials=1, catch=self.plan.catch, callbacks=callbacks)
                     ran += 1

@@ -82,6 +82,21 @@ def run_workers(target: Callable, arg_lists: list, tracking_uri: str, threads: i
     return [proc.exitcode for proc in procs]
 
 
-def split(total: int, parts: int) -> list:
-    """`total` items as `parts` near-equal counts, larger first: split(10, 3) == [4, 3, 3]."""
-    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+class Budget:
+    """Trials one command may still start, shared by its worker processes: a worker claims one right before
+    it starts a trial, so that a worker whose trials were pruned early goes on while another's still run
+    (a fixed share each left one idle once its share was spent). Picklable to the workers it is started with."""
+
+    def __init__(self, total: int):
+        self._left = multiprocessing.get_context("spawn").Value("i", total)
+
+    def claim(self) -> bool:
+        with self._left.get_lock():
+            if self._left.value <= 0:
+                return False
+            self._left.value -= 1
+            return True
+
+    @property
+    def left(self) -> int:
+        return self._left.value

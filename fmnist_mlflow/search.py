@@ -112,8 +112,8 @@ class Search:
             study.enqueue_trial(params, user_attrs={ATTR_START_POINT: i}, skip_if_exists=True)
         return warm
 
-    def more(self, study: optuna.Study, ran: int, budget: Optional[int]) -> bool:
-        return budget is None or ran < budget
+    def more(self, study: optuna.Study) -> bool:
+        return True  # until the command's trial budget or --timeout says stop
 
     def objective(self, shared: SharedStudy, data: Dataset, hooks: Hooks):
         space, settings = self.space, self.settings

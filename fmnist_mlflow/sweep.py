@@ -145,7 +145,7 @@ class Sweep:
             study.enqueue_trial(point(config), user_attrs={ATTR_POINT: label(config)})
         return len(ordered)
 
-    def more(self, study: optuna.Study, ran: int, budget: Optional[int]) -> bool:
+    def more(self, study: optuna.Study) -> bool:
         return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
     def objective(self, shared: SharedStudy, data: Dataset, hooks: Hooks):

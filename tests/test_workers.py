@@ -118,3 +118,30 @@ def test_three_search_workers_redo_a_sigkilled_workers_trial(mlflow_server, post
     assert parent.info.status == "FINISHED" and parent.data.tags[schema.TAG_RETRIED] == "1"
     assert study.user_attrs[schema.ATTR_PARENT] == parent.info.run_id
     assert tracking.find_run(lost_run_id).data.tags[schema.TAG_STATE] == "FAIL"
+
+
+def _claim_until_spent(budget, claimed, pause_s: float) -> None:
+    n = 0
+    while budget.claim():
+        n += 1
+        time.sleep(pause_s)  # a slow worker (whole trials) beside a fast one (pruned trials)
+    claimed.put(n)
+
+
+def test_one_command_s_workers_share_its_trial_budget():
+    """`--trials N --jobs 2`: a worker whose trials end early goes on claiming trials while the other is still
+    busy (a fixed half each left the fast one idle), and together they start exactly N."""
+    import multiprocessing
+
+    from fmnist_mlflow import parallel
+
+    budget, ctx = parallel.Budget(9), multiprocessing.get_context("spawn")
+    claimed = ctx.Queue()
+    procs = [ctx.Process(target=_claim_until_spent, args=(budget, claimed, pause)) for pause in (0.01, 5.0)]
+    for proc in procs:
+        proc.start()
+    counts = sorted(claimed.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    assert sum(counts) == 9 and budget.left == 0 and not budget.claim()
+    assert counts[1] > 5, counts  # the fast worker took more than a fixed half
