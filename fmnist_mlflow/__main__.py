@@ -1,5 +1,5 @@
 """`python -m fmnist_mlflow` runs the `fmnist` command."""
 
-from .cli import entry
+from .cli.main import entry
 
 entry()

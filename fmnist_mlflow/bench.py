@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from . import data as data_mod
-from . import hardware, models, train
-from .config import RunConfig
+from . import process
+from .training import data as data_mod
+from .training import hardware, models, train
+from .training.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,8 @@ def precision(plan: BenchPlan, device: str, report) -> dict:
 
 def tracking_overhead(plan: BenchPlan, device: str, report) -> dict:
     """Wall time of a fully tracked run against the same training untracked, on full data."""
-    from . import runs, tracking
+    from .tracking.experiment import use_experiment
+    from .tracking.fit import tracked_fit as fit_tracked
 
     dataset = data_mod.load(subset=plan.tracked_subset)
     config = RunConfig(model="model1", epochs=plan.tracked_epochs, device=device, subset=plan.tracked_subset)
@@ -182,11 +184,11 @@ def tracking_overhead(plan: BenchPlan, device: str, report) -> dict:
         cwd = os.getcwd()
         os.chdir(tmp)  # artifacts land in the temp dir's ./mlruns
         try:
-            tracking.use_experiment("bench")
+            use_experiment("bench")
 
             def tracked_fit(system_metrics: bool):
-                with _system_metrics(system_metrics):
-                    return _timed(lambda: runs.tracked_fit(config, dataset))
+                with process.environment(system_metrics):
+                    return _timed(lambda: fit_tracked(config, dataset))
 
             tracked_fit(True)  # warm-up: creates the store's tables, imports MLflow's model flavours and psutil
             res = alternate(max(2, plan.rounds - 1), {
@@ -216,7 +218,7 @@ def system_metrics_cpu(plan: BenchPlan, report) -> dict:
     seconds = plan.monitor_seconds
 
     def idle_run(on: bool) -> float:
-        with _system_metrics(on):
+        with process.environment(on):
             mlflow.start_run(experiment_id=experiment, log_system_metrics=on)
             before = time.process_time()
             time.sleep(seconds)
@@ -240,7 +242,7 @@ def _temp_store():
     """A throwaway sqlite tracking store for the block (yields its folder); the previous URI after it."""
     import mlflow
 
-    from . import connection
+    from .tracking import connection
 
     with tempfile.TemporaryDirectory() as tmp:
         previous = mlflow.get_tracking_uri()
@@ -251,26 +253,14 @@ def _temp_store():
             connection.use_uri(previous)
 
 
-@contextlib.contextmanager
-def _system_metrics(on: bool):
-    """MLflow's own switch for system metrics, set for the runs inside the block."""
-    key, before = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
-    os.environ[key] = "true" if on else "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
-
-
 def grid_jobs(plan: BenchPlan, device: str, report) -> dict:
     """Wall time of the report's 18-config grid (1 epoch, a subset) with --jobs 1 and --jobs N."""
     import mlflow
 
-    from . import grid as grid_mod
-    from . import connection, sweep, tracking
+    from .studies import grid as grid_mod
+    from .studies import sweep
+    from .tracking import connection
+    from .tracking.experiment import use_experiment
 
     g = grid_mod.load_grid()
     configs = g.configs(epochs=1, subset=plan.grid_subset, device=device, seeds=(0,))
@@ -284,7 +274,7 @@ def grid_jobs(plan: BenchPlan, device: str, report) -> dict:
             for jobs in (1, plan.jobs, 1, plan.jobs)[: 2 if plan.rounds <= 3 else 4]:
                 store = f"sqlite:///{tmp}/jobs{jobs}-{sum(map(len, times.values()))}"  # fresh: nothing to resume
                 connection.use_uri(f"{store}.db")
-                experiment_id = tracking.use_experiment("bench")
+                experiment_id = use_experiment("bench")
                 started = time.perf_counter()
                 sweep.run_sweep(g, configs, dataset, experiment_id=experiment_id, jobs=jobs,
                                 storage_url=f"{store}-optuna.db")

@@ -4,8 +4,6 @@ Resume, warm start, registry selection and recovery all find runs by these names
 break them silently, so each name is defined here once and imported everywhere else.
 """
 
-DEFAULT_STORAGE = "sqlite:///optuna.db"  # the Optuna storage of sweeps and searches: the working directory's
-
 # --- run kinds (tag KIND) ---------------------------------------------------------------------------------
 KIND_TRAIN = "train"  # one config from `fmnist train`
 KIND_SWEEP = "sweep"  # a grid's parent run

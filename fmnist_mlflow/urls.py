@@ -1,20 +1,57 @@
-"""Store and storage URLs as the CLI shows and checks them, without importing MLflow, Optuna or torch: a
-password hidden (`redact`), and an Optuna storage URL's form and database driver checked at the boundary
-(`storage_problem`), before any data is loaded."""
+"""Store and storage URLs as the CLI takes, checks and shows them, without importing MLflow, Optuna or torch:
+the default Optuna storage, a password hidden (`redact`, `scrub`), and an Optuna storage URL's form and
+database driver checked at the boundary (`storage_problem`), before any data is loaded."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Optional
+from urllib.parse import unquote, urlsplit
 
+DEFAULT_STORAGE = "sqlite:///optuna.db"  # the Optuna storage of sweeps and searches: the working directory's
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")  # the databases Optuna's RDBStorage supports
 STORAGE_FORMS = "sqlite:///FILE, postgresql://USER@HOST:PORT/DB, mysql://USER@HOST/DB or journal:FILE"
+HIDDEN = "***"
 
 
 def redact(url: str) -> str:
-    """A URL with its password replaced by ***, whatever its scheme, parseable or not."""
-    return re.sub(r"(://[^/:@\s]*):[^@/\s]*@", r"\1:***@", url)
+    """`url` with its password replaced by ***: SQLAlchemy's rendering for database URLs, urllib's parse for
+    http(s); a URL neither can parse is shown as it is (it holds no password either can find)."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme in ("http", "https"):
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.netloc.rpartition("@")[2]
+        return parts._replace(netloc=f"{parts.username}:{HIDDEN}@{host}").geturl()
+    if "://" not in url:
+        return url
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return url
+
+
+def password(url: str) -> Optional[str]:
+    """The password a URL carries, as written, or None."""
+    if "://" not in url:
+        return None
+    netloc = url.split("://", 1)[1].rpartition("@")
+    if not netloc[1]:
+        return None
+    user = netloc[0]
+    return user.split(":", 1)[1] if ":" in user else None
+
+
+def scrub(text: str, *urls: str) -> str:
+    """`text` (an error message) with the passwords of `urls` replaced by ***, as written and as decoded."""
+    for url in urls:
+        secret = password(url)
+        for form in filter(None, {secret, unquote(secret) if secret else None}):
+            text = text.replace(form, HIDDEN)
+    return text
 
 
 def storage_problem(url: str) -> Optional[str]:
@@ -30,8 +67,8 @@ def storage_problem(url: str) -> Optional[str]:
 
     try:
         dialect = sqlalchemy.engine.make_url(url).get_dialect()
-    except Exception as exc:  # ArgumentError (a malformed URL), NoSuchModuleError (an unknown +driver)
-        return f"{redact(url)!r}: {redact(str(exc).splitlines()[0])}"
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError) as exc:
+        return f"{redact(url)!r}: {scrub(str(exc).splitlines()[0], url)}"
     try:
         dialect.import_dbapi()
     except ImportError as exc:

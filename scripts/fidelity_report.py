@@ -14,7 +14,9 @@ from pathlib import Path
 
 import optuna
 
-from fmnist_mlflow import fidelity, pruners, search_report
+from fmnist_mlflow.studies import fidelity
+from fmnist_mlflow.studies import pruners
+from fmnist_mlflow.studies import search_report
 
 
 def main() -> None:

@@ -25,8 +25,9 @@ def finish(job: tuple) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from fmnist_mlflow import data, train
-    from fmnist_mlflow.space import load_space
+    from fmnist_mlflow.training import data
+    from fmnist_mlflow.training import train
+    from fmnist_mlflow.studies.space import load_space
 
     config = load_space(space_file).suggest(optuna.trial.FixedTrial(params), epochs=epochs, subset=subset,
                                             device="cpu", precision=precision)
@@ -49,8 +50,8 @@ def main() -> None:
 
     import optuna
 
-    from fmnist_mlflow import hardware
-    from fmnist_mlflow.space import DEFAULT_SPACE
+    from fmnist_mlflow.training import hardware
+    from fmnist_mlflow.studies.space import DEFAULT_SPACE
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=args.study, storage=args.storage)

@@ -39,8 +39,10 @@ def task(args: tuple) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from fmnist_mlflow import data, models, train
-    from fmnist_mlflow.config import RunConfig
+    from fmnist_mlflow.training import data
+    from fmnist_mlflow.training import models
+    from fmnist_mlflow.training import train
+    from fmnist_mlflow.training.config import RunConfig
 
     config = RunConfig(**{**BASE, **ARMS[arm]}, ema=ema, epochs=epochs, seed=seed, device="cpu", subset=subset)
     dataset = data.load(subset=subset)
@@ -54,7 +56,7 @@ def task(args: tuple) -> dict:
 
 
 def table(rows: list, ema: float) -> str:
-    from fmnist_mlflow import stats
+    from fmnist_mlflow.results import stats
 
     def pm(values):
         e = stats.estimate(values)

@@ -33,8 +33,9 @@ def task(args: tuple) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from fmnist_mlflow import data, train
-    from fmnist_mlflow.config import RunConfig
+    from fmnist_mlflow.training import data
+    from fmnist_mlflow.training import train
+    from fmnist_mlflow.training.config import RunConfig
 
     config = RunConfig(**CONFIGS[name], epochs=epochs, seed=seed, device="cpu", subset=subset, precision=precision)
     dataset = data.load(subset=subset)
@@ -48,7 +49,7 @@ def task(args: tuple) -> dict:
 
 
 def table(rows: list) -> str:
-    from fmnist_mlflow import stats
+    from fmnist_mlflow.results import stats
 
     def pm(values):
         e = stats.estimate(values)

@@ -1,7 +1,7 @@
 """Replay the main job's comparison and racing on committed 3-seed grids (their summary.csv).
 
 For each grid: the marks against the best with Welch's test (the old summary) and with the pooled-noise
-test (`stats.compare_with_best`, the summary's now); then the race (`race.verdict`, the code `fmnist
+test (`stats.compare_with_best`, the summary's now); then the race (`stats.race_verdict`, the code `fmnist
 sweep` runs) replayed point by point in the sweep's queue order (seed by seed, model3 first), one worker:
 which configs it stops and when, its winner and "=" set beside the all-seeds ones, and the share of the
 grid's training seconds it saves.
@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import csv
 
-from fmnist_mlflow import race, stats, summary
-from fmnist_mlflow.grid import DEFAULT_GRID, load_grid
+from fmnist_mlflow.results import stats
+from fmnist_mlflow.results import seeds
+from fmnist_mlflow.studies.grid import DEFAULT_GRID, load_grid
 
 
 def read_rows(path: str) -> list:
@@ -47,10 +48,10 @@ def replay(rows: list, prior_sd: float, select: str = "val_accuracy") -> tuple:
     for r in queue_order(rows):
         key = name(r)
         before = {k: [v for seed, v in values if seed < r["seed"]] for k, values in done.items()}
-        why = out.get(key) or race.verdict(before, family, key, select, prior_sd)
+        why = out.get(key) or stats.race_verdict(before, family, key, select, prior_sd)
         if why:
             out.setdefault(key, why)
-            raced_rows.append({**r, "status": summary.RACED_OUT, select: None, "val_nll": None, "train_loss": None,
+            raced_rows.append({**r, "status": seeds.RACED_OUT, select: None, "val_nll": None, "train_loss": None,
                                "val_loss": None, "train_seconds": 0.0})
             continue
         done.setdefault(key, []).append((r["seed"], r[select]))
@@ -73,13 +74,13 @@ def welch_marks(rows: list, select: str = "val_accuracy") -> dict:
 
 def report(path: str, prior_sd: float) -> str:
     rows = read_rows(path)
-    full = summary.aggregate(rows)
+    full = seeds.aggregate(rows)
     new, old = marks(full), welch_marks(rows)
     raced_rows, out = replay(rows, prior_sd)
-    raced = summary.aggregate(raced_rows, raced={g: "raced" for g in
-                                                  {r["group"] for r in raced_rows if r["status"] == summary.RACED_OUT}})
+    raced = seeds.aggregate(raced_rows, raced={g: "raced" for g in
+                                                  {r["group"] for r in raced_rows if r["status"] == seeds.RACED_OUT}})
     raced_marks = marks(raced)
-    noise = summary.seed_noise(rows)
+    noise = stats.seed_noise(*seeds.finished_values(rows, "val_accuracy"))
     total = sum(r["train_seconds"] for r in rows)
     saved = total - sum(r["train_seconds"] for r in raced_rows)
     seeds_run = sum(r["status"] == "FINISHED" for r in raced_rows)
@@ -87,13 +88,13 @@ def report(path: str, prior_sd: float) -> str:
              "| config | val acc (all seeds) | Welch mark | pooled mark | raced: seeds | raced: mark | raced out |",
              "|---|---|---|---|---|---|---|"]
     by_name = {c.name: c for c in raced}
-    for c in summary.ranked(full, "val_accuracy"):
+    for c in seeds.ranked(full, "val_accuracy"):
         rc = by_name[c.name]
-        lines.append(f"| {c.name} | {summary.fmt_estimate(c.val_accuracy, True)[0]} | {old[c.name]} | "
+        lines.append(f"| {c.name} | {seeds.fmt_estimate(c.val_accuracy, True)[0]} | {old[c.name]} | "
                      f"{new[c.name]}{'' if c.p_vs_best is None else f' (p {c.p_vs_best:.3f})'} | {len(rc.seeds)} | "
                      f"{raced_marks[c.name]} | {out.get(c.name, '').split(';')[0]} |")
     same_set = lambda m: sorted(k for k, v in m.items() if v in ("best", "="))  # noqa: E731
-    lines += ["", f"- winner: all seeds **{summary.best(full).name}**, raced **{summary.best(raced).name}**",
+    lines += ["", f"- winner: all seeds **{seeds.best(full).name}**, raced **{seeds.best(raced).name}**",
               f"- best or '=': all seeds {same_set(new)}; raced {same_set(raced_marks)}: "
               f"**{'the same' if same_set(new) == same_set(raced_marks) else 'DIFFERENT'}**",
               f"- Welch '=' with p >= 0.05 dropped by the pooled test: "

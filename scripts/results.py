@@ -23,24 +23,32 @@ import sys
 import mlflow
 import torch
 
-from fmnist_mlflow import data, evaluation, model_store, registry, schema, stats, tracking
-from fmnist_mlflow.summary import REPORT_PICK
+from fmnist_mlflow.training import data
+from fmnist_mlflow.training import scoring
+from fmnist_mlflow.tracking import models as model_store
+from fmnist_mlflow.tracking import registry
+from fmnist_mlflow import schema
+from fmnist_mlflow.results import stats
+from fmnist_mlflow.results.report import REPORT_PICK
+from fmnist_mlflow.tracking import records
+from fmnist_mlflow.tracking import queries
+from fmnist_mlflow.tracking import experiment as experiments
 
 CONFIG_KEYS = ("model", "loss", "optimizer", "lr", "momentum", "dropout", "batch_size", "epochs", "weight_decay",
                "schedule", "warmup", "label_smoothing", "augment", "width", "ema", "tta")
 
 
 def newest(kind: str, tag: str) -> str:
-    experiment = tracking.experiment_id("fmnist")
-    found = [r for r in tracking.find_runs([experiment], {tracking.TAG_KIND: kind}) if tag in r.data.tags]
+    experiment = experiments.experiment_id("fmnist")
+    found = [r for r in queries.find_runs([experiment], {schema.TAG_KIND: kind}) if tag in r.data.tags]
     if not found:
         sys.exit(f"no {kind} parent run with tag {tag}")
     return found[0].info.run_id
 
 
 def group_runs(parent_id: str, params: dict = {}, **tags) -> list:
-    return [r for r in tracking.child_runs(parent_id) if r.info.status == "FINISHED"
-            and r.data.tags.get(tracking.TAG_KIND) in registry.MODEL_KINDS
+    return [r for r in queries.child_runs(parent_id) if r.info.status == "FINISHED"
+            and r.data.tags.get(schema.TAG_KIND) in registry.MODEL_KINDS
             and all(r.data.tags.get(k) == v for k, v in tags.items())
             and all(r.data.params.get(k) == v for k, v in params.items())]
 
@@ -53,14 +61,14 @@ def describe(runs: list, test) -> dict:
     params = runs[0].data.params
     return {
         "config": {k: params[k] for k in CONFIG_KEYS if k in params},
-        "name": runs[0].data.tags.get(tracking.TAG_CONFIG_NAME),
+        "name": runs[0].data.tags.get(schema.TAG_CONFIG_NAME),
         "seeds": [int(r.data.params["seed"]) for r in runs],
         "run_ids": [r.info.run_id for r in runs],
         "test_accuracy": {"mean": acc.mean, "std": acc.std, "ci95": list(acc.ci95) if acc.ci95 else None,
                           "per_seed": tests},
         "val_accuracy": {"mean": val.mean, "std": val.std, "ci95": list(val.ci95) if val.ci95 else None},
-        # the logged model as served (with its mirror when tta), one CPU thread: see `evaluation.inference_cost`
-        "cost": evaluation.inference_cost(mlflow.pytorch.load_model(model_store.model_uri(runs[0].info.run_id))),
+        # the logged model as served (with its mirror when tta), one CPU thread: see `scoring.inference_cost`
+        "cost": scoring.inference_cost(mlflow.pytorch.load_model(model_store.model_uri(runs[0].info.run_id))),
     }
 
 
@@ -73,9 +81,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # inference times per image on one core, comparable between machines' cores
     search_parent = args.search_parent or newest(schema.KIND_SEARCH, schema.TAG_CHAMPION_GROUP)
-    search_tags = tracking.get_run(search_parent).data.tags
+    search_tags = queries.get_run(search_parent).data.tags
     test = data.load_test()
-    search = describe(group_runs(search_parent, **{tracking.TAG_CONFIG_GROUP: search_tags[schema.TAG_CHAMPION_GROUP]}),
+    search = describe(group_runs(search_parent, **{schema.TAG_CONFIG_GROUP: search_tags[schema.TAG_CHAMPION_GROUP]}),
                       test)
     if args.grid_from:
         with open(args.grid_from) as fh:
@@ -85,10 +93,10 @@ def main() -> None:
         sweep_parent = None
     else:
         sweep_parent = args.sweep_parent or newest(schema.KIND_SWEEP, schema.TAG_BEST_GROUP)
-        sweep_tags = tracking.get_run(sweep_parent).data.tags
+        sweep_tags = queries.get_run(sweep_parent).data.tags
         out = {
             "grid_champion": describe(group_runs(sweep_parent, **{
-                tracking.TAG_CONFIG_GROUP: sweep_tags[schema.TAG_BEST_GROUP]}), test),
+                schema.TAG_CONFIG_GROUP: sweep_tags[schema.TAG_BEST_GROUP]}), test),
             "search_champion": search,
             "report_pick": describe(group_runs(sweep_parent, dict(zip(("model", "loss", "optimizer"), REPORT_PICK))),
                                     test),
@@ -99,7 +107,7 @@ def main() -> None:
         "welch_p": stats.welch_p(search["per_seed"], grid["per_seed"]),
     }
     out["source"] = {"sweep_parent_run_id": sweep_parent, "search_parent_run_id": search_parent,
-                     "commit": tracking.git_commit(), "test_images": len(test)}
+                     "commit": records.git_commit(), "test_images": len(test)}
     if args.grid_from:
         out["source"]["grid_from"] = earlier["source"]
     with open(args.out, "w") as fh:

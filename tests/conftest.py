@@ -16,7 +16,7 @@ import requests
 # process that uses it) is off here and in every process a test starts (they inherit this environment).
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
-from fmnist_mlflow import data  # noqa: E402
+from fmnist_mlflow.training import data  # noqa: E402
 
 VENV_BIN = str(Path(sys.executable).parent)
 TINY = 600  # training images in the tiny subset (120 validation)

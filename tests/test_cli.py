@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import cli_env, free_port
-from fmnist_mlflow import cli
+from fmnist_mlflow.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_ARGS = ["train", "--epochs", "1", "--subset", "600", "--device", "cpu"]  # the tests check device params
@@ -192,10 +192,22 @@ def test_mlflow_run_with_experiment_name_leaves_no_stray_run(tmp_path):
 
 
 @pytest.mark.parametrize("given, expected", [(None, "true"), ("false", "false")])
-def test_commands_turn_mlflow_telemetry_off_unless_the_user_said_otherwise(monkeypatch, given, expected):
+def test_commands_turn_mlflow_telemetry_off_while_they_run_unless_the_user_said_otherwise(monkeypatch, given, expected):
+    import click
+
+    from fmnist_mlflow.cli.boundary import reported
+
     if given is None:
         monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
     else:
         monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", given)
-    assert invoke(["sweep", "--seeds", "0,,1"]).exit_code == 2  # any command: the group sets its defaults first
-    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == expected
+    seen = []
+
+    @click.command()
+    @reported
+    def probe():  # every fmnist command runs inside `reported`, and its worker processes inherit this
+        seen.append(os.environ.get("MLFLOW_DISABLE_TELEMETRY"))
+
+    assert CliRunner().invoke(probe).exit_code == 0
+    assert seen == [expected]
+    assert os.environ.get("MLFLOW_DISABLE_TELEMETRY") == given  # the process's environment as it was

@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from fmnist_mlflow import data
+from fmnist_mlflow.training import data
 
 
 def copy_dataset(dest, decompress=False):
@@ -70,7 +70,7 @@ def test_a_gzip_body_with_overwritten_bytes_is_one_line_naming_the_file(tmp_path
     """Bytes overwritten inside the compressed stream make zlib fail (not a truncation): one line, exit 1."""
     from click.testing import CliRunner
 
-    from fmnist_mlflow import cli
+    from fmnist_mlflow.cli import main as cli
 
     copy_dataset(tmp_path)
     target = tmp_path / "train-images-idx3-ubyte.gz"

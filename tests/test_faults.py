@@ -15,7 +15,13 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import cli_env, start_mlflow_server, free_port, reset_mlflow, stop, wait_http
-from fmnist_mlflow import cli, connection, engine, predict, tracking
+from fmnist_mlflow import schema
+from fmnist_mlflow.cli import main as cli
+from fmnist_mlflow.tracking import connection
+from fmnist_mlflow.studies import engine
+from fmnist_mlflow.training import inputs as predict
+from fmnist_mlflow.tracking import runs as tracking
+from fmnist_mlflow.studies import storage
 
 
 def start_server(root, port, *extra):
@@ -64,11 +70,11 @@ def test_a_tracking_server_dying_mid_sweep_stops_it_with_one_line_and_resume_rea
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
         runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
         assert [r for r in runs if r.info.status == "RUNNING"] == []
-        parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "sweep"]
-        children = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "sweep-child"]
+        parents = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == "sweep"]
+        children = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == "sweep-child"]
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
         orphans = [c for c in children if c.info.status == "KILLED"]
-        assert len(orphans) == 1 and orphans[0].data.tags[tracking.TAG_FAILURE].startswith("orphaned")
+        assert len(orphans) == 1 and orphans[0].data.tags[schema.TAG_FAILURE].startswith("orphaned")
         finished = sorted(c.data.params["optimizer"] for c in children if c.info.status == "FINISHED")
         assert finished == ["adam", "sgd"]  # each config exactly once
     finally:
@@ -154,7 +160,7 @@ def test_a_search_worker_killed_with_sigkill_is_noticed_its_run_ended_and_its_tr
     import optuna
     import signal
 
-    from fmnist_mlflow import search
+    from fmnist_mlflow.studies import search
 
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({
@@ -177,9 +183,9 @@ def test_a_search_worker_killed_with_sigkill_is_noticed_its_run_ended_and_its_tr
             break
     os.kill(worker.pid, signal.SIGKILL)  # no chance to clean up
     worker.wait()
-    lost_run = study.trials[0].user_attrs[search.ATTR_RUN]
+    lost_run = study.trials[0].user_attrs[schema.ATTR_RUN]
     assert mlflow.get_run(lost_run).info.status == "RUNNING"
-    time.sleep(engine.GRACE_FACTOR * 1 + 2)  # past the grace period
+    time.sleep(storage.GRACE_FACTOR * 1 + 2)  # past the grace period
     resumed = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     study = optuna.load_study(study_name="lost", storage=storage)
@@ -187,7 +193,7 @@ def test_a_search_worker_killed_with_sigkill_is_noticed_its_run_ended_and_its_tr
     assert states == ["FAIL", "COMPLETE"], states
     assert study.trials[1].params == study.trials[0].params  # the same config, retried
     lost = mlflow.get_run(lost_run)
-    assert lost.info.status == "KILLED" and lost.data.tags[tracking.TAG_FAILURE].startswith("worker lost")
+    assert lost.info.status == "KILLED" and lost.data.tags[schema.TAG_FAILURE].startswith("worker lost")
     assert [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
             if r.info.status == "RUNNING"] == []
 
@@ -226,7 +232,7 @@ def test_a_run_ended_while_its_server_is_gone_is_forgotten_by_this_process(store
     import mlflow
 
     from conftest import free_port
-    from fmnist_mlflow import tracking
+    from fmnist_mlflow.tracking import runs as tracking
 
     with pytest.raises(RuntimeError):
         with tracking.run("doomed", kind="train"):
@@ -268,17 +274,21 @@ def test_sigterm_while_sweep_workers_start_ends_the_parent_killed_and_says_so(st
     output = "".join(lines)
     assert proc.returncode == 130, output
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "sweep"]
+    parents = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == "sweep"]
     assert len(parents) == 1 and parents[0].info.status == "KILLED", output
     assert f"interrupted: run {parents[0].info.run_id} ended KILLED" in output
     assert {r.info.status for r in runs} <= {"KILLED", "FINISHED"} and "Traceback" not in output
 
 
-def test_an_interrupt_with_no_run_open_does_not_claim_one_was_killed(monkeypatch):
-    monkeypatch.setattr(tracking, "INTERRUPTED", [])
-    assert cli.interrupted_line() == "interrupted (no run was open)"
-    monkeypatch.setattr(tracking, "INTERRUPTED", ["abc"])
-    assert cli.interrupted_line() == "interrupted: run abc ended KILLED"
+def test_an_interrupt_says_which_runs_it_ended_and_no_more(store):
+    from fmnist_mlflow.cli.boundary import interrupted_line
+
+    assert interrupted_line(KeyboardInterrupt()) == "interrupted (no run was open)"
+    with pytest.raises(KeyboardInterrupt) as caught:
+        with tracking.run("outer", kind=schema.KIND_TRAIN) as outer:
+            with tracking.run("inner", kind=schema.KIND_EVALUATION, parent_run_id=outer.info.run_id) as inner:
+                raise KeyboardInterrupt("simulated Ctrl-C")
+    assert interrupted_line(caught.value) == f"interrupted: runs {inner.info.run_id}, {outer.info.run_id} ended KILLED"
 
 
 def test_a_sweep_on_a_full_disk_is_one_line_and_its_resume_ends_the_stranded_runs(tiny_disk, tmp_path):

@@ -3,7 +3,7 @@ schema created once, under a lock, instead of the processes racing MLflow's migr
 `fmnist search` workers started together died with alembic's "Online migration expected to match one row"
 or "table _alembic_tmp_experiments already exists"). Sweep and search workers started together on a new
 store and a new Optuna storage: one creates the study, its parent and its queue, the others wait for it,
-and each queued trial is claimed by one worker (engine.serialize_sqlite)."""
+and each queued trial is claimed by one worker (storage.serialize_sqlite)."""
 
 import subprocess
 import sys
@@ -18,15 +18,17 @@ from conftest import cli_env
 # `fmnist` command does first: check the store (which creates its schema), select the experiment, log a run.
 OPEN_AT = """
 import sys, time
-from fmnist_mlflow import connection, tracking
+from fmnist_mlflow.tracking import connection, records
+from fmnist_mlflow.tracking import experiment as experiments
+from fmnist_mlflow.tracking import runs as tracking
 from fmnist_mlflow.schema import KIND_TRAIN
 start = float(sys.argv[1])
 while time.time() < start:
     time.sleep(0.001)
 connection.check_reachable()
-experiment = tracking.use_experiment("fmnist")
+experiment = experiments.use_experiment("fmnist")
 with tracking.run("together", kind=KIND_TRAIN, experiment_id=experiment):
-    tracking.log_metrics({"x": 1.0})
+    records.log_report(metrics={"x": 1.0})
 print("ok")
 """
 
@@ -54,7 +56,10 @@ def test_processes_opening_a_fresh_sqlite_store_together_all_succeed(tmp_path, a
 COMMAND_AT = """
 import sys, time
 import torch, mlflow, optuna
-from fmnist_mlflow import cli, search, sweep
+from fmnist_mlflow.cli import main as cli
+from fmnist_mlflow.studies import search
+from fmnist_mlflow.studies import sweep
+from fmnist_mlflow.tracking import experiment as experiments
 start = float(sys.argv[1])
 while time.time() < start:
     time.sleep(0.001)

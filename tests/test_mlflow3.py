@@ -5,7 +5,8 @@ tests/test_registry.py.)"""
 import mlflow
 from click.testing import CliRunner
 
-from fmnist_mlflow import cli, schema
+from fmnist_mlflow.cli import main as cli
+from fmnist_mlflow import schema
 
 TRAIN = ["train", "--device", "cpu", "--subset", "2000", "--epochs", "2", "--threads", "1"]
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fmnist_mlflow import models
+from fmnist_mlflow.training import models
 
 # conv1 260 + conv2 5,020 + fc1 16,050 + fc2 510 (model2 adds no weights: dropout has none)
 # conv 320 + 18,496 + 73,856, fc1 147,584 + fc2 1,290
@@ -37,7 +37,7 @@ def test_the_model_and_predict_refuse_the_same_pixels_in_the_same_words(tmp_path
     of it) and `fmnist predict` agree on it, and on each image's scale."""
     import numpy as np
 
-    from fmnist_mlflow import predict
+    from fmnist_mlflow.training import inputs as predict
 
     model = models.build("model1", dropout=0.0).eval()
     x = torch.rand(3, 1, 28, 28)

@@ -17,7 +17,7 @@ def test_a_non_editable_install_finds_its_grid_and_space_from_another_folder(tmp
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=600)
     env = cli_env(PYTHONPATH=str(site), MLFLOW_TRACKING_URI=f"sqlite:///{elsewhere / 'mlflow.db'}")
-    check = ("import fmnist_mlflow, sys; from fmnist_mlflow.grid import load_grid; from fmnist_mlflow.space import "
+    check = ("import fmnist_mlflow, sys; from fmnist_mlflow.studies.grid import load_grid; from fmnist_mlflow.studies.space import "
              "load_space; assert fmnist_mlflow.__file__.startswith(sys.argv[1]), fmnist_mlflow.__file__; "
              "print(len(load_grid().configs(device='cpu')), load_space().name)")
     out = subprocess.run([sys.executable, "-c", check, str(site)], env=env, cwd=elsewhere, capture_output=True,

@@ -11,7 +11,11 @@ import yaml
 from click.testing import CliRunner
 from scipy.stats import spearmanr
 
-from fmnist_mlflow import cli, fidelity, pruners, search, tracking
+from fmnist_mlflow import schema
+from fmnist_mlflow.cli import main as cli
+from fmnist_mlflow.studies import fidelity
+from fmnist_mlflow.studies import pruners
+from fmnist_mlflow.studies import search
 from test_search import SPACE, study_runs
 
 
@@ -69,7 +73,7 @@ def test_a_tiny_search_logs_every_curve_and_the_early_epoch_table(store, tmp_pat
     assert {"curves.csv", "early_epochs.md", "curves.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     rows = list(csv.DictReader(io.StringIO(artifact(parent, "curves.csv"))))
     assert len(rows) == 4 * 3 and {r["state"] for r in rows} == {"COMPLETE"}
-    logged = {(t.data.tags[search.TAG_TRIAL], s.step): s.value for t in trials
+    logged = {(t.data.tags[schema.TAG_TRIAL], s.step): s.value for t in trials
               for s in client.get_metric_history(t.info.run_id, "val_accuracy")}
     assert all(float(r["value"]) == pytest.approx(logged[(r["number"], int(r["epoch"]))]) for r in rows)
     table = artifact(parent, "early_epochs.md")
@@ -89,7 +93,7 @@ RACE_SPACE = {**SPACE, "search": {"optimizer": {"choices": ["adam", "sgd"]}, "dr
 
 def confirm_runs():
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    return [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "confirm"]
+    return [r for r in runs if r.data.tags.get(schema.TAG_KIND) == "confirm"]
 
 
 def test_confirm_races_a_contender_clearly_behind_and_a_resume_does_not_run_it(store, tmp_path):
@@ -102,7 +106,7 @@ def test_confirm_races_a_contender_clearly_behind_and_a_resume_does_not_run_it(s
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     good, bad = (t.number for t in sorted(study.trials, key=lambda t: t.params["optimizer"]))  # adam, sgd
     runs = confirm_runs()
-    seeds = {n: sorted(int(r.data.params["seed"]) for r in runs if r.data.tags[search.TAG_TRIAL] == str(n))
+    seeds = {n: sorted(int(r.data.params["seed"]) for r in runs if r.data.tags[schema.TAG_TRIAL] == str(n))
              for n in (good, bad)}
     # the smoke size has no prior: two seeds each measure the spread, then the contender behind is out
     assert seeds == {good: [1, 2, 3], bad: [1, 2]}
@@ -125,8 +129,8 @@ def test_confirm_races_a_contender_clearly_behind_and_a_resume_does_not_run_it(s
 
 
 def test_the_space_files_seed_spread_counts_only_at_the_search_size():
-    from fmnist_mlflow import confirm
-    from fmnist_mlflow.space import load_space
+    from fmnist_mlflow.studies import confirm
+    from fmnist_mlflow.studies.space import load_space
 
     space = load_space()
     assert space.seed_sd == pytest.approx(0.0019)
@@ -154,14 +158,14 @@ def test_the_default_pruner_stops_a_trial_clearly_behind_and_its_run_ends_killed
     assert bad.state.name == "PRUNED", (default, result.output)
     stopped = max(bad.intermediate_values)
     assert pruners.CATALOGUE[default].first_epoch(epochs) <= stopped < epochs
-    (run,) = [r for r in study_runs()[1] if r.data.tags[search.TAG_TRIAL] == str(bad.number)]
-    assert run.info.status == "KILLED" and run.data.tags[search.TAG_STATE] == "PRUNED"
-    assert f"pruned after epoch {stopped} " in run.data.tags[tracking.TAG_FAILURE]
+    (run,) = [r for r in study_runs()[1] if r.data.tags[schema.TAG_TRIAL] == str(bad.number)]
+    assert run.info.status == "KILLED" and run.data.tags[schema.TAG_STATE] == "PRUNED"
+    assert f"pruned after epoch {stopped} " in run.data.tags[schema.TAG_FAILURE]
     assert f"trial {bad.number} PRUNED" in result.output and f"after epoch {stopped}" in result.output
 
 
 def test_the_rung_pruner_judges_once_against_every_trial_that_got_there_pruned_ones_included():
-    from fmnist_mlflow.rung import RungPruner
+    from fmnist_mlflow.studies.pruners import RungPruner
 
     study = optuna.create_study(direction="maximize", pruner=RungPruner(epoch=1, keep=0.5, n_startup=3))
 

@@ -11,7 +11,10 @@ import yaml
 from click.testing import CliRunner
 from scipy import stats as sps
 
-from fmnist_mlflow import cli, race, schema, stats, summary
+from fmnist_mlflow.cli import main as cli
+from fmnist_mlflow import schema
+from fmnist_mlflow.results import stats
+from fmnist_mlflow.results import seeds as summary
 
 # adam learns in one epoch; SGD at lr 1e-6 without momentum stays near chance (10%): clearly behind
 RACE_GRID = {"name": "race", "models": ["model1"], "losses": ["ce"], "optimizers": ["adam", "sgd"],
@@ -63,13 +66,13 @@ def test_families_with_different_spreads_are_compared_with_their_own():
 def test_race_verdict_uses_the_prior_until_a_family_has_two_seeds():
     family = {"lead": "m3", "close": "m1", "far": "m1"}
     done = {"lead": [0.92], "close": [0.915], "far": [0.85]}
-    assert race.verdict(done, family, "close", "val_accuracy", 0.008) == ""
-    why = race.verdict(done, family, "far", "val_accuracy", 0.008)
+    assert stats.race_verdict(done, family, "close", "val_accuracy", 0.008) == ""
+    why = stats.race_verdict(done, family, "far", "val_accuracy", 0.008)
     assert "7.00 points behind the leader lead" in why
     assert why.endswith("prior seed sd 0.80 points: no model family has a config with two seeds yet")
-    assert race.verdict(done, family, "far", "val_accuracy", None) == ""  # one seed each, no prior: no test
-    assert race.verdict(done, family, "lead", "val_accuracy", 0.008) == ""  # the leader always races on
-    assert race.verdict({**done, "far": []}, family, "far", "val_accuracy", 0.008) == ""  # nothing finished yet
+    assert stats.race_verdict(done, family, "far", "val_accuracy", None) == ""  # one seed each, no prior: no test
+    assert stats.race_verdict(done, family, "lead", "val_accuracy", 0.008) == ""  # the leader always races on
+    assert stats.race_verdict({**done, "far": []}, family, "far", "val_accuracy", 0.008) == ""  # nothing finished yet
 
 
 # --- racing in a real sweep ------------------------------------------------------------------------

@@ -13,8 +13,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import VENV_BIN, cli_env, free_port, stop, wait_http
-from fmnist_mlflow import cli, data, registry, runs, tracking
-from fmnist_mlflow.config import RunConfig
+from fmnist_mlflow.cli import main as cli
+from fmnist_mlflow.training import data
+from fmnist_mlflow.tracking import registry
+from fmnist_mlflow.tracking import fit as runs
+from fmnist_mlflow.training.config import RunConfig
+from fmnist_mlflow.tracking import experiment as experiments
 
 
 def invoke(*args):
@@ -24,7 +28,7 @@ def invoke(*args):
 @pytest.fixture
 def two_runs(store, tiny_data):
     """Two real tracked runs, the first clearly better on validation (more epochs, sensible lr)."""
-    tracking.use_experiment("fmnist")
+    experiments.use_experiment("fmnist")
     good = runs.tracked_fit(RunConfig(epochs=3, subset=600), tiny_data)
     bad = runs.tracked_fit(RunConfig(optimizer="sgd", lr=1e-5, epochs=1, subset=600), tiny_data)
     assert good.final["val_accuracy"] > bad.final["val_accuracy"]

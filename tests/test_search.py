@@ -12,8 +12,12 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import cli_env, free_port
-from fmnist_mlflow import schema, cli, engine, search, tracking
-from fmnist_mlflow.space import load_space
+from fmnist_mlflow import schema
+from fmnist_mlflow.cli import main as cli
+from fmnist_mlflow.studies import engine
+from fmnist_mlflow.studies import search
+from fmnist_mlflow.studies.space import load_space
+from fmnist_mlflow.tracking import experiment as experiments
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = {
@@ -43,8 +47,8 @@ def logged_models(run):
 
 def study_runs():
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"]
-    trials = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    parents = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == "search"]
+    trials = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == "trial"]
     return parents, trials
 
 
@@ -54,9 +58,9 @@ def test_tiny_search_end_to_end_then_resume(store, tmp_path):
     (parent,), trials = study_runs()
     assert len(trials) == 3 and {t.info.status for t in trials} == {"FINISHED"}
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parent.info.run_id}
-    assert sorted(int(t.data.tags[search.TAG_TRIAL]) for t in trials) == [0, 1, 2]
+    assert sorted(int(t.data.tags[schema.TAG_TRIAL]) for t in trials) == [0, 1, 2]
     for t in trials:
-        assert t.data.params["model"] == "model2" and t.data.tags[search.TAG_STATE] == "COMPLETE"
+        assert t.data.params["model"] == "model2" and t.data.tags[schema.TAG_STATE] == "COMPLETE"
         assert 0 <= float(t.data.params["dropout"]) <= 0.6 and "val_accuracy" in t.data.metrics
         assert len(logged_models(t)) == 1
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
@@ -71,7 +75,7 @@ def test_tiny_search_end_to_end_then_resume(store, tmp_path):
     assert result.exit_code == 0, result.output
     (again,), trials = study_runs()
     assert again.info.run_id == parent.info.run_id and len(trials) == 5
-    assert sorted(int(t.data.tags[search.TAG_TRIAL]) for t in trials) == [0, 1, 2, 3, 4]
+    assert sorted(int(t.data.tags[schema.TAG_TRIAL]) for t in trials) == [0, 1, 2, 3, 4]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +89,7 @@ def always_pruned(tmp_path, name: str, *, epochs: int, trials: int, data) -> eng
     space = load_space(write_space(tmp_path))
     plan = AlwaysPruned(name, space, search.SearchSettings(epochs=epochs, subset=600, device="cpu"),
                         sampler_name="random", seed=0)
-    shared = engine.SharedStudy.open(plan, f"sqlite:///{tmp_path / 'o.db'}", name, tracking.use_experiment("fmnist"))
+    shared = engine.SharedStudy.open(plan, f"sqlite:///{tmp_path / 'o.db'}", name, experiments.use_experiment("fmnist"))
     shared.run(data, budget=trials)
     return shared
 
@@ -96,8 +100,8 @@ def test_pruned_trials_end_killed_tagged_pruned_without_a_model(store, tmp_path,
     _, trials = study_runs()
     assert len(trials) == 2
     for t in trials:
-        assert t.info.status == "KILLED" and t.data.tags[search.TAG_STATE] == "PRUNED"
-        assert "pruned after epoch 1" in t.data.tags[tracking.TAG_FAILURE]
+        assert t.info.status == "KILLED" and t.data.tags[schema.TAG_STATE] == "PRUNED"
+        assert "pruned after epoch 1" in t.data.tags[schema.TAG_FAILURE]
         assert logged_models(t) == []
 
 
@@ -109,7 +113,7 @@ def _assert_one_parent_and_whole_trials(storage, study_name, expected):
     assert len(parents) == 1
     assert len(trials) == expected
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parents[0].info.run_id}
-    assert sorted(int(t.data.tags[search.TAG_TRIAL]) for t in trials) == sorted(numbers)
+    assert sorted(int(t.data.tags[schema.TAG_TRIAL]) for t in trials) == sorted(numbers)
     assert study.user_attrs[schema.ATTR_PARENT] == parents[0].info.run_id
 
 
@@ -141,7 +145,7 @@ def test_warm_start_from_the_grid_best(store, tmp_path):
                                     "batch_size": 64, "epochs": 1}))
     assert CliRunner().invoke(cli.main, ["sweep", "--grid", str(grid), "--subset", "300"]).exit_code == 0
     sweep_parent = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
-                    if r.data.tags.get(tracking.TAG_KIND) == "sweep"][0]
+                    if r.data.tags.get(schema.TAG_KIND) == "sweep"][0]
     best = mlflow.get_run(sweep_parent.data.tags["fmnist.best_run_id"]).data.params
     result = CliRunner().invoke(cli.main, search_args(tmp_path, trials=1), catch_exceptions=False)
     assert result.exit_code == 0 and "warm start" in result.output
@@ -176,27 +180,8 @@ def test_unreachable_postgres_fails_fast_hiding_the_password(store, tmp_path):
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"search": {"momentum": {"low": 0, "high": 1}}}, "unknown search parameter 'momentum'"),
-    ({"search": {"dropout": {"low": 0.5, "high": 0.1}}}, "low 0.5 > high 0.1"),
-    ({"search": {"lr": {"adam": {"low": 0.0, "high": 0.1, "log": True}}}}, "must be > 0"),
-    ({"search": {"lr": {"adam": {"low": -1e-3, "high": 0.1, "log": True}}}}, "must be > 0"),
-    ({"search": {"optimizer": {"choices": ["adam", "lion"]}}}, "search.optimizer"),
-    ({"metric": "train_loss"}, "metric 'train_loss'"),
-    ({"fixed": {"model": "model1"}}, "model1 has no dropout"),
-])
-def test_bad_space_files_fail_before_any_run(store, tmp_path, change, message):
-    path = write_space(tmp_path, "bad-space.yaml", **change)
-    args = search_args(tmp_path)
-    args[args.index("--space") + 1] = str(path)
-    result = CliRunner().invoke(cli.main, args)
-    assert result.exit_code == 2 and message in result.output and str(path) in result.output, result.output
-    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
-    assert not (tmp_path / "optuna.db").exists()
-
-
 def test_a_trial_is_never_pruned_after_its_last_epoch(store, tmp_path, tiny_data):
     shared = always_pruned(tmp_path, "last", epochs=1, trials=1, data=tiny_data)
     assert [t.state.name for t in shared.study.trials] == ["COMPLETE"]
     (_, (trial,)) = study_runs()
-    assert trial.info.status == "FINISHED" and trial.data.tags[search.TAG_STATE] == "COMPLETE"
+    assert trial.info.status == "FINISHED" and trial.data.tags[schema.TAG_STATE] == "COMPLETE"

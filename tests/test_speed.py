@@ -8,13 +8,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fmnist_mlflow import bench, cli, grid, hardware, model_store, tracking
-from fmnist_mlflow.config import ConfigError, RunConfig
+from fmnist_mlflow import schema
+from fmnist_mlflow import bench
+from fmnist_mlflow.cli import main as cli
+from fmnist_mlflow.studies import grid
+from fmnist_mlflow.training import hardware
+from fmnist_mlflow.tracking import models as model_store
+from fmnist_mlflow.training.config import ConfigError, RunConfig
 
 
 def children_by_name():
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "sweep"]
+    parents = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == "sweep"]
     return parents, {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
 
 
@@ -26,7 +31,7 @@ def test_jobs_2_runs_the_same_configs_with_the_same_metrics(store, tmp_path, mon
     assert "2 workers" in result.output
     one = mlflow.search_runs(experiment_names=["one"], output_format="list")
     two = mlflow.search_runs(experiment_names=["two"], output_format="list")
-    parents_two = [r for r in two if r.data.tags.get(tracking.TAG_KIND) == "sweep"]
+    parents_two = [r for r in two if r.data.tags.get(schema.TAG_KIND) == "sweep"]
     children_one = {r.info.run_name: r for r in one if "mlflow.parentRunId" in r.data.tags}
     children_two = {r.info.run_name: r for r in two if "mlflow.parentRunId" in r.data.tags}
     assert len(parents_two) == 1 and len(children_two) == 18 and set(children_two) == set(children_one)

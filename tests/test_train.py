@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from fmnist_mlflow import train
-from fmnist_mlflow.config import ConfigError, RunConfig
+from fmnist_mlflow.training import train
+from fmnist_mlflow.training.config import ConfigError, RunConfig
 
 
 def test_same_seed_same_metrics(tiny_data):

@@ -14,7 +14,10 @@ import pytest
 import yaml
 
 from conftest import cli_env
-from fmnist_mlflow import engine, schema, tracking
+from fmnist_mlflow.studies import engine
+from fmnist_mlflow import schema
+from fmnist_mlflow.tracking import queries
+from fmnist_mlflow.studies import storage
 
 HEARTBEAT_S = 1  # the workers beat every second and a trial is lost after 3 silent seconds
 
@@ -89,7 +92,7 @@ def test_three_sweep_workers_share_one_grid_and_redo_a_sigkilled_workers_config(
 
     (name,) = optuna.get_all_study_names(postgres_url)
     trials = optuna.load_study(study_name=name, storage=postgres_url).trials
-    retries = [t for t in trials if engine.retried(t) is not None]
+    retries = [t for t in trials if storage.retried(t) is not None]
     assert len(retries) == 1 and retries[0].state.name == "COMPLETE"
     assert retries[0].user_attrs[schema.ATTR_RUN] != lost_run_id
 
@@ -108,8 +111,8 @@ def test_three_search_workers_redo_a_sigkilled_workers_trial(mlflow_server, post
 
     study = optuna.load_study(study_name="shared", storage=postgres_url)
     (lost_trial,) = [t for t in study.trials if t.state.name == "FAIL"]
-    (retry,) = [t for t in study.trials if engine.retried(t) is not None]
-    assert engine.retried(retry) == lost_trial.number and retry.params == lost_trial.params
+    (retry,) = [t for t in study.trials if storage.retried(t) is not None]
+    assert storage.retried(retry) == lost_trial.number and retry.params == lost_trial.params
     assert retry.state.name == "COMPLETE" and retry.user_attrs[schema.ATTR_RUN] != lost_run_id
     (parent,) = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == schema.KIND_SEARCH]
     trial_runs = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == schema.KIND_TRIAL]
@@ -117,7 +120,7 @@ def test_three_search_workers_redo_a_sigkilled_workers_trial(mlflow_server, post
     assert sorted(r.info.status for r in trial_runs).count("FINISHED") == len(study.trials) - 1
     assert parent.info.status == "FINISHED" and parent.data.tags[schema.TAG_RETRIED] == "1"
     assert study.user_attrs[schema.ATTR_PARENT] == parent.info.run_id
-    assert tracking.find_run(lost_run_id).data.tags[schema.TAG_STATE] == "FAIL"
+    assert queries.find_run(lost_run_id).data.tags[schema.TAG_STATE] == "FAIL"
 
 
 def _claim_until_spent(budget, claimed, pause_s: float) -> None:
@@ -133,7 +136,7 @@ def test_one_command_s_workers_share_its_trial_budget():
     busy (a fixed half each left the fast one idle), and together they start exactly N."""
     import multiprocessing
 
-    from fmnist_mlflow import parallel
+    from fmnist_mlflow.studies import workers as parallel
 
     budget, ctx = parallel.Budget(9), multiprocessing.get_context("spawn")
     claimed = ctx.Queue()

@@ -1,0 +1,136 @@
+"""What a search's parent run holds: the trials as CSV, Optuna's figures, the best trial, pruning savings.
+
+Figures come from `optuna.visualization.matplotlib` (optimization history, parameter importances, parallel
+coordinates of every parameter against the metric, and dropout x learning rate as a contour, or slices
+when a contour cannot be drawn yet).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import optuna
+from optuna.trial import TrialState
+
+from ..schema import ATTR_RUN, TAG_BEST_RUN, TAG_BEST_TRIAL, TAG_PRUNER_REPLAY, TAG_RETRIED, TAG_TRIALS
+from ..tracking import records
+from ..tracking.runs import set_run_tags
+from . import fidelity, pruners
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    parent_run_id: str
+    trials: int  # all trials of the study
+    states: dict  # Optuna state name -> count
+    best: Optional[dict]  # number, value, params, run_id
+    epochs_run: int  # epochs trained over all finished and pruned trials
+    epochs_saved: int  # epochs pruning skipped: what pruned trials would have run to the end
+    replays: tuple = ()  # pruners.Replay per candidate pruner: what it would have stopped of the completed trials
+    retried: int = 0  # trials redone because the worker running them was lost
+
+
+def summarize(study: optuna.Study, parent_run_id: str, epochs: int, replays: tuple = (), retried: int = 0) -> SearchSummary:
+    trials = study.get_trials(deepcopy=False)
+    states: dict = {}
+    for t in trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    ran = {t.number: max(t.intermediate_values, default=0) for t in trials}
+    saved = sum(epochs - ran[t.number] for t in trials if t.state == TrialState.PRUNED)
+    best = None
+    if any(t.state == TrialState.COMPLETE for t in trials):
+        b = study.best_trial
+        best = {"number": b.number, "value": b.value, "params": b.params, "run_id": b.user_attrs.get(ATTR_RUN)}
+    return SearchSummary(parent_run_id, len(trials), states, best, sum(ran.values()), saved, replays, retried)
+
+
+def trials_csv(study: optuna.Study) -> str:
+    """Every trial as a row (Optuna's `trials_dataframe`: number, state, value, params, user attributes,
+    times), with the epochs it ran and its MLflow run beside it."""
+    frame = study.trials_dataframe(attrs=("number", "state", "value", "params", "duration", "user_attrs"))
+    if frame.empty:
+        return ""
+    frame["epochs_run"] = [max(t.intermediate_values, default=0) for t in study.get_trials(deepcopy=False)]
+    frame["seconds"] = frame.pop("duration").dt.total_seconds()
+    frame.columns = [c.removeprefix("params_").removeprefix("user_attrs_") for c in frame.columns]
+    return frame.to_csv(index=False, lineterminator="\n")
+
+
+def figures(study: optuna.Study) -> dict:
+    """{artifact name: Figure} for what can be drawn with the trials so far."""
+    from optuna.visualization import matplotlib as ovm
+
+    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
+        if completed:
+            out["optimization_history.png"] = ovm.plot_optimization_history(study).figure
+        if len(completed) >= 2:
+            try:
+                out["param_importances.png"] = ovm.plot_param_importances(study).figure
+            except (RuntimeError, ValueError, ZeroDivisionError):
+                pass  # importances need variation in the completed trials
+            out["parallel_coordinate.png"] = _parallel(ovm.plot_parallel_coordinate(study))
+            # Each optimizer has its own lr parameter: contour dropout against the one with most completed trials.
+            counts: dict = {}
+            for t in completed:
+                for name in t.params:
+                    if name.startswith("lr_") and "dropout" in t.params:
+                        counts[name] = counts.get(name, 0) + 1
+            lr = max(counts, key=counts.get) if counts else None
+            if lr and counts[lr] >= 3:  # a contour needs a few points to interpolate between
+                out["dropout_lr_contour.png"] = _figure(ovm.plot_contour(study, params=["dropout", lr]))
+            else:
+                out["dropout_lr_slice.png"] = _figure(ovm.plot_slice(study))
+    return out
+
+
+def _parallel(axes):
+    """Optuna's parallel-coordinates figure, wide enough for a dozen parameters' labels."""
+    fig = axes.figure
+    fig.set_size_inches(max(10.0, 1.1 * len(axes.get_xticks())), 6.0)
+    fig.tight_layout()
+    return fig
+
+
+def _figure(axes):
+    import numpy as np
+
+    first = np.asarray(axes).flat[0] if not hasattr(axes, "figure") else axes
+    return first.figure
+
+
+def log(study: optuna.Study, summary: SearchSummary, metric: str, epochs: int) -> None:
+    """Log the summary on the active (parent) run and tag the best trial's run: the trials, every curve,
+    what early epochs say (`fidelity`), what each pruner would have stopped, and the figures."""
+    texts = {"trials.csv": trials_csv(study), "curves.csv": fidelity.curves_csv(study),
+             "early_epochs.md": fidelity.markdown(fidelity.early_epochs(study, epochs), metric) + "\n"
+             + replays_markdown(summary.replays)}
+    plots = {**figures(study), "curves.png": fidelity.figure(study, epochs, metric)}
+    tags = {TAG_TRIALS: summary.trials, TAG_RETRIED: summary.retried, **{f"{TAG_TRIALS}_{k.lower()}": v for k, v in summary.states.items()},
+            **{f"{TAG_PRUNER_REPLAY}.{r.pruner}": r.line() for r in summary.replays}}
+    metrics = {"epochs_run": summary.epochs_run, "pruned_epochs_saved": summary.epochs_saved}
+    if summary.best:
+        b = summary.best
+        tags.update({TAG_BEST_RUN: b["run_id"] or "", "best_trial": b["number"],
+                     **{f"best_{k}": v for k, v in b["params"].items()}})
+        metrics[f"best_{metric}"] = b["value"]
+        if b["run_id"]:
+            set_run_tags(b["run_id"], {TAG_BEST_TRIAL: "true"})
+    records.log_report(texts=texts, figures=plots, tags=tags, metrics=metrics)
+
+
+def replays_markdown(replays: tuple) -> str:
+    """The candidate pruners replayed on the study's completed trials, as a table."""
+    lines = ["Each pruner replayed on the completed trials in the order they started (`pruners.replay`):", "",
+             "| pruner | what it does | first epoch it can stop | trials stopped | trial-epochs saved | final top trials stopped |",
+             "|---|---|---|---|---|---|"]
+    for r in replays:
+        p = pruners.CATALOGUE[r.pruner]
+        lost = ", ".join(str(n) for n in r.top_stopped) or "none"
+        lines.append(f"| {r.pruner} | {p.what} | {p.first_epoch(r.epochs)} | {len(r.stopped)} of {r.trials} | "
+                     f"{r.epochs_saved} of {r.trials * r.epochs} ({100 * r.share_saved:.0f}%) | {lost} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,294 @@
+"""The fixed grid as a plan of the engine (`engine.SharedStudy`): one Optuna trial per (config, seed),
+queued in grid order as waiting trials when the study is created, logged as nested MLflow runs: one parent
+per sweep, one child per point.
+
+Each grid point is a (config, seed): the trial's params `config` (the config's run name) and `seed`. The
+study (by default `<grid>-<digest>-<experiment stamp>` in sqlite:///optuna.db) is the grid's queue: every
+`fmnist sweep` on the same storage, study and tracking server takes the next waiting point from it, so N
+workers on N machines share one grid and each point is claimed by one worker. The queue runs seed by seed
+(a partial sweep still compares every config on the same seeds), slow model3 first (parallel workers end
+together). Running the sweep again resumes it: COMPLETE points are done, an interrupted point was queued
+again by its worker as it stopped, a lost worker's point is retried by the others (see `engine`). A config
+that diverges fails alone (its trial FAIL, its run FAILED; not queued again: it would diverge again). When
+no point is left, the parent gets the summary table (CSV, Markdown), the loss curves per loss function,
+the accuracy chart, and the best config by the selection metric (as tags and metrics: a resumed sweep may
+change its best, and MLflow params cannot change).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import optuna
+from optuna.trial import TrialState
+
+from ..results import figures, report, seeds
+from ..results.stats import race_verdict
+from ..training import train
+from ..training.config import RunConfig, direction
+from ..training.data import Dataset
+from ..tracking import records
+from ..tracking.experiment import experiment_stamp
+from ..tracking.fit import tracked_fit
+from ..tracking.links import ui_page
+from ..tracking.queries import child_runs
+from ..tracking.queries import history as history_of
+from ..urls import DEFAULT_STORAGE
+from .engine import Hooks, SharedStudy
+from .grid import Grid, sweep_digest
+from ..schema import (ATTR_NO_POINT, ATTR_POINT, ATTR_RACED_OUT, ATTR_REQUEUED, ATTR_RUN, KIND_SWEEP,
+                     KIND_SWEEP_CHILD, TAG_BEST_GROUP, TAG_BEST_RUN, TAG_CONFIG_HASH, TAG_FAILED_CONFIGS, TAG_RACE,
+                     TAG_RETRIED, TAG_SELECT, TAG_STUDY, TAG_SWEEP, TAG_TRIAL)
+
+NO_POINT = "the queue was empty when this worker asked: other workers took the last points; nothing ran"
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    rows: list  # summary rows, one per (config, seed), in grid order
+    configs: list  # seeds.ConfigRow per config, aggregated over seeds
+    best: Optional[seeds.ConfigRow]  # best config by the seed mean of the selection metric
+    skipped: int = 0  # (config, seed) runs already FINISHED before this command started
+    raced: dict = field(default_factory=dict)  # config group -> why it got no more seeds
+    failed: list = field(default_factory=list)  # rows of runs that did not finish
+    markdown: str = ""
+    histories: dict = field(default_factory=dict)  # (model, loss, optimizer) -> {seed: per-epoch metrics}
+    retried: int = 0  # points redone because the worker running them was lost
+    study_name: str = ""
+
+
+def grid_order(configs: list) -> list:
+    """Seed by seed, model3 (the slowest) first within a seed; otherwise the grid file's order."""
+    return sorted(configs, key=lambda c: (c.seed, c.model != "model3"))
+
+
+def default_study_name(grid: Grid, configs: list, experiment_id: str) -> str:
+    """`<grid>-<digest of its configs>-<stamp of the experiment>`: the same grid logged to another
+    experiment, or to a new tracking store beside an old optuna.db, is another sweep with its own parent;
+    workers on one tracking server agree on all three."""
+    return f"{grid.name}-{sweep_digest(configs)[:8]}-{experiment_stamp(experiment_id)}"
+
+
+def point(config: RunConfig) -> dict:
+    """A grid point as the trial's params. (A point holding several seeds of one config would list them.)"""
+    return {"config": config.run_name, "seed": config.seed}
+
+
+def label(config: RunConfig) -> str:
+    return f"{config.label} seed {config.seed}"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The grid's plan: what a point's trial is, and what the sweep's parent reports."""
+
+    grid: Grid
+    configs: tuple  # RunConfig per (config, seed)
+    select: str  # the validation metric that picks the best config
+    race: bool = True  # configs shown worse than the leader get no more seeds (see `stats.race_verdict`)
+    kind: ClassVar[str] = KIND_SWEEP
+    catch: ClassVar[tuple] = (train.DivergedError,)  # a diverging config fails alone
+
+    @property
+    def name(self) -> str:
+        return self.grid.name
+
+    @property
+    def direction(self) -> str:
+        return direction(self.select)
+
+    @property
+    def holds(self) -> str:
+        return f"grid {self.grid.name} {sweep_digest(list(self.configs))}"
+
+    def parent_params(self) -> dict:
+        first = self.configs[0]
+        return {
+            "grid_name": self.grid.name, "grid_file": os.path.basename(self.grid.source), "configs": len(self.configs),
+            "epochs": first.epochs, "batch_size": first.batch_size,
+            "seeds": ",".join(str(s) for s in sorted({c.seed for c in self.configs})), "subset": first.subset,
+            "device": first.device,
+        }  # fmt: skip
+
+    def parent_tags(self) -> dict:
+        return {TAG_SWEEP: sweep_digest(list(self.configs)), TAG_RACE: "on" if self.race else "off",
+                **records.environment_tags(self.configs[0].device)}
+
+    def raced_out(self, study: optuna.Study, config: RunConfig) -> str:
+        """Why `config` gets no more seeds ("" if it races on), from the finished points of the seeds
+        before this point's: the verdict on a seed's round does not depend on how many workers run it, or
+        in which order its points end. (With several workers, a point of the previous round still running
+        counts from the next round on.)"""
+        if not self.race:
+            return ""
+        family = {c.run_name: c.model for c in self.configs}
+        done: dict = {}
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+            name = t.params.get("config")
+            if t.state == TrialState.PRUNED:
+                if name == config.run_name and ATTR_RACED_OUT in t.user_attrs:
+                    return t.user_attrs[ATTR_RACED_OUT]  # out for good
+            elif name in family and t.params["seed"] < config.seed:
+                done.setdefault(name, []).append(t.value)
+        first = self.configs[0]
+        # seed_sd is the spread of val_accuracy at the grid's own size: a subset or fewer epochs spread more
+        at_size = self.select == "val_accuracy" and first.subset == 0 and first.epochs == self.grid.epochs
+        prior = self.grid.seed_sd if at_size else None
+        return race_verdict(done, family, config.run_name, self.select, prior,
+                            {c.run_name: c.label for c in self.configs})
+
+    def sampler(self, worker: int, finished_before: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.RandomSampler(seed=worker)  # never asked while the queue holds a point
+
+    def pruner(self) -> optuna.pruners.BasePruner:
+        return optuna.pruners.NopPruner()
+
+    def fill(self, study: optuna.Study, experiment_id: str) -> int:
+        """Queue every point of the new study, in grid order; returns how many."""
+        ordered = grid_order(list(self.configs))
+        for config in ordered:
+            study.enqueue_trial(point(config), user_attrs={ATTR_POINT: label(config)})
+        return len(ordered)
+
+    def more(self, study: optuna.Study) -> bool:
+        return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+    def objective(self, shared: SharedStudy, data: Dataset, hooks: Hooks):
+        ordered = grid_order(list(self.configs))
+        by_point = {(c.run_name, c.seed): c for c in ordered}
+        names, seeds = list(dict.fromkeys(c.run_name for c in ordered)), sorted({c.seed for c in ordered})
+        todo = len(shared.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        started, ran = time.monotonic(), [0]
+
+        def objective(trial: optuna.Trial) -> float:
+            if ATTR_POINT not in trial.user_attrs:  # not from the queue: the sampler's, as the queue ran dry
+                trial.set_user_attr(ATTR_NO_POINT, NO_POINT)
+                raise optuna.TrialPruned(NO_POINT)
+            config = by_point[(trial.suggest_categorical("config", names), trial.suggest_categorical("seed", seeds))]
+            why = self.raced_out(shared.study, config)
+            if why:
+                trial.set_user_attr(ATTR_RACED_OUT, why)
+                if hooks.on_raced is not None:
+                    hooks.on_raced(config, why)
+                raise optuna.TrialPruned(why)  # no MLflow run: nothing was trained
+            if hooks.on_start is not None:
+                k, elapsed = ran[0], time.monotonic() - started
+                hooks.on_start(k, max(todo, k + 1), config, elapsed, elapsed / k * (todo - k) if k and todo > k else None)
+            ran[0] += 1
+            on_epoch_end, on_batch = hooks.progress(trial, config) if hooks.progress else (None, None)
+            try:
+                result = tracked_fit(
+                    config, data, kind=KIND_SWEEP_CHILD, parent_run_id=shared.parent_id,
+                    tags={TAG_TRIAL: trial.number, TAG_STUDY: shared.tag}, on_epoch_end=on_epoch_end,
+                    on_batch=on_batch, on_start=lambda run_id: trial.set_user_attr(ATTR_RUN, run_id))
+            except train.DivergedError:
+                raise  # its run ended FAILED with the reason; `catch` keeps the worker going
+            except BaseException:
+                # Interrupted, or the tracking server gone (which would fail every config alike: it stops the
+                # worker): this worker, the trial's one owner, queues the point again for the resume.
+                requeue(trial)
+                raise
+            return result.final[self.select]
+
+        return objective
+
+    def report(self, shared: SharedStudy) -> SweepResult:
+        raced_points, raced = {}, {}
+        group = {c.run_name: c.group for c in self.configs}
+        for t in shared.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+            if ATTR_RACED_OUT in t.user_attrs:
+                raced_points[(t.params["config"], t.params["seed"])] = t.user_attrs[ATTR_RACED_OUT]
+                raced.setdefault(group[t.params["config"]], t.user_attrs[ATTR_RACED_OUT])
+        result = summarize(shared.parent_id, list(self.configs), self.select, raced_points, raced)
+        result.skipped, result.study_name, result.retried = shared.completed_before, shared.study_name, shared.retried()
+        if result.retried:
+            result.markdown += (f"\n\n{result.retried} (config, seed) run(s) were retried after the worker running "
+                                "them was lost (their first runs ended KILLED, `fmnist.failure_reason` \"worker lost\").\n")
+        log_summary(result, self.select)
+        return result
+
+
+def requeue(trial: optuna.Trial) -> None:
+    """Queue a stopped trial's point again; when the storage is what failed, say so and leave the point to
+    the heartbeats."""
+    try:
+        trial.study.enqueue_trial(trial.params, user_attrs={ATTR_POINT: trial.user_attrs[ATTR_POINT],
+                                                            ATTR_REQUEUED: trial.number})
+    except (optuna.exceptions.StorageInternalError, OSError) as exc:
+        # its trial stays RUNNING with no heartbeat: another worker fails it and retries the point
+        warnings.warn(f"could not queue point {trial.user_attrs[ATTR_POINT]} again ({exc}); a worker on the study "
+                      "retries it once its heartbeats stop", stacklevel=2)
+
+
+def run_sweep(grid: Grid, configs: list, data: Dataset, *, experiment_id: str, storage_url: str = DEFAULT_STORAGE,
+              study_name: Optional[str] = None, select: str = "val_accuracy", jobs: int = 1,
+              data_dir: Optional[str] = None, threads: int = 0, race: bool = True,
+              hooks: Hooks = Hooks()) -> SweepResult:
+    """Open the sweep's study (creating it and its parent the first time), run the points still waiting
+    (in this process, or in up to `jobs` worker processes that each load the data from `data_dir`), and
+    summarize them on the parent. Other `fmnist sweep` commands on the same storage and study share the
+    points. `race`: a config shown worse than the leader gets no more seeds."""
+    plan = Sweep(grid, tuple(configs), select, race)
+    shared = SharedStudy.open(plan, storage_url, study_name or default_study_name(grid, configs, experiment_id),
+                              experiment_id)
+    left = len(shared.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    shared.run(data, jobs=min(jobs, left) if left > 1 else 1, threads=threads, data_dir=data_dir, hooks=hooks)
+    return shared.close()
+
+
+def summarize(parent_id: str, configs: list, select: str, raced_points: Optional[dict] = None,
+              raced: Optional[dict] = None) -> SweepResult:
+    """One row per (config, seed) from its newest child (a FINISHED one if any), in grid order; a point
+    in `raced_points` ((run name, seed) -> reason) is RACED OUT; `raced`: config group -> reason."""
+    by_hash: dict = {}
+    for child in child_runs(parent_id):  # newest first
+        key = child.data.tags.get(TAG_CONFIG_HASH)
+        if key not in by_hash or (by_hash[key].info.status != "FINISHED" and child.info.status == "FINISHED"):
+            by_hash[key] = child
+    rows, histories = [], {}
+    for config in configs:
+        child = by_hash.get(config.digest())
+        if child is None:
+            out = (config.run_name, config.seed) in (raced_points or {})
+            rows.append(seeds.row(config, seeds.RACED_OUT if out else "NOT RUN", [], ""))
+            continue
+        history = history_of(child.info.run_id)
+        if child.info.status == "FINISHED":
+            histories.setdefault((config.model, config.loss, config.optimizer), {})[config.seed] = history
+        rows.append(seeds.row(config, child.info.status, history, child.info.run_id))
+    aggregated = seeds.aggregate(rows, select, raced)
+    return SweepResult(parent_run_id=parent_id, rows=rows, configs=aggregated, best=seeds.best(aggregated),
+                       skipped=0, failed=[r for r in rows if r["status"] not in ("FINISHED", seeds.RACED_OUT)],
+                       markdown=report.to_markdown(rows, select, raced), histories=histories, raced=dict(raced or {}))
+
+
+def log_summary(result: SweepResult, select: str) -> None:
+    """The sweep's answer on the active (parent) run: tables, figures, the best config's tags and metrics."""
+    texts = {"summary.csv": seeds.to_csv(result.rows), "summary_by_config.csv": seeds.configs_csv(result.configs, select),
+             "summary.md": result.markdown}
+    done = [c for c in result.configs if c.val_accuracy is not None]
+    plots = {**({"loss_curves.png": figures.sweep_curves(result.histories)} if result.histories else {}),
+             **({"val_accuracy.png": figures.accuracy_bars(done)} if done else {})}
+    failed = [f"{r['model']}-{r['loss']}-{r['optimizer']}" + (f" seed {r['seed']}" if len(result.rows) > len(result.configs) else "")
+              for r in result.failed]
+    tags = {TAG_FAILED_CONFIGS: ", ".join(failed) or "none", TAG_SELECT: select, TAG_RETRIED: str(result.retried),
+            # the run's description: the answer on its Overview, before any artifact is opened
+            "mlflow.note.content": report.description(
+                result.configs, select, ui_page(result.best.best_run_id).lstrip("/") if result.best else "")}
+    metrics = {}
+    if result.best:
+        b = result.best
+        tied = [c.name for c in result.configs if c.same_as_best and not c.is_best]
+        tags.update({TAG_BEST_RUN: b.best_run_id, "best_model": b.model, "best_loss": b.loss,
+                     "best_optimizer": b.optimizer, "best_lr": str(b.lr), TAG_BEST_GROUP: b.group,
+                     "best_n_seeds": str(len(b.seeds)), "best_indistinguishable": ", ".join(tied) or "none"})
+        metrics = {"best_val_accuracy": b.val_accuracy.mean, "best_val_nll": b.val_nll.mean}
+        if b.val_accuracy.std is not None:
+            metrics.update({"best_val_accuracy_std": b.val_accuracy.std, "best_val_accuracy_ci95_low": b.val_accuracy.ci95[0],
+                            "best_val_accuracy_ci95_high": b.val_accuracy.ci95[1]})
+    records.log_report(texts=texts, figures=plots, tags=tags, metrics=metrics)

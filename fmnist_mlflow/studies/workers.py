@@ -1,0 +1,76 @@
+"""Worker processes for `--jobs N`: N configs (or trials) at once, CPU threads divided between them.
+
+Workers are spawned (a fresh interpreter each: safe with CUDA and with MLflow's process-wide state),
+get the tracking URI explicitly, and turn SIGTERM into KeyboardInterrupt so that their open run ends
+KILLED (`process`). On CUDA they share the one GPU. `Budget` is the trial budget a command's workers share.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Callable
+
+from .. import process
+
+
+def threads_per_worker(jobs: int) -> int:
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def _main(target: Callable, tracking_uri: str, threads: int, args: tuple) -> None:
+    """A worker process's boundary: its threads, tracking URI and library output, then `target(*args)`."""
+    import torch
+
+    from ..tracking import connection
+
+    torch.set_num_threads(threads)
+    connection.use_uri(tracking_uri)
+    process.quiet_libraries()
+    process.quiet_optuna()
+    try:
+        with process.sigterm_as_interrupt():
+            target(*args)
+    except KeyboardInterrupt:
+        process.exit_now(process.EXIT_INTERRUPTED)
+
+
+def run_workers(target: Callable, arg_lists: list, tracking_uri: str, threads: int = 0) -> list:
+    """Run `target(*args)` in one process per entry of `arg_lists`; returns their exit codes.
+    Each gets `threads` CPU threads (0: the cores divided between the workers)."""
+    ctx = multiprocessing.get_context("spawn")
+    threads = threads or threads_per_worker(len(arg_lists))
+    procs = [ctx.Process(target=_main, args=(target, tracking_uri, threads, args)) for args in arg_lists]
+    for proc in procs:
+        proc.start()
+    try:
+        for proc in procs:
+            proc.join()
+    except KeyboardInterrupt:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join()
+        raise
+    return [proc.exitcode for proc in procs]
+
+
+class Budget:
+    """Trials one command may still start, shared by its worker processes: a worker claims one right before
+    it starts a trial, so that a worker whose trials were pruned early goes on while another's still run
+    (a fixed share each left one idle once its share was spent). Picklable to the workers it is started with."""
+
+    def __init__(self, total: int):
+        self._left = multiprocessing.get_context("spawn").Value("i", total)
+
+    def claim(self) -> bool:
+        with self._left.get_lock():
+            if self._left.value <= 0:
+                return False
+            self._left.value -= 1
+            return True
+
+    @property
+    def left(self) -> int:
+        return self._left.value
