@@ -1,3 +1,4 @@
-"""fmnist-mlflow: the report's Fashion-MNIST CNN sweep, tracked with MLflow and extended with Optuna."""
+"""fmnist-mlflow: the report's Fashion-MNIST CNN sweep, tracked with MLflow and extended with Optuna.
 
-__version__ = "0.1.0"
+The packages by role: cli, training, tracking, studies, results (see the README's Layout).
+"""

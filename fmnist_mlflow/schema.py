@@ -54,6 +54,7 @@ TAG_BEST_TRIAL = "fmnist.best_trial"  # "true" on the run of a study's best tria
 # --- Optuna study and trial attributes ----------------------------------------------------------------------
 ATTR_PARENT = "mlflow_parent_run_id"  # study: the MLflow parent run every worker logs under (set last: ready)
 ATTR_HOLDS = "fmnist_holds"  # study: "grid <name> <digest>" or "space <name> <digest>": workers must agree
+ATTR_RULES = "fmnist_rules"  # study: how its trials are judged ({"pruner": .., "sampler": ..} or {"race": ..})
 ATTR_RUN = "mlflow_run_id"  # trial: its MLflow run
 ATTR_POINT = "point"  # queued trial of a grid: a readable name of its (config, seed)
 ATTR_REQUEUED = "requeued_from"  # queued trial of a grid: the interrupted trial whose point it runs again

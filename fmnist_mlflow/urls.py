@@ -16,7 +16,7 @@ HIDDEN = "***"
 
 def redact(url: str) -> str:
     """`url` with its password replaced by ***: SQLAlchemy's rendering for database URLs, urllib's parse for
-    http(s); a URL neither can parse is shown as it is (it holds no password either can find)."""
+    http(s); where neither can parse it (a port that is not a number), the password as written is hidden."""
     scheme = url.split(":", 1)[0].lower()
     if scheme in ("http", "https"):
         parts = urlsplit(url)
@@ -30,8 +30,8 @@ def redact(url: str) -> str:
 
     try:
         return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except (sqlalchemy.exc.ArgumentError, ValueError):
-        return url
+    except (sqlalchemy.exc.ArgumentError, ValueError):  # e.g. a port that is not a number
+        return scrub(url, url)
 
 
 def password(url: str) -> Optional[str]:

@@ -25,7 +25,7 @@ import torch
 
 from fmnist_mlflow.training import data
 from fmnist_mlflow.training import scoring
-from fmnist_mlflow.tracking import models as model_store
+from fmnist_mlflow.tracking import models as logged_models
 from fmnist_mlflow.tracking import registry
 from fmnist_mlflow import schema
 from fmnist_mlflow.results import stats
@@ -68,7 +68,7 @@ def describe(runs: list, test) -> dict:
                           "per_seed": tests},
         "val_accuracy": {"mean": val.mean, "std": val.std, "ci95": list(val.ci95) if val.ci95 else None},
         # the logged model as served (with its mirror when tta), one CPU thread: see `scoring.inference_cost`
-        "cost": scoring.inference_cost(mlflow.pytorch.load_model(model_store.model_uri(runs[0].info.run_id))),
+        "cost": scoring.inference_cost(mlflow.pytorch.load_model(logged_models.model_uri(runs[0].info.run_id))),
     }
 
 

@@ -27,12 +27,16 @@ def invoke(args):
     return CliRunner().invoke(cli.main, args, catch_exceptions=False)
 
 
-def test_every_command_has_help():
-    assert invoke(["--help"]).exit_code == 0
+def test_every_command_has_help_naming_each_of_its_options():
+    top = invoke(["--help"])
+    assert top.exit_code == 0 and set(cli.main.commands) == {"data", "train", "sweep", "search", "register",
+                                                             "predict", "bench"}
     for name, command in cli.main.commands.items():
         result = invoke([name, "--help"])
-        assert result.exit_code == 0 and command.help, name
-        assert len(result.output) > 100
+        assert result.exit_code == 0 and command.help and name in top.output, name
+        assert " ".join(command.help.split())[:40] in " ".join(result.output.split()), name
+        for param in command.params:
+            assert all(opt in result.output for opt in param.opts if opt.startswith("--")), (name, param.opts)
 
 
 def test_mlproject_and_cli_are_in_step():
@@ -91,18 +95,6 @@ def test_same_seed_same_logged_metrics(store):
     a, b = runs()
     assert a.data.metrics["val_nll"] == b.data.metrics["val_nll"]
     assert a.data.metrics["train_loss"] == b.data.metrics["train_loss"]
-
-
-@pytest.mark.parametrize("bad", [
-    ["--model", "model9"], ["--loss", "mse"], ["--optimizer", "lbfgs"], ["--lr", "0"], ["--lr", "-1"],
-    ["--dropout", "1"], ["--dropout", "-0.1"], ["--epochs", "0"], ["--batch-size", "0"], ["--device", "tpu"],
-    ["--model", "model1", "--dropout", "0.3"],
-])
-def test_bad_inputs_exit_2_and_create_no_run(store, bad):
-    result = CliRunner().invoke(cli.main, TRAIN_ARGS + bad)
-    assert result.exit_code == 2, result.output
-    assert "Error" in result.output
-    assert runs() == []
 
 
 def test_diverging_run_ends_failed_with_reason(store):
@@ -173,41 +165,27 @@ def test_mlflow_run_train_entry_point(tmp_path):
         mlflow.set_tracking_uri(None)
 
 
-def test_mlflow_run_with_experiment_name_leaves_no_stray_run(tmp_path):
-    """What the README recommends: `mlflow run . --experiment-name fmnist` logs into the run it made."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = subprocess.run(
-        [f"{Path(sys.executable).parent}/mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local",
-         "--experiment-name", "fmnist", "-P", "epochs=1", "-P", "subset=300"],
-        env=cli_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    mlflow.set_tracking_uri(uri)
-    try:
-        (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
-        assert run.data.tags["fmnist.kind"] == "train" and run.info.status == "FINISHED"
-        assert mlflow.get_experiment(run.info.experiment_id).name == "fmnist"
-    finally:
-        mlflow.set_tracking_uri(None)
-
-
-@pytest.mark.parametrize("given, expected", [(None, "true"), ("false", "false")])
-def test_commands_turn_mlflow_telemetry_off_while_they_run_unless_the_user_said_otherwise(monkeypatch, given, expected):
+@pytest.mark.parametrize("given", [None, "false"])
+def test_commands_set_mlflow_defaults_while_they_run_and_the_users_own_settings_win(monkeypatch, given):
+    """No telemetry, and bounded HTTP retries (MLflow's own, 7 retries with backoff factor 2 and a 120 s
+    timeout, kept a sweep hanging about 16 minutes when its server died; tests/test_faults.py)."""
     import click
 
     from fmnist_mlflow.cli.boundary import reported
 
-    if given is None:
-        monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
-    else:
+    keys = ("MLFLOW_DISABLE_TELEMETRY", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    for key in keys:
+        monkeypatch.delenv(key, raising=False)
+    if given is not None:
         monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", given)
     seen = []
 
     @click.command()
     @reported
     def probe():  # every fmnist command runs inside `reported`, and its worker processes inherit this
-        seen.append(os.environ.get("MLFLOW_DISABLE_TELEMETRY"))
+        seen.append(tuple(os.environ.get(key) for key in keys))
 
     assert CliRunner().invoke(probe).exit_code == 0
-    assert seen == [expected]
-    assert os.environ.get("MLFLOW_DISABLE_TELEMETRY") == given  # the process's environment as it was
+    assert seen == [(given or "true", "3", "1", "30")]
+    assert tuple(os.environ.get(key) for key in keys) == (given, None, None, None)  # the environment as it was

@@ -7,38 +7,47 @@ and each queued trial is claimed by one worker (storage.serialize_sqlite)."""
 
 import subprocess
 import sys
-import time
 
 import mlflow
-import pytest
 
 from conftest import cli_env
 
-# Each process imports everything first, then waits for the same wall-clock instant, then does what every
-# `fmnist` command does first: check the store (which creates its schema), select the experiment, log a run.
+# Each process imports everything first, then waits at a barrier until all have (a file each in a folder),
+# then does what every `fmnist` command does first: check the store (which creates its schema), select the
+# experiment, log a run.
+BARRIER = """
+import os, sys, time
+folder, n = sys.argv[1], int(sys.argv[2])
+open(os.path.join(folder, str(os.getpid())), "w").close()
+while len(os.listdir(folder)) < n:
+    time.sleep(0.001)
+"""
 OPEN_AT = """
-import sys, time
+import sys
 from fmnist_mlflow.tracking import connection, records
 from fmnist_mlflow.tracking import experiment as experiments
-from fmnist_mlflow.tracking import runs as tracking
+from fmnist_mlflow.tracking import runs
 from fmnist_mlflow.schema import KIND_TRAIN
-start = float(sys.argv[1])
-while time.time() < start:
-    time.sleep(0.001)
+""" + BARRIER + """
 connection.check_reachable()
 experiment = experiments.use_experiment("fmnist")
-with tracking.run("together", kind=KIND_TRAIN, experiment_id=experiment):
+with runs.run("together", kind=KIND_TRAIN, experiment_id=experiment):
     records.log_report(metrics={"x": 1.0})
 print("ok")
 """
 
 
-@pytest.mark.parametrize("attempt", range(5))
-def test_processes_opening_a_fresh_sqlite_store_together_all_succeed(tmp_path, attempt):
+def barrier(tmp_path) -> str:
+    folder = tmp_path / "barrier"
+    folder.mkdir()
+    return str(folder)
+
+
+def test_processes_opening_a_fresh_sqlite_store_together_all_succeed(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     n = 4
-    start = time.time() + 12  # after every process has imported MLflow, even on a loaded machine
-    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT, str(start)], env=cli_env(MLFLOW_TRACKING_URI=uri),
+    folder = barrier(tmp_path)
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT, folder, str(n)], env=cli_env(MLFLOW_TRACKING_URI=uri),
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(n)]
     results = [p.communicate(timeout=180) for p in procs]
@@ -52,18 +61,15 @@ def test_processes_opening_a_fresh_sqlite_store_together_all_succeed(tmp_path, a
         mlflow.set_tracking_uri(None)
 
 
-# A `fmnist` command that imports everything first, then starts at the same wall-clock instant as the others.
+# A `fmnist` command that imports everything first, then starts when all the others have (the barrier).
 COMMAND_AT = """
-import sys, time
+import sys
 import torch, mlflow, optuna
 from fmnist_mlflow.cli import main as cli
-from fmnist_mlflow.studies import search
-from fmnist_mlflow.studies import sweep
-from fmnist_mlflow.tracking import experiment as experiments
-start = float(sys.argv[1])
-while time.time() < start:
-    time.sleep(0.001)
-cli.main(sys.argv[2:], prog_name="fmnist")
+from fmnist_mlflow.studies import search, sweep
+from fmnist_mlflow.tracking import connection, experiment, runs
+""" + BARRIER + """
+cli.main(sys.argv[3:], prog_name="fmnist")
 """
 SMALL_GRID = {"name": "together", "models": ["model1"], "losses": ["ce"], "optimizers": ["adam", "sgd"],
               "lr": {"adam": 0.001, "sgd": 0.05}, "batch_size": 64, "epochs": 1, "seeds": [0, 1]}  # 4 points
@@ -74,8 +80,8 @@ SMALL = ["--subset", "300", "--device", "cpu", "--threads", "1", "--jobs", "1"]
 
 def start_together(tmp_path, n: int, args: list, uri: str) -> None:
     """`n` commands started at one instant; every one must exit 0 without a traceback."""
-    start = time.time() + 10 + 2 * n  # after every process has imported torch and MLflow, even on a loaded machine
-    procs = [subprocess.Popen([sys.executable, "-c", COMMAND_AT, str(start), *args],
+    folder = barrier(tmp_path)
+    procs = [subprocess.Popen([sys.executable, "-c", COMMAND_AT, folder, str(n), *args],
                               env=cli_env(MLFLOW_TRACKING_URI=uri, FMNIST_HEARTBEAT_S="5"), cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
     results = [p.communicate(timeout=600) for p in procs]
@@ -142,17 +148,15 @@ def search_args(tmp_path, trials: int) -> list:
             str(trials), "--epochs", "1", "--pruner", "none", *SMALL]
 
 
-@pytest.mark.parametrize("attempt", range(5))
-def test_sweep_workers_started_together_on_a_fresh_store_all_finish(tmp_path, attempt):
+def test_sweep_workers_started_together_on_a_fresh_store_all_finish(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    start_together(tmp_path, 2 + attempt % 2, sweep_args(tmp_path), uri)  # 2, 3, 2, 3, 2 workers
+    start_together(tmp_path, 3, sweep_args(tmp_path), uri)
     check_sweep(uri, f"sqlite:///{tmp_path / 'optuna.db'}")
 
 
-@pytest.mark.parametrize("attempt", range(5))
-def test_search_workers_started_together_on_a_fresh_store_all_finish(tmp_path, attempt):
+def test_search_workers_started_together_on_a_fresh_store_all_finish(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    n = 2 + attempt % 2
+    n = 3
     start_together(tmp_path, n, search_args(tmp_path, 1), uri)
     check_search(uri, f"sqlite:///{tmp_path / 'optuna.db'}", n)
 

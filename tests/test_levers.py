@@ -15,7 +15,7 @@ import yaml
 from conftest import cli_env
 from fmnist_mlflow.training import data
 from fmnist_mlflow.training import models
-from fmnist_mlflow.tracking import fit as runs
+from fmnist_mlflow.tracking.fit import tracked_fit
 from fmnist_mlflow.training import train
 from fmnist_mlflow.training.config import ConfigError, RunConfig
 from fmnist_mlflow.studies.space import load_space
@@ -84,7 +84,7 @@ print(json.dumps({"logits": model.predict(x).tolist(), "mirrored": model.predict
 def test_a_wide_model3_with_ema_and_tta_trains_logs_and_serves_the_averaged_mirrored_model(store, tmp_path, tiny_data):
     config = RunConfig(model="model3", width=1.5, ema=0.9, tta=True, schedule="onecycle", warmup=0.2, epochs=2,
                        subset=600, batch_size=64, device="cpu")
-    result = runs.tracked_fit(config, tiny_data)
+    result = tracked_fit(config, tiny_data)
     run = mlflow.get_run(result.run_id)
     assert {k: run.data.params[k] for k in ("width", "ema", "tta", "warmup")} == {
         "width": "1.5", "ema": "0.9", "tta": "True", "warmup": "0.2"}
@@ -112,8 +112,8 @@ def test_a_wide_model3_with_ema_and_tta_trains_logs_and_serves_the_averaged_mirr
 
 
 def test_inference_cost_counts_weights_and_times_both_batch_sizes():
-    from fmnist_mlflow.training import scoring as evaluation
+    from fmnist_mlflow.training import scoring
 
-    cost = evaluation.inference_cost(models.FlipTTA(models.build("model3", 0.0, 1.5)).eval(), rounds=2)
+    cost = scoring.inference_cost(models.FlipTTA(models.build("model3", 0.0, 1.5)).eval(), rounds=2)
     assert cost["parameters"] == 430_730  # the mirror adds no weights
     assert cost["ms_per_image_batch1"] > 0 and cost["ms_per_image_batch256"] > 0

@@ -37,7 +37,7 @@ def test_the_model_and_predict_refuse_the_same_pixels_in_the_same_words(tmp_path
     of it) and `fmnist predict` agree on it, and on each image's scale."""
     import numpy as np
 
-    from fmnist_mlflow.training import inputs as predict
+    from fmnist_mlflow.training import inputs
 
     model = models.build("model1", dropout=0.0).eval()
     x = torch.rand(3, 1, 28, 28)
@@ -46,12 +46,12 @@ def test_the_model_and_predict_refuse_the_same_pixels_in_the_same_words(tmp_path
         model(x)
     assert words in str(raised.value)
     np.save(tmp_path / "bad.npy", x.numpy())
-    with pytest.raises(predict.InputError, match="pixels must") as refused:
-        predict.read_input(str(tmp_path / "bad.npy"))
+    with pytest.raises(inputs.InputError, match="pixels must") as refused:
+        inputs.read_input(str(tmp_path / "bad.npy"))
     assert words in str(refused.value)
     # what both accept, they read alike: [0, 1] floats, 0-255 floats, 0-255 integers
     good = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
     for array in (good.numpy() / 255.0, good.numpy().astype(np.float32), good.numpy().astype(np.int64)):
         np.save(tmp_path / "good.npy", array)
-        assert (predict.read_input(str(tmp_path / "good.npy")).images == good.numpy()).all()
+        assert (inputs.read_input(str(tmp_path / "good.npy")).images == good.numpy()).all()
         torch.testing.assert_close(model(torch.from_numpy(array).float()), model(good))

@@ -14,7 +14,7 @@ from scipy import stats as sps
 from fmnist_mlflow.cli import main as cli
 from fmnist_mlflow import schema
 from fmnist_mlflow.results import stats
-from fmnist_mlflow.results import seeds as summary
+from fmnist_mlflow.results import seeds
 
 # adam learns in one epoch; SGD at lr 1e-6 without momentum stays near chance (10%): clearly behind
 RACE_GRID = {"name": "race", "models": ["model1"], "losses": ["ce"], "optimizers": ["adam", "sgd"],
@@ -133,13 +133,37 @@ def assert_raced(tmp_path) -> None:
     assert len(points) == len(set(points)) == len(trials) == 3 * len({o for o, _ in points})  # each once
 
 
-def test_a_config_clearly_behind_is_raced_out_and_the_summary_and_description_say_so(store, tmp_path):
+def test_a_config_clearly_behind_is_raced_out_also_across_an_interrupted_seed_and_the_answer_says_so(store, tmp_path):
+    """The worker is stopped in adam's seed 1 (Ctrl-C: its run KILLED, its point queued again); the resume
+    runs that point again, races sgd out of seeds 1 and 2 as an uninterrupted sweep would, and writes the
+    answer."""
+    from fmnist_mlflow.studies import grid, sweep as sweep_mod
+    from fmnist_mlflow.studies.engine import Hooks
+    from fmnist_mlflow.tracking.experiment import use_experiment
+    from fmnist_mlflow.training import data
+
+    g = grid.load_grid(grid_file(tmp_path))
+
+    def stop_in_adam_seed_1(trial, config):
+        def on_epoch_end(metrics):
+            if config.optimizer == "adam" and config.seed == 1:
+                raise KeyboardInterrupt("simulated Ctrl-C")
+        return on_epoch_end, None
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep_mod.run_sweep(g, g.configs(device="cpu"), data.load(), experiment_id=use_experiment("fmnist"),
+                            storage_url=f"sqlite:///{tmp_path / 'optuna.db'}",
+                            hooks=Hooks(progress=stop_in_adam_seed_1))
+    assert ("adam", "1", "KILLED") in children()
     result = sweep(tmp_path, "--jobs", "1")
     assert result.exit_code == 0, result.output
     assert "model1-ce-sgd seed 1: raced out, not run" in result.output
-    assert_raced(tmp_path)
-    assert children() == [("adam", "0", "FINISHED"), ("adam", "1", "FINISHED"), ("adam", "2", "FINISHED"),
-                          ("sgd", "0", "FINISHED")]
+    assert children() == [("adam", "0", "FINISHED"), ("adam", "1", "FINISHED"), ("adam", "1", "KILLED"),
+                          ("adam", "2", "FINISHED"), ("sgd", "0", "FINISHED")]
+    trials = study(tmp_path).trials
+    assert sorted(t.state.name for t in trials) == ["COMPLETE"] * 4 + ["FAIL"] + ["PRUNED"] * 2  # FAIL: the stopped one
+    assert all(schema.ATTR_RACED_OUT in t.user_attrs and "behind the leader" in t.user_attrs[schema.ATTR_RACED_OUT]
+               for t in trials if t.state.name == "PRUNED")
     p = parent()
     assert p.data.tags[schema.TAG_RACE] == "on" and p.data.tags["best_model"] == "model1"
     note = p.data.tags["mlflow.note.content"]  # the run's Overview in the UI: the ranked answer
@@ -150,6 +174,10 @@ def test_a_config_clearly_behind_is_raced_out_and_the_summary_and_description_sa
     assert "raced out after 1 seed(s)" in md and "- model1-ce-sgd: after 1 seed(s)" in md
     assert "'=' marks the configs not shown worse than the best" in md
     assert "did not finish" not in result.output  # raced out is not a failure
+    # the study was raced: resuming it without racing would mix two rules, and is refused in one line
+    mixed = CliRunner().invoke(cli.main, ["sweep", "--grid", str(grid_file(tmp_path)), "--device", "cpu", "--no-race",
+                                          "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"])
+    assert mixed.exit_code == 1 and "runs with --race true; this command asks --race false" in mixed.output
 
 
 def test_two_workers_and_a_resume_never_run_a_raced_out_point(store, tmp_path):
@@ -171,7 +199,7 @@ def test_a_smoke_run_at_another_size_races_on_measured_spreads_only(store, tmp_p
 
 
 def test_no_race_runs_every_point(store, tmp_path):
-    result = sweep(tmp_path, "--no-race", "--jobs", "2", "--threads", "1")
+    result = sweep(tmp_path, "--no-race", "--jobs", "2", "--threads", "1", "--subset", "2000")
     assert result.exit_code == 0, result.output
     assert [s for _, _, s in children()] == ["FINISHED"] * 6
     assert parent().data.tags[schema.TAG_RACE] == "off"
@@ -183,6 +211,6 @@ def test_summary_rows_of_raced_out_points_are_not_failures():
              "train_loss": 0.3, "val_loss": 0.3, "val_nll": 0.3, "val_accuracy": acc, "train_seconds": 1.0,
              "group": o, "run_id": f"{o}{s}"}
             for o, s, st, acc in (("adam", 0, "FINISHED", 0.9), ("adam", 1, "FINISHED", 0.91),
-                                  ("sgd", 0, "FINISHED", 0.5), ("sgd", 1, summary.RACED_OUT, None))]
-    configs = {c.name: c for c in summary.aggregate(rows, raced={"sgd": "after 1 seed(s), far behind"})}
+                                  ("sgd", 0, "FINISHED", 0.5), ("sgd", 1, seeds.RACED_OUT, None))]
+    configs = {c.name: c for c in seeds.aggregate(rows, raced={"sgd": "after 1 seed(s), far behind"})}
     assert configs["model1-ce-sgd"].status == "raced out after 1 seed(s)" and configs["model1-ce-sgd"].runs == 1

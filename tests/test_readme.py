@@ -2,6 +2,7 @@
 fresh copy of the project (the stores land in it, as they do for a user), made tiny by `-P subset=...
 -P epochs=1` and nothing else. A README command can no longer break without a red test."""
 
+import itertools
 import re
 import shlex
 import shutil
@@ -76,6 +77,11 @@ def test_every_readme_mlflow_run_command_runs_as_written_in_a_fresh_copy(tmp_pat
         assert "Best by mean val_accuracy" in main.data.tags["mlflow.note.content"]
         (one_seed,) = [g for g in grids if g is not main]
         assert one_seed.data.params["seeds"] == "0" and one_seed.data.tags[schema.TAG_RACE] == "off"
+        # the report's grid whole: every model x loss x optimizer once, each run FINISHED under its parent
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == one_seed.info.run_id]
+        combos = {(c.data.params["model"], c.data.params["loss"], c.data.params["optimizer"]) for c in children}
+        assert combos == set(itertools.product(["model1", "model2", "model3"], ["ce", "bce"], ["adam", "sgd", "rmsprop"]))
+        assert len(children) == 18 and one_seed.data.params["configs"] == "18"
         # the main job's second run resumed the first: its run is a launcher pointing at the parent
         launchers = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == schema.KIND_LAUNCHER]
         assert [r.data.tags[schema.TAG_PARENT] for r in launchers if r.data.tags[schema.TAG_PARENT] in

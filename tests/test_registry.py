@@ -16,7 +16,7 @@ from conftest import VENV_BIN, cli_env, free_port, stop, wait_http
 from fmnist_mlflow.cli import main as cli
 from fmnist_mlflow.training import data
 from fmnist_mlflow.tracking import registry
-from fmnist_mlflow.tracking import fit as runs
+from fmnist_mlflow.tracking.fit import tracked_fit
 from fmnist_mlflow.training.config import RunConfig
 from fmnist_mlflow.tracking import experiment as experiments
 
@@ -29,8 +29,8 @@ def invoke(*args):
 def two_runs(store, tiny_data):
     """Two real tracked runs, the first clearly better on validation (more epochs, sensible lr)."""
     experiments.use_experiment("fmnist")
-    good = runs.tracked_fit(RunConfig(epochs=3, subset=600), tiny_data)
-    bad = runs.tracked_fit(RunConfig(optimizer="sgd", lr=1e-5, epochs=1, subset=600), tiny_data)
+    good = tracked_fit(RunConfig(epochs=3, subset=600), tiny_data)
+    bad = tracked_fit(RunConfig(optimizer="sgd", lr=1e-5, epochs=1, subset=600), tiny_data)
     assert good.final["val_accuracy"] > bad.final["val_accuracy"]
     return good, bad
 
@@ -100,6 +100,18 @@ def test_alias_does_not_move_to_a_worse_version_without_force(two_runs):
     # registering the same run again reuses its version and does not evaluate twice
     assert invoke("register", "--run-id", bad.run_id).exit_code == 0
     assert len(client.search_model_versions("name = 'fmnist-cnn'")) == 2
+    # a registry that cannot say who holds the alias is an error, never "no holder yet": the alias stays
+    import sqlite3
+
+    with sqlite3.connect(mlflow.get_tracking_uri()[len("sqlite:///"):]) as db:
+        db.execute("ALTER TABLE registered_model_aliases RENAME TO broken_aliases")
+    failed = CliRunner().invoke(cli.main, ["register", "--run-id", good.run_id])
+    assert failed.exit_code == 1 and "Traceback" not in failed.output, failed.output
+    assert "no such table: registered_model_aliases" in failed.output
+    with sqlite3.connect(mlflow.get_tracking_uri()[len("sqlite:///"):]) as db:
+        db.execute("ALTER TABLE broken_aliases RENAME TO registered_model_aliases")
+    assert len(registry.alias_history("fmnist-cnn", "champion")) == 2  # no move recorded
+    assert client.get_model_version_by_alias("fmnist-cnn", "champion").tags["source_run_id"] == bad.run_id
 
 
 def test_predict_png_and_npy_and_its_errors(two_runs, tmp_path):

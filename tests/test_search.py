@@ -7,7 +7,6 @@ from pathlib import Path
 
 import mlflow
 import optuna
-import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -117,18 +116,6 @@ def _assert_one_parent_and_whole_trials(storage, study_name, expected):
     assert study.user_attrs[schema.ATTR_PARENT] == parents[0].info.run_id
 
 
-def test_two_concurrent_workers_share_one_study_and_parent(mlflow_server, tmp_path):
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    args = [sys.executable, "-m", "fmnist_mlflow", *search_args(tmp_path, "--study", "shared", trials=2)]
-    args[args.index("--storage") + 1] = storage
-    env = cli_env(MLFLOW_TRACKING_URI=mlflow_server)
-    workers = [subprocess.Popen(args + ["--seed", str(i)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [w.communicate(timeout=600)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], "\n=====\n".join(o[-4000:] for o in outputs)
-    _assert_one_parent_and_whole_trials(storage, "shared", 4)
-
-
 def test_postgresql_storage_with_jobs_2(mlflow_server, postgres_url, tmp_path):
     result = CliRunner().invoke(cli.main, [*search_args(tmp_path, "--jobs", "2", "--study", "pg", trials=4)[:4],
                                            postgres_url, *search_args(tmp_path, "--jobs", "2", "--study", "pg", trials=4)[5:]],
@@ -155,22 +142,6 @@ def test_warm_start_from_the_grid_best(store, tmp_path):
     assert first[f"lr_{best['optimizer']}"] == float(best["lr"])
 
 
-@pytest.mark.parametrize("storage, message", [
-    ("not-a-url", "is not a storage URL"),
-    ("journal:/nonexistent/dir/log", "does not exist"),
-    ("mysql://me:secret@127.0.0.1/optuna", "the database driver 'MySQLdb' is not installed"),
-    ("postgresql+nodriver://me@127.0.0.1/optuna", "postgresql.nodriver"),
-])
-def test_bad_storage_is_a_usage_error_before_any_work(store, tmp_path, storage, message):
-    """The URL's form and driver are checked where the option is read (exit 2), before the data loads."""
-    args = search_args(tmp_path)
-    args[args.index("--storage") + 1] = storage
-    result = CliRunner().invoke(cli.main, args)
-    assert result.exit_code == 2 and message in result.output and "secret" not in result.output
-    assert "Traceback" not in result.output
-    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
-
-
 def test_unreachable_postgres_fails_fast_hiding_the_password(store, tmp_path):
     args = search_args(tmp_path)
     args[args.index("--storage") + 1] = f"postgresql://me:secret@127.0.0.1:{free_port()}/x"
@@ -185,3 +156,44 @@ def test_a_trial_is_never_pruned_after_its_last_epoch(store, tmp_path, tiny_data
     assert [t.state.name for t in shared.study.trials] == ["COMPLETE"]
     (_, (trial,)) = study_runs()
     assert trial.info.status == "FINISHED" and trial.data.tags[schema.TAG_STATE] == "COMPLETE"
+
+
+def test_a_study_resumed_with_another_pruner_or_sampler_is_refused_naming_its_rules(store, tmp_path):
+    """A study half pruned by one rule and half by another answers neither: its rules are kept with it."""
+    assert CliRunner().invoke(cli.main, search_args(tmp_path, trials=1)).exit_code == 0  # --pruner none, tpe
+    for change, words in ((["--pruner", "median"], "runs with --pruner none; this command asks --pruner median"),
+                          (["--sampler", "random"], "runs with --sampler tpe; this command asks --sampler random")):
+        result = CliRunner().invoke(cli.main, search_args(tmp_path, *change, trials=1))
+        assert result.exit_code == 1 and words in result.output and "Traceback" not in result.output, result.output
+    assert len(study_runs()[1]) == 1  # nothing more ran
+
+
+def test_a_journal_file_storage_runs_and_resumes_a_search(store, tmp_path):
+    journal = f"journal:{tmp_path / 'studies.log'}"
+    for trials in (2, 1):
+        args = search_args(tmp_path, trials=trials)
+        args[args.index("--storage") + 1] = journal
+        result = CliRunner().invoke(cli.main, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    (parent,), trials = study_runs()
+    assert len(trials) == 3 and {t.info.status for t in trials} == {"FINISHED"}
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="tiny",
+                              storage=optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "studies.log"))))
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert study.user_attrs[schema.ATTR_PARENT] == parent.info.run_id
+
+
+def test_timeout_stops_starting_trials_within_the_budget_and_leaves_none_running(store, tmp_path):
+    """--timeout with a budget the time cannot reach, and a pruner that prunes from the fourth trial on:
+    trials start until the time is up, each one started ends (completed or pruned), and the budget is not
+    exceeded."""
+    result = CliRunner().invoke(cli.main, search_args(tmp_path, "--timeout", "6", "--pruner", "halve1", "--epochs",
+                                                      "2", trials=40), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = [t.state.name for t in study.trials]
+    assert 1 <= len(states) < 40 and set(states) <= {"COMPLETE", "PRUNED"}, states
+    _, runs = study_runs()
+    assert len(runs) == len(states) and "RUNNING" not in {r.info.status for r in runs}

@@ -83,21 +83,6 @@ def test_workers_and_resumed_studies_do_not_replay_suggestions():
     assert len({p["x"] for p in firsts}) == 3
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--subset", "100000"], "subset must be 0 (all) or 5..50,000"),
-    (["train", "--lr", "inf"], "lr must be a finite number"),
-    (["train", "--seed", str(2**63)], "seed must be in [0, 2**63)"),
-    (["search", "--subset", "3", "--trials", "1"], "subset must be 0 (all) or 5..50,000"),
-    (["search", "--study", "it's", "--trials", "1"], "a study name may not"),
-    (["search", "--trials", "0"], "--trials 0 runs nothing"),
-])
-def test_bad_input_is_a_usage_error_before_any_run_or_study(store, tmp_path, args, message):
-    result = CliRunner().invoke(cli.main, [*args, "--device", "cpu"] if args[0] == "train" else
-                                [*args, "--storage", f"sqlite:///{tmp_path / 'o.db'}"])
-    assert result.exit_code == 2 and message in result.output, result.output
-    assert all_runs() == [] and not (tmp_path / "o.db").exists()
-
-
 def test_a_named_data_dir_never_falls_back_silently(tmp_path, monkeypatch):
     monkeypatch.setenv("FMNIST_DATA_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(data.DataError, match=r"nowhere \(\$FMNIST_DATA_DIR\) does not exist"):

@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from conftest import cli_env
-from fmnist_mlflow.studies import engine
 from fmnist_mlflow import schema
 from fmnist_mlflow.tracking import queries
 from fmnist_mlflow.studies import storage
@@ -136,9 +135,9 @@ def test_one_command_s_workers_share_its_trial_budget():
     busy (a fixed half each left the fast one idle), and together they start exactly N."""
     import multiprocessing
 
-    from fmnist_mlflow.studies import workers as parallel
+    from fmnist_mlflow.studies import workers
 
-    budget, ctx = parallel.Budget(9), multiprocessing.get_context("spawn")
+    budget, ctx = workers.Budget(9), multiprocessing.get_context("spawn")
     claimed = ctx.Queue()
     procs = [ctx.Process(target=_claim_until_spent, args=(budget, claimed, pause)) for pause in (0.01, 5.0)]
     for proc in procs:

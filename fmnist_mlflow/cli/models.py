@@ -102,18 +102,15 @@ def predict(model_uri, top_k, as_json, inputs) -> None:
     results, failed = [], 0
     for path in inputs:
         try:
-            batch = predict_mod.read_input(path)
-            probabilities = predict_mod.softmax(model.predict(predict_mod.model_input(model, batch.images)))
+            answers = predict_mod.classify(model, path, top_k, names)
         except predict_mod.InputError as exc:
             failed += 1
             click.echo(f"error: {exc}", err=True)
             continue
-        for i, top in enumerate(predict_mod.top_k(probabilities, top_k, names)):
-            label = path if len(batch.images) == 1 else f"{path}[{i}]"
-            results.append({"input": label, "note": batch.note, "top_k": top})
-            if not as_json:
-                note = f"  ({batch.note})" if batch.note else ""
-                click.echo(f"{label}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in top) + note)
+        results += answers
+        for a in [] if as_json else answers:
+            note = f"  ({a['note']})" if a["note"] else ""
+            click.echo(f"{a['input']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in a["top_k"]) + note)
     if as_json:
         click.echo(json.dumps(results, indent=2))
     if failed:

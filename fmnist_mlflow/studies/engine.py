@@ -16,9 +16,9 @@ trials run, to notice such a loss and run the retry, so that the last worker sta
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
 
@@ -26,8 +26,8 @@ import optuna
 from optuna.trial import TrialState
 
 from ..errors import FmnistError
-from ..schema import (ATTR_HOLDS, ATTR_PARENT, KIND_LAUNCHER, KIND_SWEEP_CHILD, KIND_TRIAL, TAG_KIND, TAG_PARENT,
-                      TAG_STUDY, TAG_TRIAL)
+from ..schema import (ATTR_HOLDS, ATTR_PARENT, ATTR_RULES, KIND_LAUNCHER, KIND_SWEEP_CHILD, KIND_TRIAL, TAG_KIND,
+                      TAG_PARENT, TAG_STUDY, TAG_TRIAL)
 from ..tracking.connection import tracking_uri
 from ..tracking.launcher import inside_mlflow_run
 from ..tracking.queries import child_runs, find_run
@@ -38,6 +38,7 @@ from . import workers
 from .storage import StorageError, heartbeat_interval, open_storage, retried, study_tag
 from .workers import Budget
 
+log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 120  # how long a worker waits for the creator of a new study to name its parent run
 WAIT_POLL_S = 1.0  # how often a waiting worker looks whether the study is ready, or the others' trials ended
 ORPHAN_REASON = ("orphaned: found RUNNING when its study resumed, with its trial already ended (its process "
@@ -70,6 +71,9 @@ class Plan(Protocol):
 
     @property
     def holds(self) -> str: ...  # what the study holds (a grid's or a space's digest): workers must agree
+
+    @property
+    def rules(self) -> dict: ...  # how trials are judged ({"pruner": .., "sampler": ..}; {"race": ..}): kept
 
     def parent_params(self) -> dict: ...
 
@@ -138,6 +142,7 @@ class SharedStudy:
                                         sampler=sampler, pruner=pruner)
             try:
                 study.set_user_attr(ATTR_HOLDS, plan.holds)
+                study.set_user_attr(ATTR_RULES, plan.rules)
                 parent_id = create_run(plan.name, kind=plan.kind, tags={TAG_STUDY: study_tag(storage_url, study_name),
                                                 **plan.parent_tags()}, params=plan.parent_params(), experiment_id=experiment_id)
                 filled = plan.fill(study, experiment_id)
@@ -157,6 +162,7 @@ class SharedStudy:
             if held != plan.holds:
                 raise StorageError(f"{where} holds {held or 'a study of an older fmnist-mlflow'}, not {plan.holds}: "
                                    "every worker needs the same file and options; give another --study") from None
+            check_rules(study, plan.rules, where)
             check_parent(study, parent_id, experiment_id)
             if inside_mlflow_run():
                 create_run(plan.name, kind=KIND_LAUNCHER, tags={TAG_STUDY: study_tag(storage_url, study_name),
@@ -288,6 +294,22 @@ def wait_until_ready(study: optuna.Study, where: str) -> str:
         time.sleep(WAIT_POLL_S)
 
 
+def check_rules(study: optuna.Study, rules: dict, where: str) -> None:
+    """A study resumed or joined must be judged by the rules it was started with (a pruner, a sampler,
+    racing): a study half pruned by one rule and half by another answers neither. A study from before the
+    rules were recorded takes this command's."""
+    held = study.user_attrs.get(ATTR_RULES)
+    if held is None:
+        study.set_user_attr(ATTR_RULES, rules)
+        return
+    differ = [k for k in sorted(set(held) | set(rules)) if held.get(k) != rules.get(k)]
+    if differ:
+        was = ", ".join(f"--{k} {held.get(k)}" for k in differ)
+        now = ", ".join(f"--{k} {rules.get(k)}" for k in differ)
+        raise StorageError(f"{where} runs with {was}; this command asks {now}: every worker and every resume of a "
+                           f"study uses its rules (give {was}, or another --study)")
+
+
 def check_parent(study: optuna.Study, parent: str, experiment_id: str) -> None:
     """The study's parent must be in this tracking store and experiment: workers pointed at another store
     (or a kept optuna.db beside a new mlflow.db) would otherwise log children under a run nobody sees."""
@@ -323,4 +345,5 @@ def delete_half_made(study_name: str, storage) -> None:
     try:
         optuna.delete_study(study_name=study_name, storage=storage)
     except (KeyError, optuna.exceptions.StorageInternalError, OSError) as exc:
-        warnings.warn(f"could not delete the half-made study {study_name!r}: {exc}", stacklevel=2)
+        log.warning("could not delete the half-made study %r (%s): delete it, or give another --study",
+                    study_name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -86,6 +86,10 @@ class Search:
     def holds(self) -> str:
         return f"space {self.space.name} {self.space.digest()}, {self.settings.epochs} epochs, subset {self.settings.subset}"
 
+    @property
+    def rules(self) -> dict:
+        return {"pruner": self.pruner_name, "sampler": self.sampler_name}
+
     def parent_params(self) -> dict:
         return {"study": self.study_name, "space_name": self.space.name, "metric": self.space.metric,
                 "direction": self.space.direction, "epochs": self.settings.epochs, "subset": self.settings.subset}

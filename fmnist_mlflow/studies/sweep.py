@@ -17,9 +17,9 @@ change its best, and MLflow params cannot change).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
@@ -44,6 +44,7 @@ from ..schema import (ATTR_NO_POINT, ATTR_POINT, ATTR_RACED_OUT, ATTR_REQUEUED, 
                      KIND_SWEEP_CHILD, TAG_BEST_GROUP, TAG_BEST_RUN, TAG_CONFIG_HASH, TAG_FAILED_CONFIGS, TAG_RACE,
                      TAG_RETRIED, TAG_SELECT, TAG_STUDY, TAG_SWEEP, TAG_TRIAL)
 
+log = logging.getLogger(__name__)
 NO_POINT = "the queue was empty when this worker asked: other workers took the last points; nothing ran"
 
 
@@ -105,6 +106,10 @@ class Sweep:
     @property
     def holds(self) -> str:
         return f"grid {self.grid.name} {sweep_digest(list(self.configs))}"
+
+    @property
+    def rules(self) -> dict:
+        return {"race": "true" if self.race else "false"}
 
     def parent_params(self) -> dict:
         first = self.configs[0]
@@ -220,9 +225,10 @@ def requeue(trial: optuna.Trial) -> None:
         trial.study.enqueue_trial(trial.params, user_attrs={ATTR_POINT: trial.user_attrs[ATTR_POINT],
                                                             ATTR_REQUEUED: trial.number})
     except (optuna.exceptions.StorageInternalError, OSError) as exc:
-        # its trial stays RUNNING with no heartbeat: another worker fails it and retries the point
-        warnings.warn(f"could not queue point {trial.user_attrs[ATTR_POINT]} again ({exc}); a worker on the study "
-                      "retries it once its heartbeats stop", stacklevel=2)
+        # its trial stays RUNNING with no heartbeat: another worker fails it and retries the point (the
+        # command's own error line says what failed: most likely this same storage)
+        log.info("could not queue point %s again (%s); a worker on the study retries it once its heartbeats stop",
+                 trial.user_attrs[ATTR_POINT], exc)
 
 
 def run_sweep(grid: Grid, configs: list, data: Dataset, *, experiment_id: str, storage_url: str = DEFAULT_STORAGE,

@@ -83,10 +83,11 @@ def _check_server(uri: str, timeout: float) -> None:
                 return _check_api(uri, max(1.0, min(PROBE_TIMEOUT_S, started + timeout - time.monotonic())))
             error = f"HTTP {response.status_code}"
         except mlflow.exceptions.MlflowException as exc:  # MLflow's client wraps connection errors in it
-            error = "no connection"
+            text = str(exc).lower()
+            error = "no answer" if "timeout" in text or "timed out" in text else "no connection"
             # Nothing listens on that port: a server that is starting binds it within seconds, so a refused
             # connection is not worth the whole wait.
-            if "refused" in str(exc).lower() and time.monotonic() - started > REFUSED_TIMEOUT_S:
+            if "refused" in text and time.monotonic() - started > REFUSED_TIMEOUT_S:
                 error = "connection refused: no server on that port"
                 break
         time.sleep(min(1.0, max(0.0, started + timeout - time.monotonic())))

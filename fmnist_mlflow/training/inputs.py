@@ -121,3 +121,13 @@ def model_input(model, images: np.ndarray) -> np.ndarray:
     schema = model.metadata.get_input_schema()
     dtype = schema.numpy_types()[0] if schema is not None and schema.is_tensor_spec() else np.float32
     return images.astype(dtype, copy=False)
+
+
+def classify(model, path: str, k: int, class_names=CLASS_NAMES) -> list:
+    """The `k` most likely classes of every image in one input file, by a loaded model (`mlflow.pyfunc`):
+    one {"input": path or path[i], "note": ..., "top_k": [...]} per image; InputError if the file cannot be
+    read or the model refuses its pixels."""
+    batch = read_input(path)
+    probabilities = softmax(model.predict(model_input(model, batch.images)))
+    return [{"input": path if len(batch.images) == 1 else f"{path}[{i}]", "note": batch.note, "top_k": top}
+            for i, top in enumerate(top_k(probabilities, k, class_names))]

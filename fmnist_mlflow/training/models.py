@@ -30,6 +30,8 @@ class Normalize(nn.Module):
             x = x.float()
             # NaN or infinite pixels would give NaN logits; refuse them. The check is an op of the exported
             # graph, so a served model answers such a request with HTTP 400 instead of 200 and NaNs.
+            # torch._assert_async is private, but torch.export keeps it in the graph (an `assert` or a Python
+            # `if ... raise` on tensor values cannot be exported): torch has no public graph-side check.
             torch._assert_async(torch.isfinite(x).all(), "pixels must be finite numbers (got NaN or infinity)")
             # Outside 0-255 is no image (a pixel of -1e6 or 1e30 gave logits near 1e28): refused the same way.
             torch._assert_async(((x >= 0) & (x <= PIXEL_MAX)).all(),
