@@ -45,7 +45,7 @@ FULL = BenchPlan(rounds=5, images={"model1": 50_000, "model3": 20_000}, tracked_
 
 def machine() -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {device}"
+    return f"{platform.machine()} {hardware.usable_cpus()} of {os.cpu_count()} cores usable, torch {torch.__version__} ({torch.get_num_threads()} threads), {device}"
 
 
 def _classic_dataset(folder: Path):

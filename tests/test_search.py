@@ -1,8 +1,6 @@
 """`fmnist search`: trials as nested runs, resumption, pruning, concurrent workers, PostgreSQL, bad input."""
 
 import dataclasses
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -10,7 +8,7 @@ import optuna
 import yaml
 from click.testing import CliRunner
 
-from conftest import cli_env, free_port
+from conftest import free_port
 from fmnist_mlflow import schema
 from fmnist_mlflow.cli import main as cli
 from fmnist_mlflow.studies import engine

@@ -1,6 +1,7 @@
 """`--jobs`, `--precision`, `--device` and the benchmark's plumbing (no test here asserts a time)."""
 
 import json
+import sys
 
 import mlflow
 import numpy as np
@@ -122,11 +123,29 @@ def test_a_bf16_run_logs_an_fp32_model_that_loads_and_predicts_in_fp32(store, mo
 
 
 def test_jobs_auto_is_a_worker_per_core_on_full_data_and_one_elsewhere(monkeypatch):
-    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(hardware, "usable_cpus", lambda: 2)
     assert hardware.default_jobs("cpu", points=54, subset=0) == 2
     assert hardware.default_jobs("cpu", points=1, subset=0) == 1
     assert hardware.default_jobs("cpu", points=54, subset=2000) == 1  # smoke runs: start-up would dominate
     assert hardware.default_jobs("cuda", points=54, subset=0) == 1
+
+
+def test_cpus_are_counted_as_this_process_may_use_them(tmp_path, monkeypatch):
+    """`taskset -c 0`: one CPU, so one worker and at most one thread; a cgroup quota (a container's --cpus)
+    caps the count too."""
+    import subprocess
+
+    probe = ["taskset", "-c", "0", sys.executable, "-m", "fmnist_mlflow"]
+    shown = subprocess.run([*probe, "data"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "--jobs auto -> 1 worker(s)" in shown.stdout, shown.stdout + shown.stderr
+    refused = subprocess.run([*probe, "train", "--threads", "2"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "'--threads': 2 is not in the range 0<=x<=1" in refused.stderr
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(hardware, "CGROUP_CPU_MAX", cpu_max)
+    affinity = len(__import__("os").sched_getaffinity(0))
+    for content, expected in (("50000 100000", 1), ("150000 100000", min(2, affinity)), ("max 100000", affinity)):
+        cpu_max.write_text(content + "\n")
+        assert hardware.usable_cpus() == expected, content
 
 
 def test_the_report_grid_runs_three_seeds_by_default():

@@ -147,3 +147,43 @@ def test_one_command_s_workers_share_its_trial_budget():
         proc.join(timeout=60)
     assert sum(counts) == 9 and budget.left == 0 and not budget.claim()
     assert counts[1] > 5, counts  # the fast worker took more than a fixed half
+
+
+def test_a_jobs_2_sweep_whose_worker_is_sigkilled_still_ends_well(store, tmp_path):
+    """One `fmnist sweep --jobs 2`: one of its own worker processes is SIGKILLed mid-point. The other fails
+    the lost point once its heartbeats stop, redoes it and the rest; the command then writes the answer, ends
+    the parent FINISHED with `fmnist.retried`, says a worker was lost, and exits 0."""
+    import psutil
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "name": "lossy", "models": ["model1"], "losses": ["ce"], "optimizers": ["adam", "sgd"],
+        "lr": {"adam": 0.001, "sgd": 0.05}, "batch_size": 64, "epochs": 4, "seeds": [0, 1]}))
+    command = subprocess.Popen(
+        [sys.executable, "-m", "fmnist_mlflow", "sweep", "--grid", str(grid), "--subset", "3000", "--device", "cpu",
+         "--jobs", "2", "--threads", "1", "--no-race", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"],
+        env=cli_env(MLFLOW_TRACKING_URI=store, FMNIST_HEARTBEAT_S=str(HEARTBEAT_S)), cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    lost_run_id = None
+    while lost_run_id is None and time.monotonic() < deadline:
+        workers = {p.pid for p in psutil.Process(command.pid).children()}  # the command's worker processes
+        for run in mlflow.search_runs(search_all_experiments=True, output_format="list"):
+            pid = int(run.data.tags.get(schema.TAG_WORKER, ":0").rsplit(":", 1)[1])
+            if (run.data.tags.get(schema.TAG_KIND) == schema.KIND_SWEEP_CHILD and run.info.status == "RUNNING"
+                    and "val_accuracy" in run.data.metrics and pid in workers):
+                os.kill(pid, signal.SIGKILL)
+                lost_run_id = run.info.run_id
+                break
+        time.sleep(0.3)
+    output, _ = command.communicate(timeout=600)
+    assert lost_run_id and command.returncode == 0, output[-3000:]
+    assert "1 worker(s) were lost" in output and "Best by mean val_accuracy" in output
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    (parent,) = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == schema.KIND_SWEEP]
+    assert parent.info.status == "FINISHED" and parent.data.tags[schema.TAG_RETRIED] == "1"
+    assert parent.data.tags["mlflow.note.content"].startswith("**Best by mean val_accuracy")
+    assert mlflow.get_run(lost_run_id).data.tags[schema.TAG_FAILURE].startswith("worker lost")
+    finished = [r.data.tags[schema.TAG_CONFIG_HASH] for r in runs
+                if r.data.tags.get(schema.TAG_KIND) == schema.KIND_SWEEP_CHILD and r.info.status == "FINISHED"]
+    assert len(finished) == len(set(finished)) == 4  # every point once, the lost one redone

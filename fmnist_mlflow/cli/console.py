@@ -55,6 +55,11 @@ def on_wait(running: int) -> None:
                "failed and retried once its heartbeats stop)")
 
 
+def workers_lost(n: int) -> None:
+    click.echo(f"{n} worker(s) were lost (killed by a signal); the others failed their trials once their heartbeats "
+               "stopped and redid that work (the parent's tag fmnist.retried counts it)", err=True)
+
+
 def duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

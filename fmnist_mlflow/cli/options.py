@@ -49,10 +49,10 @@ MAX_BATCH = cfg.TRAIN_SIZE  # a batch larger than the training split is the spli
 
 
 def max_threads() -> int:
-    """More torch threads than cores only makes them wait on each other."""
-    import os
+    """More torch threads than the CPUs this process may use only makes them wait on each other."""
+    from ..training.hardware import usable_cpus
 
-    return os.cpu_count() or 1
+    return usable_cpus()
 
 
 # What MLflow accepts, checked here so that a bad name fails before any work (exit 2), not after the whole

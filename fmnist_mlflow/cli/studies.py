@@ -87,7 +87,8 @@ def sweep(grid_file, select, seeds, race, device, precision, threads, jobs, stor
         click.echo(f"{config.label} seed {config.seed}: raced out, not run ({why.split(';')[0]})")
 
     hooks = engine.Hooks(on_start=on_start, progress=progress, on_wait=on_wait, on_raced=on_raced,
-                         on_workers=lambda n: click.echo(workers_line(n, threads, jobs, f"the {n} point(s) left")))
+                         on_workers=lambda n: click.echo(workers_line(n, threads, jobs, f"the {n} point(s) left")),
+                         on_lost=console.workers_lost)
     result = sweep_mod.run_sweep(grid, configs, dataset, experiment_id=experiment_id, select=select, storage_url=storage_url,
                                  study_name=study_name, jobs=jobs or hardware.default_jobs(configs[0].device, len(configs), subset),
                                  data_dir=data_dir, threads=threads, race=race, hooks=hooks)
@@ -168,7 +169,8 @@ def search(trials, timeout, storage_url, study_name, space_file, sampler, pruner
         # auto with --seed: one process, the reproducible search that --seed promises
         workers = min(jobs or (1 if seed is not None else hardware.default_jobs(checked.device, trials, subset)), trials)
         hooks = engine.Hooks(progress=console.trial_progress, on_trial_end=console.trial_ended(trials, space.metric),
-                             on_wait=on_wait, on_workers=lambda n: click.echo(workers_line(n, threads, jobs, f"--trials {trials}")))
+                             on_wait=on_wait, on_workers=lambda n: click.echo(workers_line(n, threads, jobs, f"--trials {trials}")),
+                             on_lost=console.workers_lost)
         shared.run(dataset, jobs=workers, threads=threads, data_dir=data_dir, budget=trials, timeout=timeout, hooks=hooks)
     console.search_summary(shared.close(), space.metric)
     if confirm_k:

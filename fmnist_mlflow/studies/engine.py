@@ -58,6 +58,7 @@ class Hooks:
     on_trial_end: Optional[Callable] = None  # (FrozenTrial)
     on_wait: Optional[Callable[[int], None]] = None  # (trials other workers are running)
     on_workers: Optional[Callable[[int], None]] = None  # (worker processes about to start)
+    on_lost: Optional[Callable[[int], None]] = None  # (workers lost to a signal whose work the others redid)
     on_raced: Optional[Callable] = None  # (config, reason): a sweep point is skipped, its config raced out
 
 
@@ -206,9 +207,22 @@ class SharedStudy:
             if hooks.on_workers is not None:
                 hooks.on_workers(len(job_list))
             codes = workers.run_workers(run_job, [(job,) for job in job_list], tracking_uri(), threads)
-            if any(codes):
-                raise WorkerError(f"worker exit codes {codes}; see the runs for reasons")
+            self.check_workers(codes, hooks)
         return len(job_list)
+
+    def check_workers(self, codes: list, hooks: Hooks) -> None:
+        """After the workers: a worker that failed with an error fails the command; a worker lost to a signal
+        (SIGKILL, out of memory) fails it only if work is left undone, since the others fail its trial and
+        redo its work once its heartbeats stop (then the parent is summarized as usual)."""
+        errors = [c for c in codes if c and c > 0]
+        lost = [c for c in codes if c and c < 0]
+        left = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+        if errors or (lost and left):
+            undone = f"; {len(left)} trial(s) left waiting or running" if left else ""
+            raise WorkerError(f"worker exit codes {codes}{undone}; see the runs for reasons, and run the command "
+                              "again to finish the study")
+        if lost and hooks.on_lost is not None:
+            hooks.on_lost(len(lost))
 
     def work(self, objective: Callable, *, budget: Optional[Budget] = None, timeout: Optional[float] = None,
              hooks: Hooks = Hooks()) -> int:

@@ -8,14 +8,15 @@ KILLED (`process`). On CUDA they share the one GPU. `Budget` is the trial budget
 from __future__ import annotations
 
 import multiprocessing
-import os
 from typing import Callable
 
 from .. import process
 
 
 def threads_per_worker(jobs: int) -> int:
-    return max(1, (os.cpu_count() or 1) // jobs)
+    from ..training.hardware import usable_cpus
+
+    return max(1, usable_cpus() // jobs)
 
 
 def _main(target: Callable, tracking_uri: str, threads: int, args: tuple) -> None:

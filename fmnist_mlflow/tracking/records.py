@@ -36,7 +36,9 @@ def device_name(device: str) -> str:
 
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    from ..training.hardware import usable_cpus
+
+    return f"{platform.processor() or platform.machine()} ({usable_cpus()} of {os.cpu_count()} cores usable)"
 
 
 @functools.lru_cache(maxsize=1)

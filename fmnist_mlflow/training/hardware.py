@@ -11,6 +11,7 @@ the reason.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -72,6 +73,27 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" in microseconds, or "max ..."
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use, not the host's: its affinity (`taskset`, a container's cpuset) and the
+    cgroup's CPU quota (`docker run --cpus 2` on a 64-core host is 2), whichever is smaller."""
+    if hasattr(os, "process_cpu_count"):  # Python 3.13+: the affinity, portably
+        count = os.process_cpu_count() or 1
+    elif hasattr(os, "sched_getaffinity"):
+        count = len(os.sched_getaffinity(0)) or 1
+    else:
+        count = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+    except (OSError, ValueError):  # no cgroup v2 here, or an unexpected format: no quota to honour
+        return count
+    if quota == "max":
+        return count
+    return max(1, min(count, math.ceil(int(quota) / int(period))))
+
+
 def default_jobs(device: str, points: int, subset: int) -> int:
     """`--jobs auto`: on a CPU, one single-threaded worker per core (at most one per point) for full-data
     runs, which measured faster than one process using every core (experiments/BENCHMARKS.md); one process
@@ -79,7 +101,7 @@ def default_jobs(device: str, points: int, subset: int) -> int:
     and on CUDA (several workers on one GPU are unmeasured: scripts/gpu-check.sh measures them)."""
     if device == "cuda" or subset:
         return 1
-    return max(1, min(os.cpu_count() or 1, points))
+    return max(1, min(usable_cpus(), points))
 
 
 def describe(device: str) -> str:
