@@ -58,11 +58,15 @@ def storage_problem(url: str) -> Optional[str]:
     """Why `url` cannot be an Optuna storage here (its form, a missing folder, no database driver), or None.
     Reaching the database is left to the command (it may be a server that is not up yet)."""
     if url.startswith("journal:"):
-        folder = Path(url[len("journal:"):]).parent
-        return None if folder.is_dir() else f"journal folder {folder} does not exist"
+        path = Path(url[len("journal:"):])
+        if not url[len("journal:"):].strip() or path.is_dir():
+            return f"{url!r} names no file: give journal:FILE (a log file Optuna appends to)"
+        return None if path.parent.is_dir() else f"journal folder {path.parent} does not exist"
     scheme = url.split(":", 1)[0]
     if "://" not in url or scheme.split("+")[0] not in STORAGE_SCHEMES:
         return f"{redact(url)!r} is not a storage URL; use {STORAGE_FORMS}"
+    if scheme.startswith("sqlite") and url.split("://", 1)[1] in ("", "/"):
+        return f"{url!r} names no database file: give sqlite:///FILE (sqlite:////ABSOLUTE/PATH)"
     import sqlalchemy
 
     try:

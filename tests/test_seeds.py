@@ -269,6 +269,10 @@ def test_confirm_reruns_the_best_trials_on_fresh_seeds_nested_and_names_the_cham
     assert version.tags[schema.TAG_CONFIG_GROUP] in means
     assert {"1", "2"} <= set(version.tags["seeds"].split(","))
     assert "single-seed config(s) were left out" in registered.output  # the third trial had seed 0 only
+    # asking to confirm more trials than completed says so, and confirms those it has
+    more = CliRunner().invoke(cli.main, [*args[:args.index("--trials") + 1], "0", *args[args.index("--trials") + 2:],
+                                         "--confirm", "9"], catch_exceptions=False)
+    assert more.exit_code == 0 and "note: --confirm 9: the study has 3 completed trial(s); confirming those" in more.output
 
 
 # --- registering by the seed mean --------------------------------------------------------------------

@@ -41,6 +41,9 @@ TINY = ["--subset", "300", "--epochs", "1", "--device", "cpu"]
     (["sweep", "--jobs", "0"], "--jobs"),
     (["sweep", "--experiment", "a'b"], "experiment name"),
     (["sweep", "--storage", "not-a-url"], "is not a storage URL"),
+    (["sweep", "--storage", "sqlite:///"], "names no database file: give sqlite:///FILE"),
+    (["sweep", "--race", ""], "'--race': give true or false"),
+    (["sweep", "--race", "maybe"], "'--race': 'maybe' is not a valid boolean"),
     # search
     (["search", "--trials", "0"], "--trials 0 runs nothing"),
     (["search", "--subset", "3", "--trials", "1"], "subset must be 0 (all) or 5..50,000"),
@@ -48,6 +51,7 @@ TINY = ["--subset", "300", "--epochs", "1", "--device", "cpu"]
     (["search", "--timeout", "nan", "--trials", "1"], "finite"),
     (["search", "--pruner", "best"], "--pruner"),
     (["search", "--confirm", "2", "--seeds", "1,x"], "--seeds"),
+    (["search", "--storage", "journal:"], "names no file: give journal:FILE"),
     (["search", "--storage", "journal:/nonexistent/dir/log"], "journal folder /nonexistent/dir does not exist"),
     (["search", "--storage", "mysql://me:secret@127.0.0.1/optuna"], "the database driver 'MySQLdb' is not installed"),
     (["search", "--storage", "postgresql+nodriver://me@127.0.0.1/optuna"], "postgresql.nodriver"),

@@ -32,6 +32,20 @@ class AutoOr(click.ParamType):
         return "FLOAT|auto"
 
 
+class StrictBool(click.ParamType):
+    """true or false (yes/no, 1/0, on/off): click's BOOL takes an empty value for false, so `--race ''` (and
+    `mlflow run -P race=`) turned racing off without a word."""
+
+    name = "true|false"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, bool):
+            return value
+        if not str(value).strip():
+            self.fail("give true or false (an empty value is neither)", param, ctx)
+        return click.BOOL.convert(value, param, ctx)
+
+
 class JobsType(click.ParamType):
     """A worker count in 1..MAX_JOBS, or `auto` (None: chosen for the device and the work, see
     hardware.default_jobs)."""
@@ -159,7 +173,7 @@ def race_options(what: str):
 
     def decorate(fn):
         fn = click.option("--no-race", "no_race", is_flag=True, help="Same as `--race false`.")(fn)
-        fn = click.option("--race", type=click.BOOL, default=True, is_flag=False, flag_value=True, show_default=True,
+        fn = click.option("--race", type=StrictBool(), default=True, is_flag=False, flag_value=True, show_default=True,
                           metavar="[true|false]", help=what)(fn)
 
         @functools.wraps(fn)

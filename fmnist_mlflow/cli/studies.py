@@ -174,6 +174,9 @@ def search(trials, timeout, storage_url, study_name, space_file, sampler, pruner
         shared.run(dataset, jobs=workers, threads=threads, data_dir=data_dir, budget=trials, timeout=timeout, hooks=hooks)
     console.search_summary(shared.close(), space.metric)
     if confirm_k:
+        completed = len(confirm.shortlist(shared.study, confirm_k))
+        if completed < confirm_k:
+            click.echo(f"note: --confirm {confirm_k}: the study has {completed} completed trial(s); confirming those")
         done = confirm.confirm(shared, dataset, k=confirm_k, seeds=confirm_seeds, race=race,
                                on_start=console.confirm_started, on_raced=console.confirm_raced)
         console.confirmed(done, space.metric)
