@@ -177,7 +177,7 @@ def precision(plan: BenchPlan, device: str, report) -> dict:
 def tracking_overhead(plan: BenchPlan, device: str, report) -> dict:
     """Wall time of a fully tracked run against the same training untracked, on full data."""
     from .tracking.experiment import use_experiment
-    from .tracking.fit import tracked_fit as fit_tracked
+    from .tracking.fit import tracked_fit
 
     dataset = data_mod.load(subset=plan.tracked_subset)
     config = RunConfig(model="model1", epochs=plan.tracked_epochs, device=device, subset=plan.tracked_subset)
@@ -187,15 +187,15 @@ def tracking_overhead(plan: BenchPlan, device: str, report) -> dict:
         try:
             use_experiment("bench")
 
-            def tracked_fit(system_metrics: bool):
+            def timed_tracked(system_metrics: bool):
                 with process.environment(system_metrics):
-                    return _timed(lambda: fit_tracked(config, dataset))
+                    return _timed(lambda: tracked_fit(config, dataset))
 
-            tracked_fit(True)  # warm-up: creates the store's tables, imports MLflow's model flavours and psutil
+            timed_tracked(True)  # warm-up: creates the store's tables, imports MLflow's model flavours and psutil
             res = alternate(max(2, plan.rounds - 1), {
                 "untracked": lambda: _timed(lambda: train.fit(config, dataset)),
-                "tracked": lambda: tracked_fit(True),  # what a run logs by default
-                "tracked, no system metrics": lambda: tracked_fit(False),
+                "tracked": lambda: timed_tracked(True),  # what a run logs by default
+                "tracked, no system metrics": lambda: timed_tracked(False),
             })
         finally:
             os.chdir(cwd)
@@ -255,34 +255,30 @@ def _temp_store():
 
 
 def grid_jobs(plan: BenchPlan, device: str, report) -> dict:
-    """Wall time of the report's 18-config grid (1 epoch, a subset) with --jobs 1 and --jobs N."""
-    import mlflow
-
+    """Wall time of the report's grid (1 epoch, a subset; its first `grid_points` configs) with --jobs 1 and
+    --jobs N, each on a fresh store (nothing to resume)."""
     from .studies import grid as grid_mod
     from .studies import sweep
-    from .tracking import connection
+    from .studies.storage import quiet_optuna
     from .tracking.experiment import use_experiment
 
+    quiet_optuna()
     g = grid_mod.load_grid()
     configs = g.configs(epochs=1, subset=plan.grid_subset, device=device, seeds=(0,))[: plan.grid_points or None]
     dataset = data_mod.load(subset=plan.grid_subset)
     times = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        previous = mlflow.get_tracking_uri()
-        cwd = os.getcwd()
-        os.chdir(tmp)
-        try:
-            for jobs in (1, plan.jobs, 1, plan.jobs)[: 2 if plan.rounds <= 3 else 4]:
-                store = f"sqlite:///{tmp}/jobs{jobs}-{sum(map(len, times.values()))}"  # fresh: nothing to resume
-                connection.use_uri(f"{store}.db")
+    for jobs in (1, plan.jobs, 1, plan.jobs)[: 2 if plan.rounds <= 3 else 4]:
+        with _temp_store() as tmp:
+            cwd = os.getcwd()
+            os.chdir(tmp)  # artifacts land in the temp dir's ./mlruns
+            try:
                 experiment_id = use_experiment("bench")
                 started = time.perf_counter()
                 sweep.run_sweep(g, configs, dataset, experiment_id=experiment_id, jobs=jobs,
-                                storage_url=f"{store}-optuna.db")
+                                storage_url=f"sqlite:///{tmp}/optuna.db")
                 times.setdefault(jobs, []).append(time.perf_counter() - started)
-        finally:
-            os.chdir(cwd)
-            connection.use_uri(previous)
+            finally:
+                os.chdir(cwd)
     one, many = statistics.median(times[1]), statistics.median(times[plan.jobs])
     report(f"grid ({len(configs)} configs, 1 epoch, {plan.grid_subset:,} images): --jobs 1 {one:.1f} s, --jobs {plan.jobs} "
            f"{many:.1f} s: {one / many:.2f}x")

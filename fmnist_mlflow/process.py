@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import sys
-import warnings
 from typing import Iterator, Optional
 
 # Bounded HTTP retries to the tracking server: MLflow's defaults (7 retries, backoff factor 2, 120 s
@@ -55,16 +54,6 @@ def quiet_libraries() -> None:
     # MLflow's SQL store logs a traceback for every failed database operation before raising it (a full disk
     # printed ~600 lines, 15 tracebacks); the error is raised all the same, and the CLI says it in one line.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-
-
-def quiet_optuna() -> None:
-    """For the commands that use Optuna (after it is imported: its logger is configured on import). Optuna
-    logs each failed trial as a warning with its traceback; the run's failure reason and the CLI's one-line
-    error already say what happened. Its heartbeats and retry callback are marked experimental."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ py=.venv/bin/python
 
 "$py" -c 'import torch; ok = torch.cuda.is_available()
 print("torch", torch.__version__, "| CUDA:", torch.cuda.get_device_name(0) if ok else "none")
-from fmnist_mlflow import hardware
+from fmnist_mlflow.training import hardware
 print(hardware.describe("cuda" if ok else "cpu"))'
 
 "$py" -m pytest -q -p no:logging -rs tests/test_speed.py tests/test_train.py \

@@ -25,7 +25,7 @@ import torch
 
 from fmnist_mlflow.training import data
 from fmnist_mlflow.training import scoring
-from fmnist_mlflow.tracking import models as logged_models
+from fmnist_mlflow.tracking import logged_models
 from fmnist_mlflow.tracking import registry
 from fmnist_mlflow import schema
 from fmnist_mlflow.results import stats
@@ -39,7 +39,7 @@ CONFIG_KEYS = ("model", "loss", "optimizer", "lr", "momentum", "dropout", "batch
 
 
 def newest(kind: str, tag: str) -> str:
-    experiment = experiments.experiment_id("fmnist")
+    experiment = experiments.find_experiment("fmnist")
     found = [r for r in queries.find_runs([experiment], {schema.TAG_KIND: kind}) if tag in r.data.tags]
     if not found:
         sys.exit(f"no {kind} parent run with tag {tag}")

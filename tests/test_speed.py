@@ -14,7 +14,7 @@ from fmnist_mlflow import bench
 from fmnist_mlflow.cli import main as cli
 from fmnist_mlflow.studies import grid
 from fmnist_mlflow.training import hardware
-from fmnist_mlflow.tracking import models as logged_models
+from fmnist_mlflow.tracking import logged_models
 from fmnist_mlflow.training.config import ConfigError, RunConfig
 
 

@@ -98,7 +98,7 @@ def test_store_problems_are_one_line_each(store, tmp_path):
         result = CliRunner().invoke(cli.main, args)
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
-    mlflow.MlflowClient().delete_experiment(experiments.experiment_id("fmnist"))
+    mlflow.MlflowClient().delete_experiment(experiments.find_experiment("fmnist"))
     result = CliRunner().invoke(cli.main, [*TRAIN, "--subset", "300"])
     assert result.exit_code == 1 and "deleted" in result.output.lower() and len(result.output.strip().splitlines()) == 1
     corrupt = tmp_path / "corrupt"

@@ -23,7 +23,7 @@ def use_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
-def store_errors() -> tuple:
+def loaded_store_errors() -> tuple:
     """The exception classes of the tracking and Optuna stores that were imported: an error cannot come from
     a library that was never imported, so a usage error answers before MLflow (seconds) is loaded."""
     where = (("mlflow.exceptions", "MlflowException"), ("requests", "RequestException"),
@@ -56,14 +56,16 @@ def described(exc: Exception) -> Optional[str]:
     """One line for a store or file-system error, raised as it is or behind another library's error (Optuna,
     failing to record a failed trial on a full disk, ends in an AssertionError whose context is the
     store's); None for any other error."""
-    chain, stores = exception_chain(exc), store_errors()
+    chain, stores = exception_chain(exc), loaded_store_errors()
     found = next((e for e in chain if isinstance(e, stores + (OSError,))), None)
     if found is None:
         return None
+    if not isinstance(found, stores):  # a file-system error
+        from ..errors import describe_os_error
+
+        return describe_os_error(found)
     from ..tracking import connection
 
-    if not isinstance(found, stores):  # a file-system error
-        return connection.describe_os_error(found)
     optuna_store = any(type(e).__name__ == "StorageInternalError" for e in chain)
     return connection.describe_failure(found, "the Optuna storage" if optuna_store else None)
 

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..studies.space import brief_params
 from ..training import config as cfg
 
 if TYPE_CHECKING:  # torch stays out of `fmnist --help`
@@ -84,6 +83,8 @@ def trial_ended(total: int, metric: str):
     """A line per ended trial, with how many of `total` are done and an estimate of the time left."""
     import time
 
+    from ..studies.space import brief_params
+
     started, done = time.monotonic(), []
 
     def on_trial_end(t) -> None:
@@ -101,6 +102,8 @@ def trial_ended(total: int, metric: str):
 
 
 def search_opened(shared, storage: str, uri: str) -> None:
+    from ..studies.space import brief_params
+
     from ..urls import redact
 
     space = shared.plan.space
@@ -115,6 +118,8 @@ def search_opened(shared, storage: str, uri: str) -> None:
 
 
 def search_summary(summary, metric: str) -> None:
+    from ..studies.space import brief_params
+
     click.echo(f"{summary.trials} trials in the study: {summary.states}; epochs run {summary.epochs_run}, "
                f"saved by pruning {summary.epochs_saved}"
                + (f"; {summary.retried} retried after their worker was lost" if summary.retried else ""))

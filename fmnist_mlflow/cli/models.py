@@ -84,26 +84,25 @@ def predict(model_uri, top_k, as_json, inputs) -> None:
     """
     import json
 
-    from ..tracking import connection
-    from ..tracking import models as model_store
-    from ..training import inputs as predict_mod
+    from ..tracking import connection, logged_models
     from ..training.data import CLASS_NAMES
+    from ..training.inputs import InputError
 
     if model_uri.startswith(("models:", "runs:")):
         connection.check_reachable()  # a registry lookup: fail in seconds if the tracking store is not there
     try:
-        model = model_store.load_pyfunc(model_uri)
+        model = logged_models.load_pyfunc(model_uri)
     except Exception as exc:  # MLflow raises several kinds for a bad URI; what it says comes first
-        missing = model_store.missing_alias(model_uri)
+        missing = logged_models.missing_alias(model_uri)
         raise click.ClickException(f"cannot load model {model_uri}: {missing or str(exc).splitlines()[0]}") from None
     names = (model.metadata.metadata or {}).get("class_names", list(CLASS_NAMES))
     # which model answers: an alias moves, so say the version it points at now (stderr with --json)
-    click.echo(f"model: {model_store.describe_uri(model_uri)}", err=as_json)
+    click.echo(f"model: {logged_models.describe_uri(model_uri)}", err=as_json)
     results, failed = [], 0
     for path in inputs:
         try:
-            answers = predict_mod.classify(model, path, top_k, names)
-        except predict_mod.InputError as exc:
+            answers = logged_models.classify(model, path, top_k, names)
+        except InputError as exc:
             failed += 1
             click.echo(f"error: {exc}", err=True)
             continue

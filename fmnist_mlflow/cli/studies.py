@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from .. import process
 from ..studies.pruners import CATALOGUE, PRUNERS
 from ..studies.space import SAMPLERS
 from ..training import config as cfg
@@ -64,7 +63,7 @@ def sweep(grid_file, select, seeds, race, device, precision, threads, jobs, stor
     from ..training import data as data_mod
     from ..training import hardware
 
-    process.quiet_optuna()
+    storage.quiet_optuna()
     use_threads(threads)
     storage.heartbeat_interval()  # a bad $FMNIST_HEARTBEAT_S: one line before any store is touched
     uri = connection.check_reachable()
@@ -154,7 +153,7 @@ def search(trials, timeout, storage_url, study_name, space_file, sampler, pruner
     from ..training import data as data_mod
     from ..training import hardware
 
-    process.quiet_optuna()
+    storage.quiet_optuna()
     settings = search_mod.SearchSettings(epochs, subset, checked.device, checked.precision)
     plan = search_mod.Search(study_name or space.name, space, settings, sampler, pruner, seed)
     use_threads(threads)

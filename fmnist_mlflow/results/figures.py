@@ -72,7 +72,7 @@ def sweep_curves(histories: dict) -> Figure:
 
 
 def accuracy_bars(configs: list) -> Figure:
-    """Validation accuracy per config (summary.ConfigRow): the seed mean, with its 95% interval when
+    """Validation accuracy per config (seeds.ConfigRow): the seed mean, with its 95% interval when
     there are several seeds."""
     configs = sorted(configs, key=lambda c: c.val_accuracy.mean)
     fig = Figure(figsize=(8, 0.35 * len(configs) + 1.5))

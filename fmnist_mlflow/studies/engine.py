@@ -7,16 +7,13 @@ machines) that share the storage and the tracking server work on one study and l
 whose id lives in the study. The process that creates the study (Optuna's `create_study` lets one win)
 checks nothing is there, creates the parent run and queues the study's first trials; the others wait until
 the study names its parent. Trials are taken from Optuna's queue of waiting trials (`enqueue_trial`) or,
-with the queue empty, from the sampler. Every running trial beats every `heartbeat_interval()` seconds; a
-trial silent for GRACE_FACTOR beats (its worker killed with SIGKILL, out of memory, its machine gone) is
-failed by another worker, its MLflow run ended KILLED with the reason, and its params queued once more
-(Optuna's `RetryHeartbeatStaleTrialCallback`). A worker with nothing left to start stays while other
-trials run, to notice such a loss and run the retry, so that the last worker standing finishes the study.
+with the queue empty, from the sampler. A trial whose worker is lost is failed and queued again by another
+(its heartbeats: `storage`); a worker with nothing left to start stays while other trials run, to notice
+such a loss and run the retry, so that the last worker standing finishes the study.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -30,17 +27,15 @@ from ..schema import (ATTR_HOLDS, ATTR_PARENT, ATTR_RULES, KIND_LAUNCHER, KIND_S
                       TAG_PARENT, TAG_STUDY, TAG_TRIAL)
 from ..tracking.connection import tracking_uri
 from ..tracking.launcher import inside_mlflow_run
-from ..tracking.queries import child_runs, find_run
+from ..tracking.queries import child_runs
 from ..tracking.runs import create_run, end_run_as
 from ..tracking.runs import run as open_run
 from ..urls import redact
 from . import workers
-from .storage import StorageError, heartbeat_interval, open_storage, retried, study_tag
+from .storage import (WAIT_POLL_S, StorageError, check_parent, check_rules, delete_half_made, heartbeat_interval, open_storage,
+                      retried, study_tag, wait_until_ready)
 from .workers import Budget
 
-log = logging.getLogger(__name__)
-READY_TIMEOUT_S = 120  # how long a worker waits for the creator of a new study to name its parent run
-WAIT_POLL_S = 1.0  # how often a waiting worker looks whether the study is ready, or the others' trials ended
 ORPHAN_REASON = ("orphaned: found RUNNING when its study resumed, with its trial already ended (its process "
                  "lost the tracking server, or was killed before heartbeats could tell)")
 
@@ -295,49 +290,6 @@ def run_job(job: Job) -> None:
     shared.work(job.plan.objective(shared, data, hooks), budget=job.budget, timeout=job.timeout, hooks=hooks)
 
 
-def wait_until_ready(study: optuna.Study, where: str) -> str:
-    """The parent run of a study another worker has just created, once that worker has named it."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
-        parent = study.user_attrs.get(ATTR_PARENT)  # read from the storage on every call
-        if parent:
-            return parent
-        if time.monotonic() > deadline:
-            raise StorageError(f"{where} names no parent run {READY_TIMEOUT_S} s after it was created: the worker "
-                               "that created it did not finish setting it up; delete the study or give another --study")
-        time.sleep(WAIT_POLL_S)
-
-
-def check_rules(study: optuna.Study, rules: dict, where: str) -> None:
-    """A study resumed or joined must be judged by the rules it was started with (a pruner, a sampler,
-    racing): a study half pruned by one rule and half by another answers neither. A study from before the
-    rules were recorded takes this command's."""
-    held = study.user_attrs.get(ATTR_RULES)
-    if held is None:
-        study.set_user_attr(ATTR_RULES, rules)
-        return
-    differ = [k for k in sorted(set(held) | set(rules)) if held.get(k) != rules.get(k)]
-    if differ:
-        was = ", ".join(f"--{k} {held.get(k)}" for k in differ)
-        now = ", ".join(f"--{k} {rules.get(k)}" for k in differ)
-        raise StorageError(f"{where} runs with {was}; this command asks {now}: every worker and every resume of a "
-                           f"study uses its rules (give {was}, or another --study)")
-
-
-def check_parent(study: optuna.Study, parent: str, experiment_id: str) -> None:
-    """The study's parent must be in this tracking store and experiment: workers pointed at another store
-    (or a kept optuna.db beside a new mlflow.db) would otherwise log children under a run nobody sees."""
-    found = find_run(parent)
-    where = f"study {study.study_name!r} logs under MLflow run {parent}"
-    if found is None or found.info.lifecycle_stage == "deleted":
-        raise StorageError(f"{where}, which the tracking store {redact(tracking_uri())} does not have "
-                           "(a new tracking store beside an old optuna.db?); give another --study or --storage, or "
-                           "delete the study")
-    if found.info.experiment_id != experiment_id:
-        raise StorageError(f"{where} in experiment {found.info.experiment_id}, not this one ({experiment_id}); "
-                           "give another --study or --experiment")
-
-
 def wait_while_running(study: optuna.Study, seconds: float) -> None:
     """Sleep up to `seconds`, returning as soon as no trial of the study is RUNNING: the last trial of a
     sweep usually ends well before a heartbeat interval, and the waiting worker (and its command) should
@@ -351,13 +303,3 @@ def wait_while_running(study: optuna.Study, seconds: float) -> None:
 
 def retry_waiting(study: optuna.Study) -> bool:
     return any(retried(t) is not None for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-
-
-def delete_half_made(study_name: str, storage) -> None:
-    """Delete a study whose start failed; when the storage itself is what failed, say so and leave it (the
-    error being raised names the cause)."""
-    try:
-        optuna.delete_study(study_name=study_name, storage=storage)
-    except (KeyError, optuna.exceptions.StorageInternalError, OSError) as exc:
-        log.warning("could not delete the half-made study %r (%s): delete it, or give another --study",
-                    study_name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -35,7 +35,7 @@ class Grid:
     epochs: int
     seeds: tuple  # training seeds: every config runs once per seed
     source: str  # the file it was read from
-    seed_sd: Optional[float] = None  # prior seed-to-seed sd of the selection metric, for racing (see `race`)
+    seed_sd: Optional[float] = None  # prior seed-to-seed sd of the selection metric, for racing (see `results.stats.race_verdict`)
 
     def configs(self, epochs: int | None = None, subset: int = 0, device: str = "auto", precision: str = "auto",
                 seeds: tuple | None = None) -> list:

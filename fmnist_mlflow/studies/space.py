@@ -140,7 +140,7 @@ class Space:
     lr: dict  # optimizer -> Range
     source: str
     start_points: tuple = ()  # Optuna params dicts enqueued first on a new study
-    # prior seed-to-seed sd of the metric at the search's own size, for racing in confirm (see `race`); not
+    # prior seed-to-seed sd of the metric at the search's own size, for racing in confirm (see `results.stats.race_verdict`); not
     # part of the digest: it says how noisy a trial is, not what the space searches
     seed_sd: Optional[float] = None
 

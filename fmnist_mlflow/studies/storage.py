@@ -1,5 +1,6 @@
 """The Optuna storage a study lives in, as every worker opens it: a database (sqlite, PostgreSQL, MySQL)
-with heartbeats and lost-worker recovery, or a journal file without them.
+with heartbeats and lost-worker recovery, or a journal file without them; and what a worker checks of a
+study another made (ready, its rules, its parent run in this tracking store).
 
 Every running trial beats every `heartbeat_interval()` seconds (Optuna's `RDBStorage(heartbeat_interval,
 grace_period, heartbeat_stale_trial_callback)`); a trial silent for GRACE_FACTOR beats (its worker killed with
@@ -11,17 +12,24 @@ MLflow run ended KILLED with the reason, and its params queued once more (Optuna
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import time
 from typing import Optional
 
 import optuna
 
 from ..errors import FmnistError
 from ..retry import on_race
-from ..schema import ATTR_RUN, TAG_STATE
+from ..schema import ATTR_PARENT, ATTR_RULES, ATTR_RUN, TAG_STATE
+from ..tracking.connection import tracking_uri
+from ..tracking.queries import find_run
 from ..tracking.runs import end_run_as
 from ..urls import redact, scrub, storage_problem
 
+log = logging.getLogger(__name__)
+READY_TIMEOUT_S = 120  # how long a worker waits for the creator of a new study to name its parent run
+WAIT_POLL_S = 1.0  # how often a waiting worker looks whether the study is ready
 HEARTBEAT_S = 30
 GRACE_FACTOR = 3  # beats a trial may miss before it counts as lost (a busy database can delay one)
 LOST_REASON = "worker lost: no heartbeat from the process running this trial (killed, or its machine gone)"
@@ -29,6 +37,16 @@ LOST_REASON = "worker lost: no heartbeat from the process running this trial (ki
 
 class StorageError(FmnistError, RuntimeError):
     """The Optuna storage or study cannot be used; the message names it (password hidden)."""
+
+
+def quiet_optuna() -> None:
+    """For the processes that use Optuna, at their boundary (the study commands, each worker): Optuna logs
+    each failed trial as a warning with its traceback, which the run's failure reason and the CLI's one-line
+    error already say; its heartbeats and retry callback are marked experimental."""
+    import warnings
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def heartbeat_interval() -> int:
@@ -118,3 +136,55 @@ def retried(trial) -> Optional[int]:
     """The number of the trial this one redoes after its worker was lost, or None."""
     return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
 
+
+def wait_until_ready(study: optuna.Study, where: str) -> str:
+    """The parent run of a study another worker has just created, once that worker has named it."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        parent = study.user_attrs.get(ATTR_PARENT)  # read from the storage on every call
+        if parent:
+            return parent
+        if time.monotonic() > deadline:
+            raise StorageError(f"{where} names no parent run {READY_TIMEOUT_S} s after it was created: the worker "
+                               "that created it did not finish setting it up; delete the study or give another --study")
+        time.sleep(WAIT_POLL_S)
+
+
+def check_rules(study: optuna.Study, rules: dict, where: str) -> None:
+    """A study resumed or joined must be judged by the rules it was started with (a pruner, a sampler,
+    racing): a study half pruned by one rule and half by another answers neither. A study from before the
+    rules were recorded takes this command's."""
+    held = study.user_attrs.get(ATTR_RULES)
+    if held is None:
+        study.set_user_attr(ATTR_RULES, rules)
+        return
+    differ = [k for k in sorted(set(held) | set(rules)) if held.get(k) != rules.get(k)]
+    if differ:
+        was = ", ".join(f"--{k} {held.get(k)}" for k in differ)
+        now = ", ".join(f"--{k} {rules.get(k)}" for k in differ)
+        raise StorageError(f"{where} runs with {was}; this command asks {now}: every worker and every resume of a "
+                           f"study uses its rules (give {was}, or another --study)")
+
+
+def check_parent(study: optuna.Study, parent: str, experiment_id: str) -> None:
+    """The study's parent must be in this tracking store and experiment: workers pointed at another store
+    (or a kept optuna.db beside a new mlflow.db) would otherwise log children under a run nobody sees."""
+    found = find_run(parent)
+    where = f"study {study.study_name!r} logs under MLflow run {parent}"
+    if found is None or found.info.lifecycle_stage == "deleted":
+        raise StorageError(f"{where}, which the tracking store {redact(tracking_uri())} does not have "
+                           "(a new tracking store beside an old optuna.db?); give another --study or --storage, or "
+                           "delete the study")
+    if found.info.experiment_id != experiment_id:
+        raise StorageError(f"{where} in experiment {found.info.experiment_id}, not this one ({experiment_id}); "
+                           "give another --study or --experiment")
+
+
+def delete_half_made(study_name: str, storage) -> None:
+    """Delete a study whose start failed; when the storage itself is what failed, say so and leave it (the
+    error being raised names the cause)."""
+    try:
+        optuna.delete_study(study_name=study_name, storage=storage)
+    except (KeyError, optuna.exceptions.StorageInternalError, OSError) as exc:
+        log.warning("could not delete the half-made study %r (%s): delete it, or give another --study",
+                    study_name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

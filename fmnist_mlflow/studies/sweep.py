@@ -166,7 +166,7 @@ class Sweep:
     def objective(self, shared: SharedStudy, data: Dataset, hooks: Hooks):
         ordered = grid_order(list(self.configs))
         by_point = {(c.run_name, c.seed): c for c in ordered}
-        names, seeds = list(dict.fromkeys(c.run_name for c in ordered)), sorted({c.seed for c in ordered})
+        names, seed_values = list(dict.fromkeys(c.run_name for c in ordered)), sorted({c.seed for c in ordered})
         todo = len(shared.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
         started, ran = time.monotonic(), [0]
 
@@ -174,7 +174,7 @@ class Sweep:
             if ATTR_POINT not in trial.user_attrs:  # not from the queue: the sampler's, as the queue ran dry
                 trial.set_user_attr(ATTR_NO_POINT, NO_POINT)
                 raise optuna.TrialPruned(NO_POINT)
-            config = by_point[(trial.suggest_categorical("config", names), trial.suggest_categorical("seed", seeds))]
+            config = by_point[(trial.suggest_categorical("config", names), trial.suggest_categorical("seed", seed_values))]
             why = self.raced_out(shared.study, config)
             if why:
                 trial.set_user_attr(ATTR_RACED_OUT, why)
@@ -219,8 +219,8 @@ class Sweep:
 
 
 def requeue(trial: optuna.Trial) -> None:
-    """Queue a stopped trial's point again; when the storage is what failed, say so and leave the point to
-    the heartbeats."""
+    """Queue a stopped trial's point again. When the storage is what failed, the point is left to the
+    heartbeats (another worker fails its trial and retries it) and the command's own error names the failure."""
     try:
         trial.study.enqueue_trial(trial.params, user_attrs={ATTR_POINT: trial.user_attrs[ATTR_POINT],
                                                             ATTR_REQUEUED: trial.number})

@@ -28,7 +28,9 @@ def _main(target: Callable, tracking_uri: str, threads: int, args: tuple) -> Non
     torch.set_num_threads(threads)
     connection.use_uri(tracking_uri)
     process.quiet_libraries()
-    process.quiet_optuna()
+    from .storage import quiet_optuna
+
+    quiet_optuna()
     try:
         with process.sigterm_as_interrupt():
             target(*args)

@@ -10,7 +10,6 @@ the reason; a database must accept a connection. A new store's schema is created
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from urllib.parse import urlparse
 
 import mlflow
 
-from ..errors import FmnistError
+from ..errors import FULL_DISK_ADVICE, FmnistError
 from ..retry import on_race
 from ..urls import redact, scrub
 
@@ -179,10 +178,6 @@ def _check_database(uri: str) -> None:
         raise TrackingError(f"tracking store {redact(uri)} cannot be reached: {scrub(first, uri)}") from None
 
 
-FULL_DISK_ADVICE = ("What was logged before stays (params, the epochs' metrics); a run that could not be closed is "
-                    "ended FAILED by the next fmnist command on this experiment, once there is room.")
-
-
 def describe_failure(exc: BaseException, store: Optional[str] = None) -> str:
     """One line for an error raised while talking to a store (default: the tracking store)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -192,11 +187,3 @@ def describe_failure(exc: BaseException, store: Optional[str] = None) -> str:
     if "disk is full" in text or "No space left" in text:
         return f"{store} failed: its disk is full. {FULL_DISK_ADVICE}"
     return f"{store} failed: {scrub(text, tracking_uri())}"
-
-
-def describe_os_error(exc: OSError) -> str:
-    """One line for a file-system error (a full disk, a folder that cannot be written)."""
-    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-    if exc.errno == errno.ENOSPC:
-        return f"no space left on the device{where} while writing runs or artifacts. {FULL_DISK_ADVICE}"
-    return f"{exc.strerror or type(exc).__name__}{where}"

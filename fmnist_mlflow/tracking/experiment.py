@@ -44,7 +44,8 @@ def use_experiment(name: str, experiment_id: Optional[str] = None) -> str:
     return experiment.experiment_id
 
 
-def experiment_id(name: str) -> Optional[str]:
+def find_experiment(name: str) -> Optional[str]:
+    """The id of the experiment named `name`, or None."""
     experiment = mlflow.get_experiment_by_name(name)
     return experiment.experiment_id if experiment else None
 

@@ -16,7 +16,7 @@ from ..schema import KIND_TRAIN
 from ..training import train
 from ..training.config import RunConfig
 from ..training.data import Dataset
-from . import models, records
+from . import logged_models, records
 from .runs import run
 
 
@@ -70,7 +70,7 @@ def tracked_fit(
             if history:  # the curves so far help explain a failed or stopped run too
                 records.log_report(figures={"loss_curves.png": figures.run_curves(history, config.run_name)})
         final = history[-1]
-        model_uri = models.log_model(
+        model_uri = logged_models.log_model(
             result.model, {"config": config.to_params()}, name=config.run_name, params=config.to_params(),
             metrics={k: final[k] for k in ("val_accuracy", "val_nll", "val_loss")}, step=final["epoch"],
             dataset=datasets["validation"])

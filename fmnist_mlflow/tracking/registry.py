@@ -39,11 +39,10 @@ from ..schema import (KIND_CONFIRM, KIND_EVALUATION, KIND_SWEEP_CHILD, KIND_TRAI
                       VERSION_SOURCE_RUN)
 from ..training.config import better, pick_best
 from ..training.data import Split
-from . import models as model_store
+from . import logged_models as model_store
 from . import records
-from .connection import TrackingError
-from .experiment import experiment_id as find_experiment
-from .queries import child_runs, find_runs, get_run, run_params
+from .experiment import find_experiment
+from .queries import child_runs, find_run, find_runs, get_run, run_params
 from .runs import run as open_run
 
 MODEL_KINDS = (KIND_TRAIN, KIND_SWEEP_CHILD, KIND_TRIAL, KIND_CONFIRM)  # run kinds that log a model
@@ -164,7 +163,7 @@ def evaluate_once(run, test: Split, source: Optional[str] = None) -> dict:
         return {m: done.data.metrics[m] for m in TEST_METRICS}
     from ..training import scoring
     from ..training.data import locate
-    from ..training.inputs import model_input
+    from .logged_models import model_input
 
     logged = model_store.logged_model(run.info.run_id)
     model = model_store.load_pyfunc(model_store.model_uri(run.info.run_id))
@@ -239,14 +238,13 @@ def register(selection: Selection, test: Split, *, name: str, alias: str, select
 
 def held_value(version, select: str) -> float:
     """The alias holder's `select`, read from its runs (the seed mean where it was registered with seeds);
-    NaN when it has none, so that a holder without a finite value never blocks the alias."""
+    NaN when it has none (its runs deleted, or no such metric), so that a holder without a finite value never
+    blocks the alias. A store that fails to answer raises: that is no reason to move the alias."""
     ids = version.tags.get(VERSION_SEED_RUNS) or version.tags.get(VERSION_SOURCE_RUN) or version.run_id
     values = []
     for run_id in filter(None, ids.split(",")):
-        try:
-            value = get_run(run_id).data.metrics.get(select)
-        except TrackingError:
-            continue
+        found = find_run(run_id)
+        value = found.data.metrics.get(select) if found is not None else None
         if value is not None:
             values.append(value)
     return sum(values) / len(values) if values else math.nan

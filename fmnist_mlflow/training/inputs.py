@@ -1,4 +1,4 @@
-"""Classify images with any logged or registered model, through `mlflow.pyfunc` (no training code).
+"""Images and arrays read for a model (`fmnist predict`), and its logits turned into classes.
 
 Inputs: PNG/JPEG images (converted to 28x28 grayscale; a note says when one was resized) and `.npy`
 arrays of shape (28, 28), (N, 28, 28) or (N, 1, 28, 28): uint8, or numbers in [0, 255] (raw pixels) or [0, 1],
@@ -113,21 +113,3 @@ def top_k(probabilities: np.ndarray, k: int, class_names=CLASS_NAMES) -> list:
     order = np.argsort(-probabilities, axis=1)[:, :k]
     return [[{"class": class_names[j], "probability": float(row[j])} for j in idx]
             for row, idx in zip(probabilities, order)]
-
-
-def model_input(model, images: np.ndarray) -> np.ndarray:
-    """uint8 images as the loaded model's signature wants them: float32 0-255 (models logged since inputs
-    became float32), or uint8 (models logged before)."""
-    schema = model.metadata.get_input_schema()
-    dtype = schema.numpy_types()[0] if schema is not None and schema.is_tensor_spec() else np.float32
-    return images.astype(dtype, copy=False)
-
-
-def classify(model, path: str, k: int, class_names=CLASS_NAMES) -> list:
-    """The `k` most likely classes of every image in one input file, by a loaded model (`mlflow.pyfunc`):
-    one {"input": path or path[i], "note": ..., "top_k": [...]} per image; InputError if the file cannot be
-    read or the model refuses its pixels."""
-    batch = read_input(path)
-    probabilities = softmax(model.predict(model_input(model, batch.images)))
-    return [{"input": path if len(batch.images) == 1 else f"{path}[{i}]", "note": batch.note, "top_k": top}
-            for i, top in enumerate(top_k(probabilities, k, class_names))]

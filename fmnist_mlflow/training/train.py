@@ -30,7 +30,7 @@ NUM_CLASSES = 10
 
 
 class EpochMetrics(TypedDict):
-    """One epoch's metrics: what `fit` reports, MLflow logs (per step = epoch) and `tracking.history` reads back."""
+    """One epoch's metrics: what `fit` reports, MLflow logs (per step = epoch) and `tracking.queries.history` reads back."""
 
     epoch: int  # 1-based
     train_loss: float  # per-example mean of the trained loss, as measured during the epoch

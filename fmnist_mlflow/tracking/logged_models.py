@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..schema import VERSION_SOURCE_RUN
+from ..training import inputs
 from ..training.data import CLASS_NAMES
 from .queries import client
 
@@ -218,3 +219,21 @@ def model_tag_json(name: str, key: str) -> list:
 
 def append_model_tag_json(name: str, key: str, entry: dict) -> None:
     client().set_registered_model_tag(name, key, json.dumps(model_tag_json(name, key) + [entry]))
+
+
+def model_input(model, images: np.ndarray) -> np.ndarray:
+    """uint8 images as the loaded model's signature wants them: float32 0-255 (models logged since inputs
+    became float32), or uint8 (models logged before)."""
+    schema = model.metadata.get_input_schema()
+    dtype = schema.numpy_types()[0] if schema is not None and schema.is_tensor_spec() else np.float32
+    return images.astype(dtype, copy=False)
+
+
+def classify(model, path: str, k: int, class_names=CLASS_NAMES) -> list:
+    """The `k` most likely classes of every image in one input file, by a loaded model (`mlflow.pyfunc`):
+    one {"input": path or path[i], "note": ..., "top_k": [...]} per image; InputError if the file cannot be
+    read (the model's own words for pixels it refuses)."""
+    batch = inputs.read_input(path)
+    probabilities = inputs.softmax(model.predict(model_input(model, batch.images)))
+    return [{"input": path if len(batch.images) == 1 else f"{path}[{i}]", "note": batch.note, "top_k": top}
+            for i, top in enumerate(inputs.top_k(probabilities, k, class_names))]
