@@ -4,6 +4,10 @@ Resume, warm start, registry selection and recovery all find runs by these names
 break them silently, so each name is defined here once and imported everywhere else.
 """
 
+# Characters a name may not hold: experiment, study, grid and registered-model names are matched in MLflow
+# filter strings, where a quote, backtick or backslash would end or escape the literal.
+FILTER_UNSAFE = "'\"`\\"
+
 # --- run kinds (tag KIND) ---------------------------------------------------------------------------------
 KIND_TRAIN = "train"  # one config from `fmnist train`
 KIND_SWEEP = "sweep"  # a grid's parent run
@@ -54,6 +58,7 @@ TAG_BEST_TRIAL = "fmnist.best_trial"  # "true" on the run of a study's best tria
 # --- Optuna study and trial attributes ----------------------------------------------------------------------
 ATTR_PARENT = "mlflow_parent_run_id"  # study: the MLflow parent run every worker logs under (set last: ready)
 ATTR_HOLDS = "fmnist_holds"  # study: "grid <name> <digest>" or "space <name> <digest>": workers must agree
+ATTR_ANSWER = "answer"  # grid study: where its answer is (the seed-mean ranking on the parent run)
 ATTR_RULES = "fmnist_rules"  # study: how its trials are judged ({"pruner": .., "sampler": ..} or {"race": ..})
 ATTR_RUN = "mlflow_run_id"  # trial: its MLflow run
 ATTR_POINT = "point"  # queued trial of a grid: a readable name of its (config, seed)

@@ -161,6 +161,9 @@ def test_a_config_clearly_behind_is_raced_out_also_across_an_interrupted_seed_an
     assert children() == [("adam", "0", "FINISHED"), ("adam", "1", "FINISHED"), ("adam", "1", "KILLED"),
                           ("adam", "2", "FINISHED"), ("sgd", "0", "FINISHED")]
     trials = study(tmp_path).trials
+    # Optuna's dashboard names the value, and the study says where its answer is (not in its "best trial")
+    assert study(tmp_path).metric_names == ["val_accuracy"]
+    assert "seed mean of val_accuracy" in study(tmp_path).user_attrs[schema.ATTR_ANSWER]
     assert sorted(t.state.name for t in trials) == ["COMPLETE"] * 4 + ["FAIL"] + ["PRUNED"] * 2  # FAIL: the stopped one
     assert all(schema.ATTR_RACED_OUT in t.user_attrs and "behind the leader" in t.user_attrs[schema.ATTR_RACED_OUT]
                for t in trials if t.state.name == "PRUNED")

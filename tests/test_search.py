@@ -56,6 +56,8 @@ def test_tiny_search_end_to_end_then_resume(store, tmp_path):
     assert len(trials) == 3 and {t.info.status for t in trials} == {"FINISHED"}
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parent.info.run_id}
     assert sorted(int(t.data.tags[schema.TAG_TRIAL]) for t in trials) == [0, 1, 2]
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert study.metric_names == ["val_accuracy"]  # Optuna's dashboard names the value
     for t in trials:
         assert t.data.params["model"] == "model2" and t.data.tags[schema.TAG_STATE] == "COMPLETE"
         assert 0 <= float(t.data.params["dropout"]) <= 0.6 and "val_accuracy" in t.data.metrics

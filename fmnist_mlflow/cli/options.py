@@ -12,6 +12,7 @@ import functools
 
 import click
 
+from ..schema import FILTER_UNSAFE
 from ..training import config as cfg
 from ..urls import DEFAULT_STORAGE, storage_problem
 
@@ -74,7 +75,6 @@ def max_threads() -> int:
 # without / or :, aliases of letters, digits, _ and - (not `latest`, not v<digits>, at most 255 characters),
 # experiment names non-empty, at most 500 characters. Quotes and backslashes are refused too: these names are
 # matched in MLflow filter strings.
-FILTER_UNSAFE = "'\"`\\"
 ALIAS_RE = r"[\w\-]{1,255}"
 
 
@@ -216,7 +216,7 @@ def check_storage(ctx, param, url: str) -> str:
 
 
 def check_study_name(ctx, param, study_name: Optional[str]) -> Optional[str]:
-    if study_name is not None and (any(ch in study_name for ch in "'\"`\\") or not study_name.strip()):
+    if study_name is not None and (any(ch in study_name for ch in FILTER_UNSAFE) or not study_name.strip()):
         raise click.BadParameter(f"{study_name!r}: a study name may not be empty or contain quotes, backticks or "
                                  "backslashes (it is matched in MLflow filter strings)")
     return study_name

@@ -63,6 +63,7 @@ class Plan(Protocol):
     kind: str  # the parent run's kind (schema.KIND_SWEEP, KIND_SEARCH)
     name: str  # the parent run's name
     direction: str  # "maximize" or "minimize"
+    metric: str  # what a trial's value is (a key of training.config.SELECT), named in Optuna's dashboard
     catch: tuple  # exceptions that fail one trial, not the worker
 
     @property
@@ -138,6 +139,7 @@ class SharedStudy:
                                         sampler=sampler, pruner=pruner)
             try:
                 study.set_user_attr(ATTR_HOLDS, plan.holds)
+                study.set_metric_names([plan.metric])
                 study.set_user_attr(ATTR_RULES, plan.rules)
                 parent_id = create_run(plan.name, kind=plan.kind, tags={TAG_STUDY: study_tag(storage_url, study_name),
                                                 **plan.parent_tags()}, params=plan.parent_params(), experiment_id=experiment_id)

@@ -83,6 +83,10 @@ class Search:
         return self.space.direction
 
     @property
+    def metric(self) -> str:
+        return self.space.metric
+
+    @property
     def holds(self) -> str:
         return f"space {self.space.name} {self.space.digest()}, {self.settings.epochs} epochs, subset {self.settings.subset}"
 

@@ -14,6 +14,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
 
 from ..errors import FmnistError
+from ..schema import FILTER_UNSAFE
 from ..training.config import LOSSES, MODELS, OPTIMIZERS
 
 # experiments/grid.yaml and experiments/search.yaml, shipped inside the package (fmnist_mlflow/specs/ links
@@ -94,7 +95,7 @@ Loss = Literal[LOSSES]
 Optimizer = Literal[OPTIMIZERS]
 Finite = Annotated[float, AfterValidator(finite)]
 # A name that becomes a run name and is matched in MLflow filter strings.
-Name = Annotated[str, AfterValidator(lambda v: v if v.strip() and not set(v) & set("'\"`\\") else
+Name = Annotated[str, AfterValidator(lambda v: v if v.strip() and not set(v) & set(FILTER_UNSAFE) else
                                      _fail("may not be empty or contain quotes, backticks or backslashes (it names "
                                            "the parent run and is matched in MLflow filter strings)"))]
 

@@ -40,7 +40,7 @@ from ..tracking.queries import history as history_of
 from ..urls import DEFAULT_STORAGE
 from .engine import Hooks, SharedStudy
 from .grid import Grid, sweep_digest
-from ..schema import (ATTR_NO_POINT, ATTR_POINT, ATTR_RACED_OUT, ATTR_REQUEUED, ATTR_RUN, KIND_SWEEP,
+from ..schema import (ATTR_ANSWER, ATTR_NO_POINT, ATTR_PARENT, ATTR_POINT, ATTR_RACED_OUT, ATTR_REQUEUED, ATTR_RUN, KIND_SWEEP,
                      KIND_SWEEP_CHILD, TAG_BEST_GROUP, TAG_BEST_RUN, TAG_CONFIG_HASH, TAG_FAILED_CONFIGS, TAG_RACE,
                      TAG_RETRIED, TAG_SELECT, TAG_STUDY, TAG_SWEEP, TAG_TRIAL)
 
@@ -104,6 +104,10 @@ class Sweep:
         return direction(self.select)
 
     @property
+    def metric(self) -> str:
+        return self.select
+
+    @property
     def holds(self) -> str:
         return f"grid {self.grid.name} {sweep_digest(list(self.configs))}"
 
@@ -156,6 +160,10 @@ class Sweep:
     def fill(self, study: optuna.Study, experiment_id: str) -> int:
         """Queue every point of the new study, in grid order; returns how many."""
         ordered = grid_order(list(self.configs))
+        # what a reader of the study (Optuna's dashboard) should know: its "best trial" is one lucky seed
+        study.set_user_attr(ATTR_ANSWER, f"the configs ranked by their seed mean of {self.select}, with intervals and "
+                            "'=' marks: the description and summary.md of the MLflow parent run (user attribute "
+                            f"{ATTR_PARENT}); Optuna's best trial is the best single (config, seed), not the answer")
         for config in ordered:
             study.enqueue_trial(point(config), user_attrs={ATTR_POINT: label(config)})
         return len(ordered)
