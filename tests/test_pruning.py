@@ -162,6 +162,9 @@ def test_the_default_pruner_stops_a_trial_clearly_behind_and_its_run_ends_killed
     assert run.info.status == "KILLED" and run.data.tags[schema.TAG_STATE] == "PRUNED"
     assert f"pruned after epoch {stopped} " in run.data.tags[schema.TAG_FAILURE]
     assert f"trial {bad.number} PRUNED" in result.output and f"after epoch {stopped}" in result.output
+    # the replays of the other pruners see completed trials only, and the summary says so beside them
+    pruned = sum(t.state.name == "PRUNED" for t in study.trials)
+    assert f"the replays judge completed trials only: the {pruned} trial(s) this study's pruner stopped" in result.output
 
 
 def test_the_rung_pruner_judges_once_against_every_trial_that_got_there_pruned_ones_included():

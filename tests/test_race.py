@@ -175,6 +175,7 @@ def test_a_config_clearly_behind_is_raced_out_also_across_an_interrupted_seed_an
     assert "| 1 | model1-ce-adam | 3 |" in note and "Raced out" in note and "model1-ce-sgd after 1 seed(s)" in note
     md = mlflow.artifacts.load_text(f"runs:/{p.info.run_id}/summary.md")
     assert "raced out after 1 seed(s)" in md and "- model1-ce-sgd: after 1 seed(s)" in md
+    assert "the seed spread behind the first verdict: prior seed sd 1.00 points" in md
     assert "'=' marks the configs not shown worse than the best" in md
     assert "did not finish" not in result.output  # raced out is not a failure
     # the study was raced: resuming it without racing would mix two rules, and is refused in one line

@@ -2,6 +2,7 @@
 the confirm step of the search, the widened search space, and registering by the seed mean."""
 
 import math
+import re
 
 import mlflow
 import pytest
@@ -87,6 +88,13 @@ def test_aggregate_ranks_by_mean_and_marks_configs_indistinguishable_from_the_be
     assert "[88.03, 97.97]" in markdown  # 93 ± 4.302653 * 2 / sqrt(3) = 93 ± 4.97
     assert "51.00% ± 1.00 | [48.52, 53.48]" in markdown  # 51 ± 4.302653 * 1 / sqrt(3) = 51 ± 2.48
     assert "Indistinguishable from it at the 5% level: model1-ce-adam." in markdown
+    # several configs "=" to the best are listed by rank, not by name; a loss's interval never goes below 0
+    close_rows = rows_for({"adam": [0.91, 0.93, 0.95], "rmsprop": [0.92, 0.94, 0.96], "sgd": [0.93, 0.95, 0.97]})
+    close = seeds.aggregate(close_rows, "val_accuracy")
+    assert "Indistinguishable from it at the 5% level: model1-ce-rmsprop, model1-ce-adam." in report.to_markdown(
+        close_rows)
+    assert all(c.val_nll.ci95[0] >= 0 for c in close)
+    assert stats.estimate([0.02, 0.6], nonnegative=True).ci95[0] == 0.0 < stats.estimate([0.02, 0.6]).ci95[1]
     # by NLL (lower is better) the same data ranks the same way
     assert seeds.best(seeds.aggregate(rows, "val_nll")).optimizer == "sgd"
 
@@ -254,6 +262,7 @@ def test_confirm_reruns_the_best_trials_on_fresh_seeds_nested_and_names_the_cham
     champion_run = mlflow.get_run(parent.data.tags["fmnist.champion_run_id"])
     assert champion_run.data.tags[schema.TAG_CONFIG_GROUP] == best_group
     assert "**champion**" in result.output and "champion: trial" in result.output
+    assert re.search(r"\[confirm\] trial \d+ seed 2: val_accuracy \d+\.\d\d%", result.output)  # each run's figure
     assert "confirm.md" in {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
     # confirming again resumes: nothing is re-run
     again = CliRunner().invoke(cli.main, [*args[:args.index("--trials") + 1], "0", *args[args.index("--trials") + 2:]],

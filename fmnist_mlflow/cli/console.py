@@ -125,9 +125,20 @@ def search_summary(summary, metric: str) -> None:
                + (f"; {summary.retried} retried after their worker was lost" if summary.retried else ""))
     for r in summary.replays:
         click.echo(f"  replayed on the completed trials, the {r.pruner} pruner {r.line()}")
+    pruned = summary.states.get("PRUNED", 0)
+    if pruned and summary.replays:
+        click.echo(f"  (the replays judge completed trials only: the {pruned} trial(s) this study's pruner stopped "
+                   "have no whole curve to replay)")
     if summary.best:
         b = summary.best
         click.echo(f"best: trial {b['number']} {metric} {b['value']:.4f} {brief_params(b['params'])} (run {b['run_id']})")
+
+
+def confirm_ended(trial, config, result: dict) -> None:
+    """A confirm run's line once it ends: its validation accuracy (the contenders are ranked on these)."""
+    acc = result.get("val_accuracy")
+    value = f"val_accuracy {100 * acc:.2f}%" if acc is not None else result["status"]
+    click.echo(f"[confirm] trial {trial.number} seed {config.seed}: {value}")
 
 
 def confirm_started(n: int, total: int, trial, config) -> None:

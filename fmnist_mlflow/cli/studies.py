@@ -177,6 +177,7 @@ def search(trials, timeout, storage_url, study_name, space_file, sampler, pruner
         if completed < confirm_k:
             click.echo(f"note: --confirm {confirm_k}: the study has {completed} completed trial(s); confirming those")
         done = confirm.confirm(shared, dataset, k=confirm_k, seeds=confirm_seeds, race=race,
-                               on_start=console.confirm_started, on_raced=console.confirm_raced)
+                               on_start=console.confirm_started, on_raced=console.confirm_raced,
+                               on_end=console.confirm_ended)
         console.confirmed(done, space.metric)
     click.echo(f"view it: {links.run_link(shared.parent_id)}")

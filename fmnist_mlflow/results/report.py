@@ -60,7 +60,8 @@ def to_markdown(rows: list[RunRow], select: str = "val_accuracy", raced: Optiona
     out = [c for c in ranked(configs, select) if c.raced_out]
     if out:
         lines += ["", "Raced out (no more seeds: already shown worse than the leader; see `--race`):", ""]
-        lines += [f"- {c.name}: {c.raced_out}" for c in out]
+        lines += [f"- {c.name}: {c.raced_out.split('; ')[0]}" for c in out]
+        lines += ["", f"(the seed spread behind the first verdict: {out[0].raced_out.split('; ', 1)[1]})"] if "; " in out[0].raced_out else []
     by_key = {(c.model, c.loss, c.optimizer): c for c in configs}
     lines += ["", "Final training loss (mean over seeds), ours (report's) - the report's only column; CE and BCE are "
                   "not comparable:", "", "| model | loss | Adam | SGD | RMSprop |", "|---|---|---|---|---|"]
@@ -76,7 +77,7 @@ def to_markdown(rows: list[RunRow], select: str = "val_accuracy", raced: Optiona
         lines.append(f"| {model} | {LOSS_NAMES[loss]} | " + " | ".join(cells) + " |")
     winner = best(configs)
     if winner:
-        ties = [c.name for c in configs if c.same_as_best and not c.is_best]
+        ties = [c.name for c in ranked(configs, select) if c.same_as_best and not c.is_best]  # by rank
         tie_note = (f" Indistinguishable from it at the 5% level: {', '.join(ties)}." if ties
                     else " No other config is indistinguishable from it at the 5% level." if n_seeds >= 2 else "")
         lines += ["", f"Best by mean {select}: **{winner.name}** (val_accuracy "

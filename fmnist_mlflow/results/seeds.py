@@ -114,7 +114,7 @@ def aggregate(rows: list[RunRow], select: str = "val_accuracy", raced: Optional[
             optimizer=first["optimizer"], lr=first["lr"], group=group,
             runs=sum(r["status"] not in NOT_RUN for r in members), seeds=tuple(r["seed"] for r in done),
             val_accuracy=stats.estimate([r["val_accuracy"] for r in done], fraction=True) if done else None,
-            val_nll=stats.estimate([r["val_nll"] for r in done]) if done else None,
+            val_nll=stats.estimate([r["val_nll"] for r in done], nonnegative=True) if done else None,
             train_loss=sum(r["train_loss"] for r in done) / len(done) if done else None,
             train_seconds=sum(r["train_seconds"] for r in members),
             best_run_id=pick_best(done, select, key=lambda r: r[select])["run_id"] if done else "",

@@ -49,9 +49,10 @@ class Estimate:
         return {"n": self.n, "mean": self.mean, "std": self.std, "ci95": [low, high] if self.ci95 else None}
 
 
-def estimate(values: Sequence[float], fraction: bool = False) -> Estimate:
+def estimate(values: Sequence[float], fraction: bool = False, nonnegative: bool = False) -> Estimate:
     """n, mean, std and the 95% t-interval of the mean. `fraction`: the values are fractions (accuracies),
-    so the interval is clipped to [0, 1] (a t-interval over few seeds can reach past 100%)."""
+    so the interval is clipped to [0, 1] (a t-interval over few seeds can reach past 100%); `nonnegative`:
+    clipped at 0 (a loss: an interval over two seeds reached -0.3)."""
     v = np.asarray(values, dtype=float)
     if len(v) == 0:
         raise ValueError("no values to estimate from")
@@ -64,8 +65,10 @@ def estimate(values: Sequence[float], fraction: bool = False) -> Estimate:
     from scipy import stats
 
     low, high = stats.t.interval(CONFIDENCE, df=len(v) - 1, loc=mean, scale=std / math.sqrt(len(v)))
+    if fraction or nonnegative:
+        low = max(0.0, low)
     if fraction:
-        low, high = max(0.0, low), min(1.0, high)
+        high = min(1.0, high)
     return Estimate(len(v), mean, std, (float(low), float(high)))
 
 

@@ -68,9 +68,11 @@ def prior_sd(space: Space, settings) -> Optional[float]:
 
 
 def confirm(shared: SharedStudy, data: Dataset, *, k: int, seeds: tuple, race: bool = True,
-            on_start: Optional[Callable] = None, on_raced: Optional[Callable] = None) -> Confirmation:
+            on_start: Optional[Callable] = None, on_raced: Optional[Callable] = None,
+            on_end: Optional[Callable] = None) -> Confirmation:
     """Run the shortlist of a search's study on `seeds` under its parent, seed by seed, racing the
-    contenders unless `race` is False, and rank it by the seed mean of the study's metric."""
+    contenders unless `race` is False, and rank it by the seed mean of the study's metric. `on_start`
+    (n, total, trial, config) before a run, `on_end` (trial, config, its summary row) after it."""
     study, parent_id, space, settings = shared.study, shared.parent_id, shared.plan.space, shared.plan.settings
     trials = shortlist(study, k)
     plan = [(t, trial_config(space, t, settings, seed)) for seed in seeds for t in trials]
@@ -86,7 +88,7 @@ def confirm(shared: SharedStudy, data: Dataset, *, k: int, seeds: tuple, race: b
             if config.group in raced:
                 continue
             why = race_verdict(earlier[0], earlier[1], config.group, space.metric, prior_sd(space, settings),
-                                   names) if race else ""
+                               names) if race else ""
             if why:
                 raced[config.group] = why
                 if on_raced is not None:
@@ -98,13 +100,15 @@ def confirm(shared: SharedStudy, data: Dataset, *, k: int, seeds: tuple, race: b
                     on_start(n, len(plan), trial, config)
                 try:
                     result = tracked_fit(config, data, kind=KIND_CONFIRM, parent_run_id=parent_id,
-                                              tags={TAG_TRIAL: trial.number, TAG_STUDY: shared.tag})
+                                         tags={TAG_TRIAL: trial.number, TAG_STUDY: shared.tag})
                     status, history, run_id = "FINISHED", result.history, result.run_id
                 except train.DivergedError:
                     status, history, run_id = "FAILED", [], ""
             else:
                 status, history, run_id = "FINISHED", run_history(child.info.run_id), child.info.run_id
             rows.append(row(config, status, history, run_id))
+            if child is None and on_end is not None:
+                on_end(trial, config, rows[-1])
         configs = aggregate(rows, space.metric, raced)
         champion = best(configs)
         markdown = confirm_markdown(configs, trial_of, seeds, space.metric)
@@ -139,5 +143,6 @@ def confirm_markdown(configs: list, trial_of: dict, seeds: tuple, metric: str) -
     out = [c for c in ranked(configs, metric) if c.raced_out]
     if out:
         lines += ["", "Raced out (no more seeds):"]
-        lines += [f"- trial {trial_of[c.group].number}: {c.raced_out}" for c in out]
+        lines += [f"- trial {trial_of[c.group].number}: {c.raced_out.split('; ')[0]}" for c in out]
+        lines += ["", f"(the seed spread behind the first verdict: {out[0].raced_out.split('; ', 1)[1]})"] if "; " in out[0].raced_out else []
     return "\n".join(lines) + "\n"

@@ -297,7 +297,7 @@ def log_summary(result: SweepResult, select: str) -> None:
     metrics = {}
     if result.best:
         b = result.best
-        tied = [c.name for c in result.configs if c.same_as_best and not c.is_best]
+        tied = [c.name for c in seeds.ranked(result.configs, select) if c.same_as_best and not c.is_best]
         tags.update({TAG_BEST_RUN: b.best_run_id, "best_model": b.model, "best_loss": b.loss,
                      "best_optimizer": b.optimizer, "best_lr": str(b.lr), TAG_BEST_GROUP: b.group,
                      "best_n_seeds": str(len(b.seeds)), "best_indistinguishable": ", ".join(tied) or "none"})
