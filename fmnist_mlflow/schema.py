@@ -41,6 +41,8 @@ TAG_CHAMPION = "fmnist.champion_run_id"  # a search parent: the confirmed champi
 TAG_CHAMPION_TRIAL = "fmnist.champion_trial"
 TAG_CHAMPION_GROUP = "fmnist.champion_config_group"
 TAG_CONFIRM_SEEDS = "fmnist.confirm_seeds"  # a search parent: the seeds the champion was confirmed on
+TAG_CONFIRM_STUDY = "fmnist.confirm_study"  # a search parent: the confirm study whose finished answer it holds
+TAG_STOPPED = "fmnist.stopped_because"  # a search parent: why the study stopped itself (when it did)
 TAG_TRIALS = "fmnist.trials"  # a search parent: trials in the study (and fmnist.trials_<state> per state)
 TAG_PRUNER_REPLAY = "fmnist.pruner_replay"  # a search parent, + ".<pruner>": what that pruner would have stopped
 
@@ -52,12 +54,15 @@ TAG_ALIAS_HISTORY = "fmnist.alias_history"  # + ".<alias>": JSON list of the ali
 
 # --- tags on trials -----------------------------------------------------------------------------------------
 TAG_TRIAL = "fmnist.trial"  # the Optuna trial number
+TAG_CONFIRMS = "fmnist.confirms_trial"  # a confirm run: the search trial whose config it re-runs
 TAG_STATE = "fmnist.trial_state"  # the Optuna state: COMPLETE, PRUNED or FAIL
 TAG_BEST_TRIAL = "fmnist.best_trial"  # "true" on the run of a study's best trial
 
 # --- Optuna study and trial attributes ----------------------------------------------------------------------
 ATTR_PARENT = "mlflow_parent_run_id"  # study: the MLflow parent run every worker logs under (set last: ready)
 ATTR_HOLDS = "fmnist_holds"  # study: "grid <name> <digest>" or "space <name> <digest>": workers must agree
+ATTR_CHAMPION = "champion"  # search study: the config its confirm named champion (trial, group, run, mean, seeds)
+ATTR_STOPPED = "stopped_because"  # search study: why it stopped itself (studies.stopping)
 ATTR_ANSWER = "answer"  # grid study: where its answer is (the seed-mean ranking on the parent run)
 ATTR_RULES = "fmnist_rules"  # study: how its trials are judged ({"pruner": .., "sampler": ..} or {"race": ..})
 ATTR_RUN = "mlflow_run_id"  # trial: its MLflow run

@@ -106,7 +106,7 @@ def test_confirm_races_a_contender_clearly_behind_and_a_resume_does_not_run_it(s
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     good, bad = (t.number for t in sorted(study.trials, key=lambda t: t.params["optimizer"]))  # adam, sgd
     runs = confirm_runs()
-    seeds = {n: sorted(int(r.data.params["seed"]) for r in runs if r.data.tags[schema.TAG_TRIAL] == str(n))
+    seeds = {n: sorted(int(r.data.params["seed"]) for r in runs if r.data.tags[schema.TAG_CONFIRMS] == str(n))
              for n in (good, bad)}
     # the smoke size has no prior: two seeds each measure the spread, then the contender behind is out
     assert seeds == {good: [1, 2, 3], bad: [1, 2]}
@@ -120,12 +120,12 @@ def test_confirm_races_a_contender_clearly_behind_and_a_resume_does_not_run_it(s
 
     again = CliRunner().invoke(cli.main, [*common, "--trials", "0"], catch_exceptions=False)
     assert again.exit_code == 0, again.output
-    assert len(confirm_runs()) == 5 and "[confirm " not in again.output.replace("[confirm] ", "")
-    assert f"trial {bad} seed 3: raced out, not run" in again.output
+    assert len(confirm_runs()) == 5 and "[confirm" not in again.output  # the confirm study is done
+    assert f"- trial {bad}: after 2 seed(s)" in again.output
 
-    every = CliRunner().invoke(cli.main, [*common, "--trials", "0", "--no-race"], catch_exceptions=False)
-    assert every.exit_code == 0, every.output
-    assert len(confirm_runs()) == 6  # without racing the contender behind gets its third seed
+    # the same confirm without racing would mix two rules in one ranking: refused in one line
+    every = CliRunner().invoke(cli.main, [*common, "--trials", "0", "--no-race"])
+    assert every.exit_code == 1 and "race" in every.output and len(confirm_runs()) == 5, every.output
 
 
 def test_the_space_files_seed_spread_counts_only_at_the_search_size():
@@ -185,9 +185,9 @@ def test_the_rung_pruner_judges_once_against_every_trial_that_got_there_pruned_o
 
     assert [run([v, 0.9]) for v in (0.80, 0.50, 0.60)] == [None, None, None]  # the first 3 are never judged
     assert run([0.55, 0.95]) == 1  # below the median (0.60) of the 3 before it: stopped after epoch 1
-    # the stopped trial counts: epoch-1 values 0.80, 0.50, 0.60, 0.55 -> the bar is the 2nd best, 0.60
-    assert run([0.60, 0.10]) is None  # at the bar goes on, and is never judged again, however it ends
-    assert run([0.59, 0.99]) == 1
+    # the stopped trial counts: epoch-1 values 0.80, 0.50, 0.60, 0.55 -> the median 0.575
+    assert run([0.58, 0.10]) is None  # above it goes on, and is never judged again, however it ends
+    assert run([0.57, 0.99]) == 1  # 0.80, 0.50, 0.60, 0.55, 0.58: the median 0.58
     minimize = optuna.create_study(direction="minimize", pruner=RungPruner(epoch=2, keep=0.5, n_startup=1))
     first = minimize.ask()
     first.report(0.3, 1), first.report(0.3, 2)
@@ -199,3 +199,24 @@ def test_the_rung_pruner_judges_once_against_every_trial_that_got_there_pruned_o
     assert second.should_prune()  # worse than the one before it at epoch 2, minimizing
     with pytest.raises(ValueError):
         RungPruner(epoch=0)
+
+
+@pytest.mark.parametrize("before, median", [
+    ((0.80, 0.70, 0.60, 0.50), 0.65),  # 4 earlier trials: the mean of the middle two
+    ((0.80, 0.70, 0.60, 0.55, 0.50), 0.60),  # 5: the middle one (the rule before was stricter: 0.70 here)
+    ((0.91, 0.90, 0.89, 0.88, 0.87, 0.86, 0.85, 0.84, 0.10), 0.87),  # 9, one far below: the 5th
+])
+def test_halve1_stops_below_the_median_of_the_trials_before_as_its_help_says(before, median):
+    """`--pruner halve1`: "stopped if below the median of every trial that reached epoch 1": a trial just
+    above the median goes on, one at it goes on, one just below is stopped."""
+    from fmnist_mlflow.studies import pruners
+
+    for value, stopped in ((median + 0.001, False), (median, False), (median - 0.001, True)):
+        study = optuna.create_study(direction="maximize", pruner=pruners.make("halve1", 10))
+        for v in before:
+            trial = study.ask()
+            trial.report(v, 1)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        trial = study.ask()
+        trial.report(value, 1)
+        assert trial.should_prune() is stopped, (value, median)

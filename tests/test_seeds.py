@@ -5,6 +5,7 @@ import math
 import re
 
 import mlflow
+import optuna
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -275,9 +276,13 @@ def test_confirm_reruns_the_best_trials_on_fresh_seeds_nested_and_names_the_cham
     registered = CliRunner().invoke(cli.main, ["register"], catch_exceptions=False)
     assert registered.exit_code == 0, registered.output
     version = mlflow.MlflowClient().get_model_version_by_alias("fmnist-cnn", "champion")
-    assert version.tags[schema.TAG_CONFIG_GROUP] in means
-    assert {"1", "2"} <= set(version.tags["seeds"].split(","))
-    assert "single-seed config(s) were left out" in registered.output  # the third trial had seed 0 only
+    # one champion: the confirm's, on its fresh seeds only (not the search's seed 0), in the parent, the
+    # version and the search study
+    assert version.tags[schema.TAG_CONFIG_GROUP] == best_group and version.tags["seeds"] == "1,2"
+    assert "the champion of the confirm of search wide (seeds 1,2" in version.description
+    assert "the newest confirmed search (wide) names the champion" in registered.output
+    study = optuna.load_study(study_name="wide", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert study.user_attrs["champion"]["config_group"] == best_group
     # asking to confirm more trials than completed says so, and confirms those it has
     more = CliRunner().invoke(cli.main, [*args[:args.index("--trials") + 1], "0", *args[args.index("--trials") + 2:],
                                          "--confirm", "9"], catch_exceptions=False)

@@ -96,17 +96,20 @@ def test_three_sweep_workers_share_one_grid_and_redo_a_sigkilled_workers_config(
     assert retries[0].user_attrs[schema.ATTR_RUN] != lost_run_id
 
 
-def test_three_search_workers_redo_a_sigkilled_workers_trial(mlflow_server, postgres_url, tmp_path):
+def test_three_search_workers_redo_a_sigkilled_workers_trial_then_share_the_confirm(mlflow_server, postgres_url, tmp_path):
+    """The search's trials, one worker SIGKILLed mid-trial; then the two left share the confirm's points (a
+    study of its own): every (contender, seed) runs once, and both name the same champion."""
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({
         "name": "shared", "fixed": {"model": "model1", "loss": "ce", "seed": 0},
         "search": {"optimizer": {"choices": ["adam", "rmsprop"]}, "lr": {"adam": {"low": 1e-3, "high": 3e-3},
                                                                               "rmsprop": {"low": 5e-4, "high": 2e-3}}}}))
     args = ["search", "--space", str(space), "--storage", postgres_url, "--trials", "2", "--epochs", "4",
-            "--subset", "3000", "--device", "cpu", "--threads", "1", "--pruner", "none"]
+            "--subset", "3000", "--device", "cpu", "--threads", "1", "--pruner", "none", "--confirm", "2", "--seeds", "2"]
     workers = start_workers(tmp_path, mlflow_server, args)
     lost_run_id = kill_one_mid_config(workers, schema.KIND_TRIAL)
-    runs = assert_recovered(lost_run_id, wait_all(workers), workers, tmp_path)
+    outputs = wait_all(workers)
+    runs = assert_recovered(lost_run_id, outputs, workers, tmp_path)
 
     study = optuna.load_study(study_name="shared", storage=postgres_url)
     (lost_trial,) = [t for t in study.trials if t.state.name == "FAIL"]
@@ -120,6 +123,18 @@ def test_three_search_workers_redo_a_sigkilled_workers_trial(mlflow_server, post
     assert parent.info.status == "FINISHED" and parent.data.tags[schema.TAG_RETRIED] == "1"
     assert study.user_attrs[schema.ATTR_PARENT] == parent.info.run_id
     assert queries.find_run(lost_run_id).data.tags[schema.TAG_STATE] == "FAIL"
+
+    # the confirm: 2 contenders x seeds 1, 2, each point run once, by both survivors
+    confirm_runs = [r for r in runs if r.data.tags.get(schema.TAG_KIND) == schema.KIND_CONFIRM]
+    points = [(r.data.tags[schema.TAG_CONFIG_GROUP], r.data.params["seed"]) for r in confirm_runs]
+    assert len(points) == len(set(points)) == 4 and {r.info.status for r in confirm_runs} == {"FINISHED"}, points
+    assert len({r.data.tags[schema.TAG_WORKER] for r in confirm_runs}) == 2  # shared, not done twice
+    champion = parent.data.tags[schema.TAG_CHAMPION_GROUP]
+    said = {line for o, w in zip(outputs, workers) if w.returncode == 0 for line in o.splitlines()
+            if line.startswith("champion: ")}
+    assert len(said) == 1 and study.user_attrs["champion"]["config_group"] == champion, said
+    (confirm_study,) = [n for n in optuna.get_all_study_names(postgres_url) if n.startswith("shared-confirm-")]
+    assert optuna.load_study(study_name=confirm_study, storage=postgres_url).user_attrs[schema.ATTR_PARENT] == parent.info.run_id
 
 
 def _claim_until_spent(budget, claimed, pause_s: float) -> None:

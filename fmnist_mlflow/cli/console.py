@@ -123,6 +123,8 @@ def search_summary(summary, metric: str) -> None:
     click.echo(f"{summary.trials} trials in the study: {summary.states}; epochs run {summary.epochs_run}, "
                f"saved by pruning {summary.epochs_saved}"
                + (f"; {summary.retried} retried after their worker was lost" if summary.retried else ""))
+    if summary.stopped:
+        click.echo(f"the study {summary.stopped} (--patience 0 goes on)")
     for r in summary.replays:
         click.echo(f"  replayed on the completed trials, the {r.pruner} pruner {r.line()}")
     pruned = summary.states.get("PRUNED", 0)
@@ -134,28 +136,41 @@ def search_summary(summary, metric: str) -> None:
         click.echo(f"best: trial {b['number']} {metric} {b['value']:.4f} {brief_params(b['params'])} (run {b['run_id']})")
 
 
-def confirm_ended(trial, config, result: dict) -> None:
-    """A confirm run's line once it ends: its validation accuracy (the contenders are ranked on these)."""
-    acc = result.get("val_accuracy")
-    value = f"val_accuracy {100 * acc:.2f}%" if acc is not None else result["status"]
-    click.echo(f"[confirm] trial {trial.number} seed {config.seed}: {value}")
+def confirm_opened(plan) -> None:
+    click.echo(f"confirm {plan.study_name}: {len(plan.contenders)} contender(s) x seeds {', '.join(map(str, plan.seeds))}: "
+               + "; ".join(c.title for c in plan.contenders))
 
 
-def confirm_started(n: int, total: int, trial, config) -> None:
-    click.echo(f"[confirm {n + 1}/{total}] trial {trial.number} seed {config.seed}")
+def confirm_started(k: int, n: int, config, elapsed: float, eta, label: str) -> None:
+    left = "" if eta is None else f", ~{duration(eta)} left"
+    click.echo(f"[confirm {k + 1}/{n}] {label} (elapsed {duration(elapsed)}{left})")
 
 
-def confirm_raced(trial, config, why: str) -> None:
-    click.echo(f"[confirm] trial {trial.number} seed {config.seed}: raced out, not run ({why.split(';')[0]})")
+def confirm_ended(metric: str):
+    """A confirm run's line once it ends: its metric (the contenders are ranked on these)."""
+    def on_trial_end(trial) -> None:
+        if trial.state.name == "PRUNED":
+            return  # raced out: said by confirm_raced
+        value = trial.state.name if trial.value is None else \
+            f"{metric} {100 * trial.value:.2f}%" if metric == "val_accuracy" else f"{metric} {trial.value:.4f}"
+        click.echo(f"[confirm] {trial.params.get('config')} seed {trial.params.get('seed')}: {value}")
+
+    return on_trial_end
+
+
+def confirm_raced(config, why: str, label: str) -> None:
+    click.echo(f"[confirm] {label}: raced out, not run ({why.split(';')[0]})")
 
 
 def confirmed(done, metric: str) -> None:
     from ..results.seeds import fmt_estimate
+    from ..studies.confirm import baselines_line
 
     click.echo("")
     click.echo(done.markdown)
     if done.champion:
         c = done.champion
         mean = fmt_estimate(getattr(c, metric), metric == "val_accuracy")[0]
-        click.echo(f"champion: trial {done.trial_of[c.group].number}, {metric} mean {mean} over seeds "
+        click.echo(f"champion: {done.champion_contender().title}, {metric} mean {mean} over seeds "
                    f"{', '.join(map(str, c.seeds))} (best seed run {c.best_run_id})")
+        click.echo(baselines_line(done))

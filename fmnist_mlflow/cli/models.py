@@ -36,15 +36,13 @@ def register(experiment, parent_run_id, run_id, select, name, alias, force, data
     connection.check_reachable()
     launched = launcher.release()  # the evaluation runs are new runs, nested under the seeds' runs
     # the narrowest scope given wins: one run, then one sweep/search, then the experiment
-    runs = registry.candidates(experiment=experiment or "fmnist", parent_run_id=parent_run_id or None,
-                               run_id=run_id or None)
-    chosen = registry.choose(runs, select)
+    chosen = registry.select_runs(select, experiment=experiment or "fmnist", parent_run_id=parent_run_id or None,
+                                  run_id=run_id or None)
     for note in chosen.notes:
         click.echo(f"note: {note}")
     run = chosen.pick
     seeds = len(chosen.runs)
-    click.echo(f"selected {run.data.tags.get(TAG_CONFIG_NAME, run.info.run_name)} among "
-               f"{chosen.considered} comparable config(s): {select} "
+    click.echo(f"selected {run.data.tags.get(TAG_CONFIG_NAME, run.info.run_name)}, {chosen.decided_by}: {select} "
                + (f"mean {chosen.value.mean:.4f} over {seeds} seeds; registering seed "
                   f"{run_params(run).get('seed')} ({run.info.run_id}), the best of them on {select}"
                   if seeds > 1 else f"{chosen.value.mean:.4f} (run {run.info.run_id})"))

@@ -6,6 +6,7 @@ import click
 
 from ..studies.pruners import CATALOGUE, PRUNERS
 from ..studies.space import SAMPLERS
+from ..studies.stopping import DEFAULT_PATIENCE
 from ..training import config as cfg
 from ..training.config import SELECT as SELECT_METRICS
 from ..urls import redact
@@ -74,16 +75,16 @@ def sweep(grid_file, select, seeds, race, device, precision, threads, jobs, stor
                f"{dataset.sizes['train_size']:,} train / {dataset.sizes['val_size']:,} val images; tracking to {redact(uri)}")
     started = time.monotonic()
 
-    def on_start(k, n, config, elapsed, eta):
+    def on_start(k, n, config, elapsed, eta, label):
         left = "" if eta is None else f", ~{duration(eta)} left"
-        click.echo(f"[{k + 1}/{n}] {config.label} (elapsed {duration(elapsed)}{left})")
+        click.echo(f"[{k + 1}/{n}] {label} (elapsed {duration(elapsed)}{left})")
 
     def progress(trial, config):
         bar = EpochProgress(config, prefix="  ")
         return bar.on_epoch_end, bar.on_batch
 
-    def on_raced(config, why):
-        click.echo(f"{config.label} seed {config.seed}: raced out, not run ({why.split(';')[0]})")
+    def on_raced(config, why, label):
+        click.echo(f"{label}: raced out, not run ({why.split(';')[0]})")
 
     hooks = engine.Hooks(on_start=on_start, progress=progress, on_wait=on_wait, on_raced=on_raced,
                          on_workers=lambda n: click.echo(workers_line(n, threads, jobs, f"the {n} point(s) left")),
@@ -119,6 +120,10 @@ def sweep(grid_file, select, seeds, race, device, precision, threads, jobs, stor
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
               help="Sampler seed for a reproducible single-process search (default: fresh entropy; a resumed "
               "study or another worker never replays the same suggestions).")
+@click.option("--patience", type=click.IntRange(min=0), default=DEFAULT_PATIENCE, show_default=True,
+              help="Stop the study (every worker) once this many trials in a row did not beat the best before them by "
+              "more than the space's seed sd: the confirm decides among what it found. 0: never (also continues a "
+              "study that stopped itself).")
 @click.option("--confirm", "confirm_k", type=click.IntRange(min=0), default=0, show_default=True,
               help="After the trials, re-run the K best with --seeds seeds each and name the champion by the mean.")
 @click.option("--seeds", "confirm_seeds", default="3", show_default=True, metavar="N|1,2,3", callback=confirm_seeds,
@@ -131,7 +136,7 @@ def sweep(grid_file, select, seeds, race, device, precision, threads, jobs, stor
 @system_metrics_option
 @tracking_options
 @reported
-def search(trials, timeout, storage_url, study_name, space_file, sampler, pruner, seed, confirm_k, confirm_seeds, race, jobs,
+def search(trials, timeout, storage_url, study_name, space_file, sampler, pruner, seed, patience, confirm_k, confirm_seeds, race, jobs,
            device, precision, threads, epochs, subset, experiment, data_dir) -> None:
     """Search model3's training settings with Optuna (the space file says which: optimizer and learning rate,
     dropout, weight decay, schedule, batch size, label smoothing, augmentation, width, weight average); each
@@ -149,13 +154,14 @@ def search(trials, timeout, storage_url, study_name, space_file, sampler, pruner
     checked = build_config(device=device, subset=subset, epochs=epochs, precision=precision)
     from ..studies import confirm, engine, storage
     from ..studies import search as search_mod
+    from ..studies import search_report
     from ..tracking import connection, launcher, links
     from ..training import data as data_mod
     from ..training import hardware
 
     storage.quiet_optuna()
     settings = search_mod.SearchSettings(epochs, subset, checked.device, checked.precision)
-    plan = search_mod.Search(study_name or space.name, space, settings, sampler, pruner, seed)
+    plan = search_mod.Search(study_name or space.name, space, settings, sampler, pruner, seed, patience)
     use_threads(threads)
     storage.heartbeat_interval()  # a bad $FMNIST_HEARTBEAT_S: one line before any store is touched
     uri = connection.check_reachable()
@@ -171,13 +177,20 @@ def search(trials, timeout, storage_url, study_name, space_file, sampler, pruner
                              on_wait=on_wait, on_workers=lambda n: click.echo(workers_line(n, threads, jobs, f"--trials {trials}")),
                              on_lost=console.workers_lost)
         shared.run(dataset, jobs=workers, threads=threads, data_dir=data_dir, budget=trials, timeout=timeout, hooks=hooks)
-    console.search_summary(shared.close(), space.metric)
+    summary = shared.close()
+    console.search_summary(summary, space.metric)
     if confirm_k:
         completed = len(confirm.shortlist(shared.study, confirm_k))
         if completed < confirm_k:
             click.echo(f"note: --confirm {confirm_k}: the study has {completed} completed trial(s); confirming those")
-        done = confirm.confirm(shared, dataset, k=confirm_k, seeds=confirm_seeds, race=race,
-                               on_start=console.confirm_started, on_raced=console.confirm_raced,
-                               on_end=console.confirm_ended)
+        plan_ = confirm.plan(shared, k=confirm_k, seeds=confirm_seeds, race=race, search_line=search_report.search_line(summary))
+        console.confirm_opened(plan_)
+        n_points = len(plan_.contenders) * len(plan_.seeds)
+        hooks = engine.Hooks(on_start=console.confirm_started, on_raced=console.confirm_raced,
+                             on_trial_end=console.confirm_ended(space.metric), on_wait=on_wait, on_lost=console.workers_lost,
+                             on_workers=lambda n: click.echo(workers_line(n, threads, jobs, "the confirm's points")))
+        done = confirm.run_confirm(plan_, dataset, storage_url=storage_url, experiment_id=experiment_id,
+                                   jobs=jobs or hardware.default_jobs(checked.device, n_points, subset), threads=threads,
+                                   data_dir=data_dir, hooks=hooks)
         console.confirmed(done, space.metric)
     click.echo(f"view it: {links.run_link(shared.parent_id)}")

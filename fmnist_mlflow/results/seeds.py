@@ -115,7 +115,7 @@ def aggregate(rows: list[RunRow], select: str = "val_accuracy", raced: Optional[
             runs=sum(r["status"] not in NOT_RUN for r in members), seeds=tuple(r["seed"] for r in done),
             val_accuracy=stats.estimate([r["val_accuracy"] for r in done], fraction=True) if done else None,
             val_nll=stats.estimate([r["val_nll"] for r in done], nonnegative=True) if done else None,
-            train_loss=sum(r["train_loss"] for r in done) / len(done) if done else None,
+            train_loss=_mean([r["train_loss"] for r in done if r["train_loss"] is not None]),
             train_seconds=sum(r["train_seconds"] for r in members),
             best_run_id=pick_best(done, select, key=lambda r: r[select])["run_id"] if done else "",
             raced_out=(raced or {}).get(group, ""),
@@ -138,6 +138,10 @@ def aggregate(rows: list[RunRow], select: str = "val_accuracy", raced: Optional[
             c = dataclasses.replace(c, p_vs_best=p, same_as_best=stats.indistinguishable(p))
         compared.append(c)
     return compared
+
+
+def _mean(values: list) -> Optional[float]:
+    return sum(values) / len(values) if values else None
 
 
 def finished_values(rows: list[RunRow], select: str) -> tuple:

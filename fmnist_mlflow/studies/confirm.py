@@ -1,50 +1,75 @@
-"""Confirm before crowning: re-run a study's best trials on fresh seeds and name the champion by the mean.
+"""Confirm before crowning: re-run a search's best trials and its baselines on fresh seeds, as a study of
+their own, and name the champion by the seed mean.
 
-A search compares configs on one seed, so its best trial is partly the luckiest one (the winner's
-curse). `confirm` takes the K best completed trials and trains them again on the fresh `seeds`, seed by
-seed (runs of kind "confirm", nested under the study's parent run, tagged with the trial number), and
-ranks the K configs by their seed mean with `aggregate` (95% intervals, the pooled-noise t-test
-against the best, as in the grid's summary). Racing, as in the main job and with the same code
-(`stats.race_verdict`): before a contender's next seed, its finished seeds of the earlier rounds are compared
-with the leader's; a contender the test calls worse gets no more seeds (the space file's `seed_sd` stands
-for the seed spread until two seeds of a contender measure it), so the champion is always one that got
-every seed. Resumable: a (config, seed) that already FINISHED under the parent is not run again, and the
-verdicts, made from earlier rounds only, come out the same.
+A search compares configs on one seed, so its best trial is partly the luckiest one (the winner's curse).
+The contenders are the K best completed trials and the search's baselines (the space file's start points
+and, when the search warm-started from a grid, the grid's best config), so the answer also says whether the
+search beat them. Each (contender, seed) is a point of a confirm study (`points.Points`, as the grid's
+sweep): any number of `fmnist search --confirm` workers on any machines that share the storage and the
+tracking server take the points from its queue, each once; a lost worker's point is retried. The runs (kind
+"confirm") nest under the search's parent run, tagged with the trial they confirm. Racing, as in the main
+job and with the same code: a contender shown worse than the leader on the earlier seeds gets no more (the
+space file's `seed_sd` stands for the seed spread until two seeds measure it), so the champion is one that
+got every seed. The ranking is `seeds.aggregate`, the main job's comparison (95% intervals, the pooled-noise
+t-test against the best); `fmnist register` registers its champion with these statistics.
+
+The confirm study is named by the search's study and a digest of its contenders, seeds and size: workers
+that see the same finished search join the same confirm; a resumed confirm runs only what is left.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import ClassVar, Optional
 
 import optuna
 from optuna.trial import TrialState
 
-from ..results.seeds import (MARK_MEANING, ConfigRow, aggregate, best, configs_csv, finished_values, fmt_estimate,
-                             ranked, row)
-from ..results.stats import race_verdict
-from ..schema import (KIND_CONFIRM, KIND_SEARCH, TAG_CHAMPION, TAG_CHAMPION_GROUP, TAG_CHAMPION_TRIAL,
-                      TAG_CONFIG_HASH, TAG_CONFIRM_SEEDS, TAG_KIND, TAG_STUDY, TAG_TRIAL)
+from ..results.seeds import MARK_MEANING, aggregate, best, configs_csv, fmt_estimate, ranked
+from ..schema import (ATTR_ANSWER, ATTR_CHAMPION, ATTR_PARENT, ATTR_START_POINT, ATTR_WARM_START, KIND_CONFIRM, KIND_SEARCH,
+                      TAG_CHAMPION, TAG_CHAMPION_GROUP, TAG_CHAMPION_TRIAL, TAG_CONFIRM_SEEDS, TAG_CONFIRM_STUDY,
+                      TAG_CONFIRMS)
 from ..tracking import records
-from ..tracking.fit import tracked_fit
-from ..tracking.queries import child_runs
-from ..tracking.queries import history as run_history
-from ..tracking.runs import run as open_run
+from ..tracking.links import ui_page
 from ..training import train
 from ..training.data import Dataset
-from .engine import SharedStudy
-from .search import SearchSettings
+from .engine import Hooks, SharedStudy
+from .points import Points
+from .search import Search, SearchSettings
 from .space import Space, brief_params
+from .storage import open_storage
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str  # its name in the confirm study: "trial N"
+    trial: int  # the search trial whose config it is
+    params: dict  # that trial's params
+    roles: tuple  # ("top 1",), ("start point 0",), ("grid best",) ... what made it a contender
+
+    @property
+    def baseline(self) -> bool:
+        return any(not r.startswith("top") for r in self.roles)
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} ({', '.join(self.roles)})"
 
 
 @dataclass(frozen=True)
 class Confirmation:
-    configs: list  # ConfigRow per shortlisted trial, in shortlist order
-    champion: Optional[ConfigRow]
-    trial_of: dict  # config group -> the optuna FrozenTrial it came from
+    configs: list  # ConfigRow per contender
+    champion: Optional[object]  # the ConfigRow of the champion, None when no contender finished a seed
+    contender_of: dict  # config group -> Contender
     markdown: str
     raced: dict  # config group -> why it got no more seeds
+    baselines: list  # (Contender, its ConfigRow) of the baselines that are not the champion
+
+    def champion_contender(self) -> Optional[Contender]:
+        return self.contender_of[self.champion.group] if self.champion else None
 
 
 def shortlist(study: optuna.Study, k: int) -> list:
@@ -53,11 +78,41 @@ def shortlist(study: optuna.Study, k: int) -> list:
     return sorted(done, key=lambda t: t.value, reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)[:k]
 
 
-def trial_config(space: Space, trial, settings, seed: int):
-    """The trial's RunConfig, trained with `seed` instead of the study's."""
-    config = space.suggest(optuna.trial.FixedTrial(trial.params), epochs=settings.epochs, subset=settings.subset,
+def baselines(study: optuna.Study) -> list:
+    """(trial, role) of the search's baselines: the grid's best config and the start points it queued first
+    (the first trial of each, a completed one where a lost worker's trial was retried)."""
+    found: dict = {}
+    for t in study.get_trials(deepcopy=False):
+        if ATTR_WARM_START in t.user_attrs:
+            role = "grid best"
+        elif ATTR_START_POINT in t.user_attrs:
+            role = f"start point {t.user_attrs[ATTR_START_POINT]}"
+        else:
+            continue
+        if role not in found or (found[role].state != TrialState.COMPLETE and t.state == TrialState.COMPLETE):
+            found[role] = t
+    return [(t, role) for role, t in found.items()]
+
+
+def trial_config(space: Space, params: dict, settings, seed: int):
+    """The RunConfig of a trial's params, trained with `seed` instead of the study's."""
+    config = space.suggest(optuna.trial.FixedTrial(params), epochs=settings.epochs, subset=settings.subset,
                            device=settings.device, precision=settings.precision)
     return dataclasses.replace(config, seed=seed)
+
+
+def contenders(study: optuna.Study, space: Space, settings, k: int) -> list:
+    """The K best completed trials (best first), then the baselines; one contender per config (a baseline
+    among the best keeps both roles)."""
+    picked: dict = {}  # config group -> Contender
+    ranked_trials = [(t, f"top {i}") for i, t in enumerate(shortlist(study, k), 1)]
+    for trial, role in ranked_trials + baselines(study):
+        group = trial_config(space, trial.params, settings, 0).group
+        if group in picked:
+            picked[group] = dataclasses.replace(picked[group], roles=picked[group].roles + (role,))
+        else:
+            picked[group] = Contender(f"trial {trial.number}", trial.number, dict(trial.params), (role,))
+    return list(picked.values())
 
 
 def prior_sd(space: Space, settings) -> Optional[float]:
@@ -67,82 +122,202 @@ def prior_sd(space: Space, settings) -> Optional[float]:
     return space.seed_sd if at_size else None
 
 
-def confirm(shared: SharedStudy, data: Dataset, *, k: int, seeds: tuple, race: bool = True,
-            on_start: Optional[Callable] = None, on_raced: Optional[Callable] = None,
-            on_end: Optional[Callable] = None) -> Confirmation:
-    """Run the shortlist of a search's study on `seeds` under its parent, seed by seed, racing the
-    contenders unless `race` is False, and rank it by the seed mean of the study's metric. `on_start`
-    (n, total, trial, config) before a run, `on_end` (trial, config, its summary row) after it."""
-    study, parent_id, space, settings = shared.study, shared.parent_id, shared.plan.space, shared.plan.settings
-    trials = shortlist(study, k)
-    plan = [(t, trial_config(space, t, settings, seed)) for seed in seeds for t in trials]
-    trial_of = {c.group: t for t, c in plan}
-    names = {group: f"trial {t.number}" for group, t in trial_of.items()}
-    finished = {c.data.tags.get(TAG_CONFIG_HASH): c for c in child_runs(parent_id)
-                if c.info.status == "FINISHED" and c.data.tags.get(TAG_KIND) == KIND_CONFIRM}
-    rows, raced, earlier = [], {}, ({}, {})
-    with open_run(study.study_name, kind=KIND_SEARCH, run_id=parent_id):
-        for n, (trial, config) in enumerate(plan):
-            if n % len(trials) == 0:  # a new round: verdicts from the finished seeds of the earlier ones only
-                earlier = finished_values(rows, space.metric)
-            if config.group in raced:
-                continue
-            why = race_verdict(earlier[0], earlier[1], config.group, space.metric, prior_sd(space, settings),
-                               names) if race else ""
-            if why:
-                raced[config.group] = why
-                if on_raced is not None:
-                    on_raced(trial, config, why)
-                continue
-            child = finished.get(config.digest())
-            if child is None:
-                if on_start is not None:
-                    on_start(n, len(plan), trial, config)
-                try:
-                    result = tracked_fit(config, data, kind=KIND_CONFIRM, parent_run_id=parent_id,
-                                         tags={TAG_TRIAL: trial.number, TAG_STUDY: shared.tag})
-                    status, history, run_id = "FINISHED", result.history, result.run_id
-                except train.DivergedError:
-                    status, history, run_id = "FAILED", [], ""
-            else:
-                status, history, run_id = "FINISHED", run_history(child.info.run_id), child.info.run_id
-            rows.append(row(config, status, history, run_id))
-            if child is None and on_end is not None:
-                on_end(trial, config, rows[-1])
-        configs = aggregate(rows, space.metric, raced)
+@dataclass(frozen=True)
+class Confirm:
+    """The confirm's plan (a Plan of the engine): its points are (contender, seed); its runs nest under the
+    search's parent run, which holds its answer."""
+
+    search: Search
+    search_study: str
+    parent_id: str  # the search's parent run
+    contenders: tuple  # Contender, in the order above
+    seeds: tuple
+    race: bool = True
+    search_line: str = ""  # what the search ran (trials, states, why it stopped): the description says it
+    kind: ClassVar[str] = KIND_SEARCH
+    catch: ClassVar[tuple] = (train.DivergedError,)
+
+    @property
+    def name(self) -> str:
+        return self.search.name
+
+    @property
+    def direction(self) -> str:
+        return self.search.direction
+
+    @property
+    def metric(self) -> str:
+        return self.search.metric
+
+    def digest(self) -> str:
+        what = {"contenders": [c.params for c in self.contenders], "seeds": list(self.seeds),
+                "settings": dataclasses.asdict(self.search.settings), "space": self.search.space.digest()}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @property
+    def study_name(self) -> str:
+        return f"{self.search_study}-confirm-{self.digest()[:8]}"
+
+    @property
+    def holds(self) -> str:
+        return f"confirm of {self.search_study} {self.digest()}"
+
+    @property
+    def rules(self) -> dict:
+        return {"race": "true" if self.race else "false"}
+
+    @property
+    def points(self) -> Points:
+        space, settings = self.search.space, self.search.settings
+        pairs = [(c.name, trial_config(space, c.params, settings, seed)) for seed in self.seeds for c in self.contenders]
+        return Points(tuple(n for n, _ in pairs), tuple(c for _, c in pairs), self.metric, self.race,
+                      prior_sd(space, settings), tuple((c.name, c.name) for c in self.contenders))
+
+    def parent_params(self) -> dict:
+        return {}  # the parent is the search's
+
+    def parent_tags(self) -> dict:
+        return {}
+
+    def sampler(self, worker: int, finished_before: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.RandomSampler(seed=worker)  # never asked while the queue holds a point
+
+    def pruner(self) -> optuna.pruners.BasePruner:
+        return optuna.pruners.NopPruner()
+
+    def fill(self, study: optuna.Study, experiment_id: str) -> int:
+        study.set_user_attr(ATTR_ANSWER, f"the contenders ranked by their seed mean of {self.metric}: confirm.md and the "
+                            f"description of the MLflow parent run (user attribute {ATTR_PARENT}); Optuna's best "
+                            "trial is one lucky (contender, seed), not the answer")
+        study.set_user_attr("search_study", self.search_study)
+        return self.points.fill(study)
+
+    def more(self, study: optuna.Study) -> bool:
+        return Points.more(study)
+
+    def callbacks(self) -> list:
+        return []
+
+    def objective(self, shared: SharedStudy, data: Dataset, hooks: Hooks):
+        tags = {c.name: {TAG_CONFIRMS: c.trial} for c in self.contenders}
+        return self.points.objective(shared, data, hooks, kind=KIND_CONFIRM, tags=tags)
+
+    def report(self, shared: SharedStudy) -> Confirmation:
+        """Rank the contenders on the finished points; the answer goes on the search's parent (tags, metrics,
+        confirm.md/.csv, its description). Every worker that closes the study computes the same answer from
+        the study's points; once the study is done, the first to close writes it and the others find it."""
+        points = self.points
+        raced_points, raced = points.raced(shared.study)
+        rows, _ = points.rows(shared.parent_id, shared.tag, KIND_CONFIRM, raced_points)
+        configs = aggregate(rows, self.metric, raced)
+        by_name = {c.name: c for c in self.contenders}
+        contender_of = {config.group: by_name[name] for name, config in zip(points.names, points.configs)}
         champion = best(configs)
-        markdown = confirm_markdown(configs, trial_of, seeds, space.metric)
+        others = [(contender_of[c.group], c) for c in ranked(configs, self.metric)
+                  if contender_of[c.group].baseline and c is not champion]
+        done = Confirmation(configs, champion, contender_of,
+                            confirm_markdown(configs, contender_of, self.seeds, self.metric), raced, others)
+        finished = not shared.study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+        from ..tracking.queries import get_run
+
+        written = get_run(shared.parent_id).data.tags.get(TAG_CONFIRM_STUDY) == shared.tag
+        if finished and written:
+            return done  # another worker closed the same finished study first: the same answer is there
         tags, metrics = {}, {}
         if champion is not None:
-            est = getattr(champion, space.metric)
-            tags = {TAG_CHAMPION: champion.best_run_id, TAG_CHAMPION_TRIAL: trial_of[champion.group].number,
-                    TAG_CHAMPION_GROUP: champion.group, TAG_CONFIRM_SEEDS: ",".join(map(str, seeds))}
-            metrics = {f"champion_{space.metric}_mean": est.mean}
+            est = getattr(champion, self.metric)
+            tags = {TAG_CHAMPION: champion.best_run_id, TAG_CHAMPION_TRIAL: contender_of[champion.group].trial,
+                    TAG_CHAMPION_GROUP: champion.group, TAG_CONFIRM_SEEDS: ",".join(map(str, self.seeds)),
+                    "mlflow.note.content": description(done, self.seeds, self.metric, self.search_line,
+                                                       ui_page(champion.best_run_id).lstrip("/"))}
+            metrics = {f"champion_{self.metric}_mean": est.mean}
             if est.ci95:
-                metrics.update({f"champion_{space.metric}_std": est.std, f"champion_{space.metric}_ci95_low": est.ci95[0],
-                                f"champion_{space.metric}_ci95_high": est.ci95[1]})
-        records.log_report(texts={"confirm.md": markdown, "confirm.csv": configs_csv(configs, space.metric)},
+                metrics.update({f"champion_{self.metric}_std": est.std, f"champion_{self.metric}_ci95_low": est.ci95[0],
+                                f"champion_{self.metric}_ci95_high": est.ci95[1]})
+        if finished:
+            tags[TAG_CONFIRM_STUDY] = shared.tag  # last: the answer is complete
+        records.log_report(texts={"confirm.md": done.markdown, "confirm.csv": configs_csv(configs, self.metric)},
                            tags=tags, metrics=metrics)
-    return Confirmation(configs, champion, trial_of, markdown, raced)
+        if finished and champion is not None:
+            # the search study says it too (Optuna's dashboard shows its user attributes): its best trial is
+            # one seed's winner, the champion is this
+            storage, _ = open_storage(shared.storage_url)
+            search = optuna.load_study(study_name=self.search_study, storage=storage)
+            search.set_user_attr(ATTR_CHAMPION, {
+                "trial": contender_of[champion.group].trial, "config_group": champion.group, "run_id": champion.best_run_id,
+                f"{self.metric}_mean": getattr(champion, self.metric).mean, "seeds": list(champion.seeds),
+                "confirm_study": shared.study_name})
+        return done
 
 
-def confirm_markdown(configs: list, trial_of: dict, seeds: tuple, metric: str) -> str:
-    lines = [f"The best {len(configs)} trial(s), re-run on seeds {', '.join(map(str, seeds))} seed by seed (a contender "
-             f"shown worse than the leader gets no more seeds: raced out), ranked by the mean {metric}; ± standard "
-             f"deviation over seeds, [..] 95% interval of the mean; 'vs best': " + MARK_MEANING + ".",
-             "", "| rank | trial | params | seeds | val_accuracy | 95% CI | val_nll | 95% CI | vs best |",
+def plan(shared: SharedStudy, *, k: int, seeds: tuple, race: bool = True, search_line: str = "") -> Confirm:
+    """The confirm of a search's study as it stands: its K best completed trials and its baselines."""
+    search = shared.plan
+    chosen = contenders(shared.study, search.space, search.settings, k)
+    return Confirm(search, shared.study_name, shared.parent_id, tuple(chosen), tuple(seeds), race, search_line)
+
+
+def run_confirm(confirm: Confirm, data: Dataset, *, storage_url: str, experiment_id: str, jobs: int = 1, threads: int = 0,
+                data_dir: Optional[str] = None, hooks: Hooks = Hooks()) -> Confirmation:
+    """Open the confirm study (creating it and queueing its points the first time), run the points still
+    waiting (in this process or in `jobs` worker processes), and rank the contenders on the search's parent."""
+    shared = SharedStudy.open(confirm, storage_url, confirm.study_name, experiment_id)
+    left = len(shared.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    shared.run(data, jobs=min(jobs, left) if left > 1 else 1, threads=threads, data_dir=data_dir, hooks=hooks)
+    return shared.close()
+
+
+def vs_mark(c) -> str:
+    return "**champion**" if c.is_best else "-" if c.p_vs_best is None else \
+        f"{'=' if c.same_as_best else '<'} (p {c.p_vs_best:.3f})"
+
+
+def confirm_markdown(configs: list, contender_of: dict, seeds: tuple, metric: str) -> str:
+    lines = [f"The search's best trials and its baselines, re-run on seeds {', '.join(map(str, seeds))} seed by seed (a contender shown "
+             f"worse than the leader gets no more seeds: raced out), ranked by the mean {metric}; ± standard deviation "
+             "over seeds, [..] 95% interval of the mean; 'vs champion': " + MARK_MEANING + ".",
+             "", "| rank | contender | params | seeds | val_accuracy | 95% CI | val_nll | 95% CI | vs champion |",
              "|---|---|---|---|---|---|---|---|---|"]
     for rank, c in enumerate(ranked(configs, metric), 1):
         acc, acc_ci = fmt_estimate(c.val_accuracy, percent=True)
         nll, nll_ci = fmt_estimate(c.val_nll, percent=False)
-        vs = "**champion**" if c.is_best else "-" if c.p_vs_best is None else \
-            f"{'=' if c.same_as_best else '<'} (p {c.p_vs_best:.3f})"
-        trial = trial_of[c.group]
-        lines.append(f"| {rank} | {trial.number} | {brief_params(trial.params)} | {len(c.seeds)} | {acc} | {acc_ci} | {nll} | "
-                     f"{nll_ci} | {vs} |")
+        who = contender_of[c.group]
+        lines.append(f"| {rank} | {who.title} | {brief_params(who.params)} | {len(c.seeds)} | {acc} | {acc_ci} | {nll} | "
+                     f"{nll_ci} | {vs_mark(c)} |")
     out = [c for c in ranked(configs, metric) if c.raced_out]
     if out:
         lines += ["", "Raced out (no more seeds):"]
-        lines += [f"- trial {trial_of[c.group].number}: {c.raced_out.split('; ')[0]}" for c in out]
+        lines += [f"- {contender_of[c.group].name}: {c.raced_out.split('; ')[0]}" for c in out]
         lines += ["", f"(the seed spread behind the first verdict: {out[0].raced_out.split('; ', 1)[1]})"] if "; " in out[0].raced_out else []
+    return "\n".join(lines) + "\n"
+
+
+def baselines_line(done: Confirmation) -> str:
+    """Whether the search beat its baselines, on the confirm's fresh seeds."""
+    if done.champion is None:
+        return ""
+    champ = done.champion_contender()
+    if champ.baseline:
+        return (f"The champion is a baseline ({', '.join(r for r in champ.roles if not r.startswith('top'))}): the search "
+                "found nothing shown better.")
+    if not done.baselines:
+        return "No baseline was confirmed beside it."
+    marks = "; ".join(f"{who.title}: {vs_mark(c)}" for who, c in done.baselines)
+    beaten = all(c.same_as_best is False for _, c in done.baselines)
+    return (f"Against the baselines on the same seeds: {marks}. "
+            + ("The search beat every baseline." if beaten else "'=': the search is not shown better than that baseline."))
+
+
+def description(done: Confirmation, seeds: tuple, metric: str, search_line: str, link: str) -> str:
+    """The search's answer as its parent run's description (the Overview in the MLflow UI)."""
+    c = done.champion
+    who = done.champion_contender()
+    mean, ci = fmt_estimate(getattr(c, metric), metric == "val_accuracy")
+    lines = [f"**Champion: {who.title}**, {metric} {mean} over seeds {', '.join(map(str, c.seeds))} "
+             f"(95% CI {ci}; [its best seed run]({link})): {brief_params(who.params)}.", "",
+             baselines_line(done), ""]
+    if search_line:
+        lines += [search_line, ""]
+    lines += ["The confirm's ranking: `confirm.md` in Artifacts; every trial: `trials.csv`. `fmnist register` "
+              "registers this champion."]
     return "\n".join(lines) + "\n"

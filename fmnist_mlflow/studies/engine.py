@@ -23,7 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..errors import FmnistError
-from ..schema import (ATTR_HOLDS, ATTR_PARENT, ATTR_RULES, KIND_LAUNCHER, KIND_SWEEP_CHILD, KIND_TRIAL, TAG_KIND,
+from ..schema import (ATTR_HOLDS, ATTR_PARENT, ATTR_RULES, KIND_CONFIRM, KIND_LAUNCHER, KIND_SWEEP_CHILD, KIND_TRIAL, TAG_KIND,
                       TAG_PARENT, TAG_STUDY, TAG_TRIAL)
 from ..tracking.connection import tracking_uri
 from ..tracking.launcher import inside_mlflow_run
@@ -48,13 +48,13 @@ class WorkerError(FmnistError, RuntimeError):
 class Hooks:
     """What a command shows while its trials run; all optional (worker processes print their own lines)."""
 
-    on_start: Optional[Callable] = None  # (k, n, config, elapsed s, eta s or None): a sweep point starts
+    on_start: Optional[Callable] = None  # (k, n, config, elapsed s, eta s or None, label): a point starts
     progress: Optional[Callable] = None  # (trial, config) -> (on_epoch_end, on_batch) for its run
     on_trial_end: Optional[Callable] = None  # (FrozenTrial)
     on_wait: Optional[Callable[[int], None]] = None  # (trials other workers are running)
     on_workers: Optional[Callable[[int], None]] = None  # (worker processes about to start)
     on_lost: Optional[Callable[[int], None]] = None  # (workers lost to a signal whose work the others redid)
-    on_raced: Optional[Callable] = None  # (config, reason): a sweep point is skipped, its config raced out
+    on_raced: Optional[Callable] = None  # (config, reason, label): a point is skipped, its config raced out
 
 
 class Plan(Protocol):
@@ -62,6 +62,8 @@ class Plan(Protocol):
 
     kind: str  # the parent run's kind (schema.KIND_SWEEP, KIND_SEARCH)
     name: str  # the parent run's name
+    parent_id: Optional[str]  # the parent run when it exists already (a search's, for its confirm); else None:
+    #                           the process that creates the study creates it
     direction: str  # "maximize" or "minimize"
     metric: str  # what a trial's value is (a key of training.config.SELECT), named in Optuna's dashboard
     catch: tuple  # exceptions that fail one trial, not the worker
@@ -83,6 +85,8 @@ class Plan(Protocol):
     def fill(self, study: optuna.Study, experiment_id: str) -> Any: ...  # a new study's first queued trials
 
     def more(self, study: optuna.Study) -> bool: ...  # start another trial (if the command's budget allows)?
+
+    def callbacks(self) -> list: ...  # Optuna callbacks after each trial (the search's stopping rule)
 
     def objective(self, shared: "SharedStudy", data, hooks: Hooks) -> Callable: ...
 
@@ -141,8 +145,9 @@ class SharedStudy:
                 study.set_user_attr(ATTR_HOLDS, plan.holds)
                 study.set_metric_names([plan.metric])
                 study.set_user_attr(ATTR_RULES, plan.rules)
-                parent_id = create_run(plan.name, kind=plan.kind, tags={TAG_STUDY: study_tag(storage_url, study_name),
-                                                **plan.parent_tags()}, params=plan.parent_params(), experiment_id=experiment_id)
+                parent_id = plan.parent_id or create_run(
+                    plan.name, kind=plan.kind, tags={TAG_STUDY: study_tag(storage_url, study_name), **plan.parent_tags()},
+                    params=plan.parent_params(), experiment_id=experiment_id)
                 filled = plan.fill(study, experiment_id)
                 study.set_user_attr(ATTR_PARENT, parent_id)  # last: the study is ready for the others
             except BaseException:
@@ -228,7 +233,7 @@ class SharedStudy:
         ones and run their retries. Returns the trials run. `timeout` (seconds) stops starting trials, and
         waiting, after it."""
         deadline = time.monotonic() + timeout if timeout else None
-        callbacks = [lambda study, trial: hooks.on_trial_end(trial)] if hooks.on_trial_end else []
+        callbacks = [*self.plan.callbacks(), *([lambda study, trial: hooks.on_trial_end(trial)] if hooks.on_trial_end else [])]
         ran = 0
         with open_run(self.plan.name, kind=self.plan.kind, run_id=self.parent_id):
             while deadline is None or time.monotonic() < deadline:
@@ -266,9 +271,9 @@ class SharedStudy:
         running = {str(t.number) for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         reaped = 0
         for child in child_runs(self.parent_id):
-            kind = child.data.tags.get(TAG_KIND)
-            if child.info.status == "RUNNING" and kind in (KIND_SWEEP_CHILD, KIND_TRIAL) and \
-                    child.data.tags.get(TAG_TRIAL) not in running:
+            tags = child.data.tags
+            if child.info.status == "RUNNING" and tags.get(TAG_KIND) in (KIND_SWEEP_CHILD, KIND_TRIAL, KIND_CONFIRM) and \
+                    tags.get(TAG_STUDY) == self.tag and tags.get(TAG_TRIAL) not in running:
                 end_run_as(child.info.run_id, "KILLED", ORPHAN_REASON)
                 reaped += 1
         return reaped
@@ -284,9 +289,8 @@ def run_job(job: Job) -> None:
     def on_trial_end(trial) -> None:
         print(f"worker {os.getpid()}: trial {trial.number} {trial.state.name}", flush=True)
 
-    def on_raced(config, why) -> None:
-        print(f"worker {os.getpid()}: {config.label} seed {config.seed}: raced out, not run ({why.split(';')[0]})",
-              flush=True)
+    def on_raced(config, why, label) -> None:
+        print(f"worker {os.getpid()}: {label}: raced out, not run ({why.split(';')[0]})", flush=True)
 
     hooks = Hooks(on_trial_end=on_trial_end, on_raced=on_raced)
     shared.work(job.plan.objective(shared, data, hooks), budget=job.budget, timeout=job.timeout, hooks=hooks)

@@ -27,7 +27,7 @@ from ..tracking.queries import client, find_runs, run_params
 from ..tracking.runs import set_run_tags
 from ..training import train
 from ..training.data import Dataset
-from . import pruners, search_report
+from . import pruners, search_report, stopping
 from .engine import Hooks, SharedStudy
 from .space import Space
 
@@ -71,7 +71,9 @@ class Search:
     sampler_name: str = "tpe"
     pruner_name: str = pruners.PRUNERS[0]  # the default, halve1
     seed: Optional[int] = None  # the sampler's (see sampler_seed)
+    patience: int = stopping.DEFAULT_PATIENCE  # stop after this many trials without a gain over the seed noise; 0: never
     kind: ClassVar[str] = KIND_SEARCH
+    parent_id: ClassVar[Optional[str]] = None  # the study's creator creates the parent
     catch: ClassVar[tuple] = (train.DivergedError,)  # a diverging trial fails alone
 
     @property
@@ -126,7 +128,12 @@ class Search:
         return warm
 
     def more(self, study: optuna.Study) -> bool:
-        return True  # until the command's trial budget or --timeout says stop
+        """Until the study stopped itself (any worker's callback), or the command's budget or --timeout says stop."""
+        return not (self.patience and stopping.stopped_because(study))
+
+    def callbacks(self) -> list:
+        # a space without a measured seed_sd: any improvement counts as a gain
+        return [stopping.Stagnation(self.space.seed_sd or 0.0, self.patience)] if self.patience else []
 
     def objective(self, shared: SharedStudy, data: Dataset, hooks: Hooks):
         space, settings = self.space, self.settings
@@ -173,6 +180,6 @@ class Search:
         saved and what each candidate pruner would have stopped."""
         epochs = self.settings.epochs
         summary = search_report.summarize(shared.study, shared.parent_id, epochs, pruners.replay_all(shared.study, epochs),
-                                          retried=shared.retried())
+                                          retried=shared.retried(), stopped=stopping.stopped_because(shared.study))
         search_report.log(shared.study, summary, self.space.metric, epochs)
         return summary

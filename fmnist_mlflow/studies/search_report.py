@@ -14,8 +14,10 @@ from typing import Optional
 import optuna
 from optuna.trial import TrialState
 
-from ..schema import ATTR_RUN, TAG_BEST_RUN, TAG_BEST_TRIAL, TAG_PRUNER_REPLAY, TAG_RETRIED, TAG_TRIALS
+from ..schema import (ATTR_RUN, TAG_BEST_RUN, TAG_BEST_TRIAL, TAG_CONFIRM_STUDY, TAG_PRUNER_REPLAY, TAG_RETRIED,
+                      TAG_STOPPED, TAG_TRIALS)
 from ..tracking import records
+from ..tracking.queries import get_run
 from ..tracking.runs import set_run_tags
 from . import fidelity, pruners
 
@@ -30,9 +32,11 @@ class SearchSummary:
     epochs_saved: int  # epochs pruning skipped: what pruned trials would have run to the end
     replays: tuple = ()  # pruners.Replay per candidate pruner: what it would have stopped of the completed trials
     retried: int = 0  # trials redone because the worker running them was lost
+    stopped: str = ""  # why the study stopped itself (`stopping`), if it did
 
 
-def summarize(study: optuna.Study, parent_run_id: str, epochs: int, replays: tuple = (), retried: int = 0) -> SearchSummary:
+def summarize(study: optuna.Study, parent_run_id: str, epochs: int, replays: tuple = (), retried: int = 0,
+              stopped: str = "") -> SearchSummary:
     trials = study.get_trials(deepcopy=False)
     states: dict = {}
     for t in trials:
@@ -43,7 +47,7 @@ def summarize(study: optuna.Study, parent_run_id: str, epochs: int, replays: tup
     if any(t.state == TrialState.COMPLETE for t in trials):
         b = study.best_trial
         best = {"number": b.number, "value": b.value, "params": b.params, "run_id": b.user_attrs.get(ATTR_RUN)}
-    return SearchSummary(parent_run_id, len(trials), states, best, sum(ran.values()), saved, replays, retried)
+    return SearchSummary(parent_run_id, len(trials), states, best, sum(ran.values()), saved, replays, retried, stopped)
 
 
 def trials_csv(study: optuna.Study) -> str:
@@ -111,8 +115,11 @@ def log(study: optuna.Study, summary: SearchSummary, metric: str, epochs: int) -
              + replays_markdown(summary.replays)}
     plots = {**figures(study), "curves.png": fidelity.figure(study, epochs, metric)}
     tags = {TAG_TRIALS: summary.trials, TAG_RETRIED: summary.retried, **{f"{TAG_TRIALS}_{k.lower()}": v for k, v in summary.states.items()},
-            **{f"{TAG_PRUNER_REPLAY}.{r.pruner}": r.line() for r in summary.replays}}
+            **{f"{TAG_PRUNER_REPLAY}.{r.pruner}": r.line() for r in summary.replays},
+            **({TAG_STOPPED: summary.stopped} if summary.stopped else {})}
     metrics = {"epochs_run": summary.epochs_run, "pruned_epochs_saved": summary.epochs_saved}
+    if TAG_CONFIRM_STUDY not in get_run(summary.parent_run_id).data.tags:  # a confirm's answer stays until the next
+        tags["mlflow.note.content"] = description(summary, metric)
     if summary.best:
         b = summary.best
         tags.update({TAG_BEST_RUN: b["run_id"] or "", "best_trial": b["number"],
@@ -121,6 +128,27 @@ def log(study: optuna.Study, summary: SearchSummary, metric: str, epochs: int) -
         if b["run_id"]:
             set_run_tags(b["run_id"], {TAG_BEST_TRIAL: "true"})
     records.log_report(texts=texts, figures=plots, tags=tags, metrics=metrics)
+
+
+def search_line(summary: SearchSummary) -> str:
+    """What a search ran, in one sentence (its parent's description says it, before and after a confirm)."""
+    states = ", ".join(f"{n} {state.lower()}" for state, n in sorted(summary.states.items()))
+    return f"The search: {summary.trials} trial(s) ({states})" + (f"; it {summary.stopped}" if summary.stopped else "") + "."
+
+
+def description(summary: SearchSummary, metric: str) -> str:
+    """The search parent's description until a confirm names a champion: what ran, and its best single seed."""
+    from ..tracking.links import ui_page
+    from .space import brief_params
+
+    lines = [search_line(summary)]
+    if summary.best:
+        b = summary.best
+        link = f" ([its run]({ui_page(b['run_id']).lstrip('/')}))" if b["run_id"] else ""
+        lines += ["", f"**Best trial on its one seed: trial {b['number']}**, {metric} {b['value']:.4f}{link}: "
+                      f"{brief_params(b['params'])}. Not a champion yet: one seed's winner is partly the luckiest; "
+                      "`fmnist search --trials 0 --confirm K` re-runs the best and the baselines on fresh seeds."]
+    return "\n".join(lines) + "\n"
 
 
 def replays_markdown(replays: tuple) -> str:

@@ -17,9 +17,7 @@ change its best, and MLflow params cannot change).
 
 from __future__ import annotations
 
-import logging
 import os
-import time
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
@@ -27,25 +25,18 @@ import optuna
 from optuna.trial import TrialState
 
 from ..results import figures, report, seeds
-from ..results.stats import race_verdict
-from ..training import train
-from ..training.config import RunConfig, direction
-from ..training.data import Dataset
+from ..schema import (ATTR_ANSWER, ATTR_PARENT, KIND_SWEEP, KIND_SWEEP_CHILD, TAG_BEST_GROUP, TAG_BEST_RUN,
+                      TAG_FAILED_CONFIGS, TAG_RACE, TAG_RETRIED, TAG_SELECT, TAG_SWEEP)
 from ..tracking import records
 from ..tracking.experiment import experiment_stamp
-from ..tracking.fit import tracked_fit
 from ..tracking.links import ui_page
-from ..tracking.queries import child_runs
-from ..tracking.queries import history as history_of
+from ..training import train
+from ..training.config import direction
+from ..training.data import Dataset
 from ..urls import DEFAULT_STORAGE
 from .engine import Hooks, SharedStudy
 from .grid import Grid, sweep_digest
-from ..schema import (ATTR_ANSWER, ATTR_NO_POINT, ATTR_PARENT, ATTR_POINT, ATTR_RACED_OUT, ATTR_REQUEUED, ATTR_RUN, KIND_SWEEP,
-                     KIND_SWEEP_CHILD, TAG_BEST_GROUP, TAG_BEST_RUN, TAG_CONFIG_HASH, TAG_FAILED_CONFIGS, TAG_RACE,
-                     TAG_RETRIED, TAG_SELECT, TAG_STUDY, TAG_SWEEP, TAG_TRIAL)
-
-log = logging.getLogger(__name__)
-NO_POINT = "the queue was empty when this worker asked: other workers took the last points; nothing ran"
+from .points import Points
 
 
 @dataclass
@@ -63,25 +54,11 @@ class SweepResult:
     study_name: str = ""
 
 
-def grid_order(configs: list) -> list:
-    """Seed by seed, model3 (the slowest) first within a seed; otherwise the grid file's order."""
-    return sorted(configs, key=lambda c: (c.seed, c.model != "model3"))
-
-
 def default_study_name(grid: Grid, configs: list, experiment_id: str) -> str:
     """`<grid>-<digest of its configs>-<stamp of the experiment>`: the same grid logged to another
     experiment, or to a new tracking store beside an old optuna.db, is another sweep with its own parent;
     workers on one tracking server agree on all three."""
     return f"{grid.name}-{sweep_digest(configs)[:8]}-{experiment_stamp(experiment_id)}"
-
-
-def point(config: RunConfig) -> dict:
-    """A grid point as the trial's params. (A point holding several seeds of one config would list them.)"""
-    return {"config": config.run_name, "seed": config.seed}
-
-
-def label(config: RunConfig) -> str:
-    return f"{config.label} seed {config.seed}"
 
 
 @dataclass(frozen=True)
@@ -93,6 +70,7 @@ class Sweep:
     select: str  # the validation metric that picks the best config
     race: bool = True  # configs shown worse than the leader get no more seeds (see `stats.race_verdict`)
     kind: ClassVar[str] = KIND_SWEEP
+    parent_id: ClassVar[Optional[str]] = None  # the study's creator creates the parent
     catch: ClassVar[tuple] = (train.DivergedError,)  # a diverging config fails alone
 
     @property
@@ -128,28 +106,13 @@ class Sweep:
         return {TAG_SWEEP: sweep_digest(list(self.configs)), TAG_RACE: "on" if self.race else "off",
                 **records.environment_tags(self.configs[0].device)}
 
-    def raced_out(self, study: optuna.Study, config: RunConfig) -> str:
-        """Why `config` gets no more seeds ("" if it races on), from the finished points of the seeds
-        before this point's: the verdict on a seed's round does not depend on how many workers run it, or
-        in which order its points end. (With several workers, a point of the previous round still running
-        counts from the next round on.)"""
-        if not self.race:
-            return ""
-        family = {c.run_name: c.model for c in self.configs}
-        done: dict = {}
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-            name = t.params.get("config")
-            if t.state == TrialState.PRUNED:
-                if name == config.run_name and ATTR_RACED_OUT in t.user_attrs:
-                    return t.user_attrs[ATTR_RACED_OUT]  # out for good
-            elif name in family and t.params["seed"] < config.seed:
-                done.setdefault(name, []).append(t.value)
+    @property
+    def points(self) -> Points:
         first = self.configs[0]
         # seed_sd is the spread of val_accuracy at the grid's own size: a subset or fewer epochs spread more
         at_size = self.select == "val_accuracy" and first.subset == 0 and first.epochs == self.grid.epochs
-        prior = self.grid.seed_sd if at_size else None
-        return race_verdict(done, family, config.run_name, self.select, prior,
-                            {c.run_name: c.label for c in self.configs})
+        return Points(tuple(c.run_name for c in self.configs), self.configs, self.select, self.race,
+                      self.grid.seed_sd if at_size else None)
 
     def sampler(self, worker: int, finished_before: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=worker)  # never asked while the queue holds a point
@@ -159,84 +122,30 @@ class Sweep:
 
     def fill(self, study: optuna.Study, experiment_id: str) -> int:
         """Queue every point of the new study, in grid order; returns how many."""
-        ordered = grid_order(list(self.configs))
         # what a reader of the study (Optuna's dashboard) should know: its "best trial" is one lucky seed
         study.set_user_attr(ATTR_ANSWER, f"the configs ranked by their seed mean of {self.select}, with intervals and "
                             "'=' marks: the description and summary.md of the MLflow parent run (user attribute "
                             f"{ATTR_PARENT}); Optuna's best trial is the best single (config, seed), not the answer")
-        for config in ordered:
-            study.enqueue_trial(point(config), user_attrs={ATTR_POINT: label(config)})
-        return len(ordered)
+        return self.points.fill(study)
 
     def more(self, study: optuna.Study) -> bool:
-        return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        return Points.more(study)
+
+    def callbacks(self) -> list:
+        return []
 
     def objective(self, shared: SharedStudy, data: Dataset, hooks: Hooks):
-        ordered = grid_order(list(self.configs))
-        by_point = {(c.run_name, c.seed): c for c in ordered}
-        names, seed_values = list(dict.fromkeys(c.run_name for c in ordered)), sorted({c.seed for c in ordered})
-        todo = len(shared.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        started, ran = time.monotonic(), [0]
-
-        def objective(trial: optuna.Trial) -> float:
-            if ATTR_POINT not in trial.user_attrs:  # not from the queue: the sampler's, as the queue ran dry
-                trial.set_user_attr(ATTR_NO_POINT, NO_POINT)
-                raise optuna.TrialPruned(NO_POINT)
-            config = by_point[(trial.suggest_categorical("config", names), trial.suggest_categorical("seed", seed_values))]
-            why = self.raced_out(shared.study, config)
-            if why:
-                trial.set_user_attr(ATTR_RACED_OUT, why)
-                if hooks.on_raced is not None:
-                    hooks.on_raced(config, why)
-                raise optuna.TrialPruned(why)  # no MLflow run: nothing was trained
-            if hooks.on_start is not None:
-                k, elapsed = ran[0], time.monotonic() - started
-                hooks.on_start(k, max(todo, k + 1), config, elapsed, elapsed / k * (todo - k) if k and todo > k else None)
-            ran[0] += 1
-            on_epoch_end, on_batch = hooks.progress(trial, config) if hooks.progress else (None, None)
-            try:
-                result = tracked_fit(
-                    config, data, kind=KIND_SWEEP_CHILD, parent_run_id=shared.parent_id,
-                    tags={TAG_TRIAL: trial.number, TAG_STUDY: shared.tag}, on_epoch_end=on_epoch_end,
-                    on_batch=on_batch, on_start=lambda run_id: trial.set_user_attr(ATTR_RUN, run_id))
-            except train.DivergedError:
-                raise  # its run ended FAILED with the reason; `catch` keeps the worker going
-            except BaseException:
-                # Interrupted, or the tracking server gone (which would fail every config alike: it stops the
-                # worker): this worker, the trial's one owner, queues the point again for the resume.
-                requeue(trial)
-                raise
-            return result.final[self.select]
-
-        return objective
+        return self.points.objective(shared, data, hooks, kind=KIND_SWEEP_CHILD)
 
     def report(self, shared: SharedStudy) -> SweepResult:
-        raced_points, raced = {}, {}
-        group = {c.run_name: c.group for c in self.configs}
-        for t in shared.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
-            if ATTR_RACED_OUT in t.user_attrs:
-                raced_points[(t.params["config"], t.params["seed"])] = t.user_attrs[ATTR_RACED_OUT]
-                raced.setdefault(group[t.params["config"]], t.user_attrs[ATTR_RACED_OUT])
-        result = summarize(shared.parent_id, list(self.configs), self.select, raced_points, raced)
+        raced_points, raced = self.points.raced(shared.study)
+        result = summarize(shared.parent_id, self.points, shared.tag, raced_points, raced)
         result.skipped, result.study_name, result.retried = shared.completed_before, shared.study_name, shared.retried()
         if result.retried:
             result.markdown += (f"\n\n{result.retried} (config, seed) run(s) were retried after the worker running "
                                 "them was lost (their first runs ended KILLED, `fmnist.failure_reason` \"worker lost\").\n")
         log_summary(result, self.select)
         return result
-
-
-def requeue(trial: optuna.Trial) -> None:
-    """Queue a stopped trial's point again. When the storage is what failed, the point is left to the
-    heartbeats (another worker fails its trial and retries it) and the command's own error names the failure."""
-    try:
-        trial.study.enqueue_trial(trial.params, user_attrs={ATTR_POINT: trial.user_attrs[ATTR_POINT],
-                                                            ATTR_REQUEUED: trial.number})
-    except (optuna.exceptions.StorageInternalError, OSError) as exc:
-        # its trial stays RUNNING with no heartbeat: another worker fails it and retries the point (the
-        # command's own error line says what failed: most likely this same storage)
-        log.info("could not queue point %s again (%s); a worker on the study retries it once its heartbeats stop",
-                 trial.user_attrs[ATTR_POINT], exc)
 
 
 def run_sweep(grid: Grid, configs: list, data: Dataset, *, experiment_id: str, storage_url: str = DEFAULT_STORAGE,
@@ -255,26 +164,12 @@ def run_sweep(grid: Grid, configs: list, data: Dataset, *, experiment_id: str, s
     return shared.close()
 
 
-def summarize(parent_id: str, configs: list, select: str, raced_points: Optional[dict] = None,
+def summarize(parent_id: str, points: Points, study_tag: str, raced_points: Optional[dict] = None,
               raced: Optional[dict] = None) -> SweepResult:
-    """One row per (config, seed) from its newest child (a FINISHED one if any), in grid order; a point
-    in `raced_points` ((run name, seed) -> reason) is RACED OUT; `raced`: config group -> reason."""
-    by_hash: dict = {}
-    for child in child_runs(parent_id):  # newest first
-        key = child.data.tags.get(TAG_CONFIG_HASH)
-        if key not in by_hash or (by_hash[key].info.status != "FINISHED" and child.info.status == "FINISHED"):
-            by_hash[key] = child
-    rows, histories = [], {}
-    for config in configs:
-        child = by_hash.get(config.digest())
-        if child is None:
-            out = (config.run_name, config.seed) in (raced_points or {})
-            rows.append(seeds.row(config, seeds.RACED_OUT if out else "NOT RUN", [], ""))
-            continue
-        history = history_of(child.info.run_id)
-        if child.info.status == "FINISHED":
-            histories.setdefault((config.model, config.loss, config.optimizer), {})[config.seed] = history
-        rows.append(seeds.row(config, child.info.status, history, child.info.run_id))
+    """One row per (config, seed) from its newest run in the study (a FINISHED one if any), in grid order; a
+    point in `raced_points` ((run name, seed) -> reason) is RACED OUT; `raced`: config group -> reason."""
+    rows, histories = points.rows(parent_id, study_tag, KIND_SWEEP_CHILD, raced_points)
+    select = points.select
     aggregated = seeds.aggregate(rows, select, raced)
     return SweepResult(parent_run_id=parent_id, rows=rows, configs=aggregated, best=seeds.best(aggregated),
                        skipped=0, failed=[r for r in rows if r["status"] not in ("FINISHED", seeds.RACED_OUT)],

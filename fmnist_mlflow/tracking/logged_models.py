@@ -118,6 +118,13 @@ def register_model_version(run_id: str, name: str, tags: dict, description: str 
     source = f"models:/{model.model_id}" if model else f"runs:/{run_id}/{MODEL_ARTIFACT}"
     version = c.create_model_version(name, source, run_id=run_id, tags=tags, description=description or None,
                                      model_id=model.model_id if model else None)
+    # Another `fmnist register` may have registered the same run at the same moment: of the versions of this
+    # run, the lowest stands (each process checks after its own create, so both see it) and the others go.
+    same = sorted(int(v.version) for v in c.search_model_versions(f"name = '{name}'")
+                  if v.tags.get(VERSION_SOURCE_RUN) == run_id)
+    if same and same[0] != int(version.version):
+        c.delete_model_version(name, version.version)
+        return register_model_version(run_id, name, tags, description)  # brings the standing one up to date
     _link(model, name, version.version)
     return str(version.version)
 

@@ -23,6 +23,7 @@ reason, time).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -32,10 +33,11 @@ from typing import Optional
 from mlflow.entities import Run
 
 from ..errors import FmnistError
-from ..results import figures, stats
+from ..results import figures, seeds, stats
 from ..results.stats import Estimate
-from ..schema import (KIND_CONFIRM, KIND_EVALUATION, KIND_SWEEP_CHILD, KIND_TRAIN, KIND_TRIAL, TAG_ALIAS_HISTORY,
-                      TAG_CONFIG_GROUP, TAG_CONFIG_HASH, TAG_CONFIG_NAME, TAG_KIND, VERSION_CONFIG, VERSION_SEED_RUNS,
+from ..schema import (KIND_CONFIRM, KIND_EVALUATION, KIND_SEARCH, KIND_SWEEP_CHILD, KIND_TRAIN, KIND_TRIAL,
+                      TAG_ALIAS_HISTORY, TAG_CHAMPION_GROUP, TAG_CONFIG_GROUP, TAG_CONFIG_HASH, TAG_CONFIG_NAME,
+                      TAG_CONFIRM_SEEDS, TAG_CONFIRM_STUDY, TAG_KIND, TAG_STUDY, VERSION_CONFIG, VERSION_SEED_RUNS,
                       VERSION_SOURCE_RUN)
 from ..training.config import better, pick_best
 from ..training.data import Split
@@ -115,6 +117,7 @@ class Selection:
     value: Estimate  # the selection metric over the seeds
     considered: int  # configs compared
     notes: tuple  # what was left out, and why
+    decided_by: str = ""  # which comparison chose the config (the version's description says it)
 
 
 def group_of(run) -> str:
@@ -122,7 +125,19 @@ def group_of(run) -> str:
     return tags.get(TAG_CONFIG_GROUP) or tags.get(TAG_CONFIG_HASH) or run.info.run_id
 
 
+def row_of(run) -> seeds.RunRow:
+    """A finished run as a row of the comparison the sweep and the confirm make (`seeds.aggregate`)."""
+    p, m = run_params(run), run.data.metrics
+    return seeds.RunRow(model=p.get("model", ""), loss=p.get("loss", ""), optimizer=p.get("optimizer", ""),
+                        lr=float(p.get("lr", 0) or 0), seed=int(p.get("seed", 0) or 0), status="FINISHED",
+                        train_loss=m.get("train_loss"), val_loss=m.get("val_loss"), val_nll=m.get("val_nll"),
+                        val_accuracy=m.get("val_accuracy"), train_seconds=0.0, group=group_of(run),
+                        run_id=run.info.run_id)
+
+
 def choose(runs: list, select: str) -> Selection:
+    """The config the main job's comparison names best among `runs` (`seeds.aggregate`: the best seed mean
+    among the configs with every seed; the one the sweep and the confirm use), and its seed best on `select`."""
     notes = []
     finite = [r for r in runs if _finite(r, select)]
     if len(finite) < len(runs):
@@ -132,6 +147,12 @@ def choose(runs: list, select: str) -> Selection:
     kept, note = comparable(finite)
     if note:
         notes.append(note)
+    if any(r.data.tags.get(TAG_KIND) == KIND_CONFIRM for r in kept):
+        trials = [r for r in kept if r.data.tags.get(TAG_KIND) == KIND_TRIAL]
+        if trials:
+            notes.append(f"{len(trials)} search trial run(s) were left out: a trial's one seed is the draw that made it "
+                         "a contender, which its confirm re-ran on fresh seeds")
+            kept = [r for r in kept if r.data.tags.get(TAG_KIND) != KIND_TRIAL]
     groups: dict = {}
     for r in kept:
         groups.setdefault(group_of(r), []).append(r)
@@ -140,12 +161,64 @@ def choose(runs: list, select: str) -> Selection:
         if single:
             notes.append(f"{single} single-seed config(s) were left out: one seed cannot be weighed against a mean")
         groups = {k: g for k, g in groups.items() if len(g) > 1}
-    estimates = {k: stats.estimate([r.data.metrics[select] for r in g], fraction=select == "val_accuracy")
-                 for k, g in groups.items()}
-    best = pick_best(list(groups), select, key=lambda k: estimates[k].mean)
-    chosen = groups[best]
+    most = max(len(g) for g in groups.values())
+    # as in a raced sweep or confirm: the best is a config that got every seed (one with fewer seeds was
+    # raced out, or lost a seed)
+    fewer = {k: f"fewer seeds ({len(g)} of {most})" for k, g in groups.items() if len(g) < most}
+    configs = seeds.aggregate([row_of(r) for g in groups.values() for r in g], select, fewer)
+    winner = seeds.best(configs)
+    chosen = groups[winner.group]
     pick = pick_best(chosen, select, key=lambda r: r.data.metrics[select])
-    return Selection(chosen, pick, estimates[best], len(groups), tuple(notes))
+    return Selection(chosen, pick, getattr(winner, select), len(groups), tuple(notes),
+                     f"the best seed mean of {select} among {len(groups)} comparable config(s)")
+
+
+def confirmed(parent: Run, select: str) -> Optional[Selection]:
+    """The champion a search's confirm named (`studies.confirm`), as its seed runs, or None when `parent` holds
+    no finished confirm. The statistics are the confirm's: its seeds, its ranking."""
+    tags = parent.data.tags
+    group, study = tags.get(TAG_CHAMPION_GROUP), tags.get(TAG_CONFIRM_STUDY)
+    if not group or not study:
+        return None
+    runs = [r for r in child_runs(parent.info.run_id)
+            if r.info.status == "FINISHED" and r.data.tags.get(TAG_KIND) == KIND_CONFIRM and r.data.tags.get(TAG_STUDY) == study]
+    chosen = [r for r in runs if group_of(r) == group and _finite(r, select)]
+    if not chosen:
+        raise RegistryError(f"search run {parent.info.run_id} names a champion (config {group}) whose confirm runs "
+                            "are gone")
+    if select != run_params(parent).get("metric", "val_accuracy"):
+        return None  # the confirm ranked on another metric: compare the runs by `select` instead
+    value = stats.estimate([r.data.metrics[select] for r in chosen], fraction=select == "val_accuracy")
+    pick = pick_best(chosen, select, key=lambda r: r.data.metrics[select])
+    seeds_ = tags.get(TAG_CONFIRM_SEEDS, "")
+    return Selection(chosen, pick, value, len({group_of(r) for r in runs}), (),
+                     f"the champion of the confirm of search {parent.info.run_name} (seeds {seeds_}: the best seed mean "
+                     f"of {select} among {len({group_of(r) for r in runs})} contender(s), the search's best trials and "
+                     "its baselines, compared by a two-sided pooled-noise t-test: confirm.md on the search's run)")
+
+
+def select_runs(select: str, *, experiment: Optional[str] = None, parent_run_id: Optional[str] = None,
+                run_id: Optional[str] = None) -> Selection:
+    """What `fmnist register` registers: one run; a search's confirmed champion (the newest confirmed search of
+    the experiment, or the one given); else the best config among the finished runs of the scope."""
+    if run_id:
+        return choose(candidates(run_id=run_id), select)
+    if parent_run_id:
+        found = confirmed(get_run(parent_run_id), select)
+        return found or choose(candidates(parent_run_id=parent_run_id), select)
+    experiment_id = find_experiment(experiment)
+    if experiment_id is None:
+        raise RegistryError(f"experiment {experiment!r} does not exist")
+    searches = [r for r in find_runs([experiment_id], {TAG_KIND: KIND_SEARCH}) if TAG_CONFIRM_STUDY in r.data.tags]
+    for search in searches:  # newest first
+        found = confirmed(search, select)
+        if found is not None:
+            others = len(searches) - 1
+            note = (f"the newest confirmed search ({search.info.run_name}) names the champion"
+                    + (f"; {others} older confirmed search(es) left aside (--parent-run-id for one)" if others else "")
+                    + "; other runs of the experiment are not weighed against it (its confirm weighed the baselines)")
+            return dataclasses.replace(found, notes=found.notes + (note,))
+    return choose(candidates(experiment=experiment), select)
 
 
 def evaluation_run(run) -> Optional[Run]:
@@ -252,12 +325,13 @@ def held_value(version, select: str) -> float:
 
 def describe(run, selection: Selection, test_acc: Estimate, select: str) -> str:
     config = run.data.tags.get(TAG_CONFIG_NAME, run.info.run_name)
-    seeds = len(selection.runs)
+    n = len(selection.runs)
+    seed_list = ", ".join(sorted((run_params(r).get("seed", "?") for r in selection.runs), key=str))
     spread = (f" ± {100 * test_acc.std:.2f} (95% CI {100 * test_acc.ci95[0]:.2f}-{100 * test_acc.ci95[1]:.2f}%)"
               if test_acc.std is not None else "")
-    return (f"{config}, seed {run_params(run).get('seed', '?')}: the best on {select} of the {seeds} seed run(s) of "
-            f"the config with the best seed mean ({select} {selection.value.mean:.4f}) among {selection.considered} "
-            f"comparable config(s). Test accuracy over its {seeds} seed(s): {100 * test_acc.mean:.2f}%{spread}. "
+    return (f"{config}, seed {run_params(run).get('seed', '?')}: the best on {select} of the {n} seed run(s) (seeds "
+            f"{seed_list}; {select} mean {selection.value.mean:.4f}) of {selection.decided_by or 'the chosen config'}. "
+            f"Test accuracy over its {n} seed(s): {100 * test_acc.mean:.2f}%{spread}. "
             f"Input: {model_store.MODEL_INPUT}; output: 10 float32 logits in class_names order.")
 
 
