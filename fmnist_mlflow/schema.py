@@ -26,6 +26,7 @@ TAG_CONFIG_HASH = "fmnist.config_hash"  # one (config, seed): what resume matche
 TAG_CONFIG_GROUP = "fmnist.config_group"  # shared by the seeds of one config: group by it in the UI
 TAG_CONFIG_NAME = "fmnist.config"  # a readable name of the config, shared by its seeds
 TAG_THREADS = "torch_threads"  # CPU threads the training process used
+TAG_GPU = "fmnist.gpu"  # the host's id of the GPU a `--jobs` worker was pinned to (several GPUs)
 TAG_WORKER = "fmnist.worker"  # host:pid of the process that started the run (which worker ran what)
 
 # --- tags on parents (sweep, search) -----------------------------------------------------------------------
@@ -41,7 +42,8 @@ TAG_CHAMPION = "fmnist.champion_run_id"  # a search parent: the confirmed champi
 TAG_CHAMPION_TRIAL = "fmnist.champion_trial"
 TAG_CHAMPION_GROUP = "fmnist.champion_config_group"
 TAG_CONFIRM_SEEDS = "fmnist.confirm_seeds"  # a search parent: the seeds the champion was confirmed on
-TAG_CONFIRM_STUDY = "fmnist.confirm_study"  # a search parent: the confirm study whose finished answer it holds
+TAG_CONFIRM_STUDY = "fmnist.confirm_study"  # a search parent: the confirm study whose finished answer it holds;
+#                                             a confirm run: the confirm study it belongs to
 TAG_STOPPED = "fmnist.stopped_because"  # a search parent: why the study stopped itself (when it did)
 TAG_TRIALS = "fmnist.trials"  # a search parent: trials in the study (and fmnist.trials_<state> per state)
 TAG_PRUNER_REPLAY = "fmnist.pruner_replay"  # a search parent, + ".<pruner>": what that pruner would have stopped
@@ -61,6 +63,8 @@ TAG_BEST_TRIAL = "fmnist.best_trial"  # "true" on the run of a study's best tria
 # --- Optuna study and trial attributes ----------------------------------------------------------------------
 ATTR_PARENT = "mlflow_parent_run_id"  # study: the MLflow parent run every worker logs under (set last: ready)
 ATTR_HOLDS = "fmnist_holds"  # study: "grid <name> <digest>" or "space <name> <digest>": workers must agree
+ATTR_CONTENDERS = "contenders"  # confirm study: the contenders it runs (name, trial, params, roles), fixed by its creator
+ATTR_SEARCH_STUDY = "search_study"  # confirm study: the search study it confirms
 ATTR_CHAMPION = "champion"  # search study: the config its confirm named champion (trial, group, run, mean, seeds)
 ATTR_STOPPED = "stopped_because"  # search study: why it stopped itself (studies.stopping)
 ATTR_ANSWER = "answer"  # grid study: where its answer is (the seed-mean ranking on the parent run)

@@ -31,7 +31,7 @@ def read_rows(path: str) -> list:
 
 
 def queue_order(rows: list) -> list:
-    """The sweep's queue: seed by seed, model3 first, else the grid file's order (`sweep.grid_order`)."""
+    """The sweep's queue: seed by seed, model3 first, else the grid file's order (`points.Points.ordered`)."""
     return sorted(rows, key=lambda r: (r["seed"], r["model"] != "model3"))
 
 

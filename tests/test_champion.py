@@ -20,7 +20,7 @@ from fmnist_mlflow.tracking import registry
 def _run(parent_id, kind, group, seed, value, study=""):
     client = mlflow.MlflowClient()
     run = client.create_run("0", tags={schema.TAG_KIND: kind, schema.TAG_CONFIG_GROUP: group, "mlflow.parentRunId": parent_id,
-                                       schema.TAG_STUDY: study}, run_name=f"{group}-seed{seed}")
+                                       schema.TAG_CONFIRM_STUDY: study}, run_name=f"{group}-seed{seed}")
     for key, v in {"model": "model3", "loss": "ce", "optimizer": "adam", "lr": "0.001", "seed": str(seed),
                    "train_size": "600", "epochs": "1"}.items():
         client.log_param(run.info.run_id, key, v)
@@ -104,14 +104,16 @@ def _scripted(values: list, sd: float, patience: int) -> optuna.Study:
 
 
 def test_a_stagnant_search_stops_itself_and_an_improving_one_does_not():
-    # gains of 0.1 points only (sd 0.19 points): after the first trial nothing counts; 3 more and it stops
-    flat = _scripted([0.930, 0.931, 0.920, 0.932, 0.929, 0.933, 0.934], sd=0.0019, patience=3)
+    # steps of 0.15 points at most over the first (sd 0.19 points): no gain after it; 3 more and it stops
+    flat = _scripted([0.930, 0.931, 0.920, 0.9315, 0.929, 0.933, 0.934], sd=0.0019, patience=3)
     assert len(flat.trials) == 4 and "after trial 3" in flat.user_attrs[schema.ATTR_STOPPED]
-    assert "the best is trial 3 (0.9320)" in flat.user_attrs[schema.ATTR_STOPPED]
+    assert "the best is trial 3 (0.9315)" in flat.user_attrs[schema.ATTR_STOPPED]
     # a gain of more than one sd every third trial resets the count
     rising = _scripted([0.90, 0.89, 0.88, 0.91, 0.90, 0.89, 0.92, 0.91, 0.90, 0.93], sd=0.0019, patience=3)
     assert len(rising.trials) == 10 and schema.ATTR_STOPPED not in rising.user_attrs
     assert stopping.stagnated([(0, 0.9, True)] * 1 + [(n, None, True) for n in range(1, 4)], 0.0019, 0) is None  # off
+    # steps smaller than one sd add up: 0.902 is a gain over 0.900 (the last gain), though not over 0.901
+    assert stopping.stagnated([(0, 0.900, True), (1, 0.901, True), (2, 0.902, True), (3, 0.8, True)], 0.0019, 2) is None
 
 
 def test_the_search_command_stops_a_stagnant_study_for_every_worker_and_patience_0_goes_on(store, tmp_path):

@@ -177,6 +177,9 @@ def search(trials, timeout, storage_url, study_name, space_file, sampler, pruner
                              on_wait=on_wait, on_workers=lambda n: click.echo(workers_line(n, threads, jobs, f"--trials {trials}")),
                              on_lost=console.workers_lost)
         shared.run(dataset, jobs=workers, threads=threads, data_dir=data_dir, budget=trials, timeout=timeout, hooks=hooks)
+    else:  # a confirm only: first wait while other workers' trials run (and redo a lost one), so that every
+        # machine confirms the same finished trials
+        shared.run(dataset, jobs=1, budget=0, hooks=engine.Hooks(on_wait=on_wait))
     summary = shared.close()
     console.search_summary(summary, space.metric)
     if confirm_k:

@@ -13,8 +13,12 @@ space file's `seed_sd` stands for the seed spread until two seeds measure it), s
 got every seed. The ranking is `seeds.aggregate`, the main job's comparison (95% intervals, the pooled-noise
 t-test against the best); `fmnist register` registers its champion with these statistics.
 
-The confirm study is named by the search's study and a digest of its contenders, seeds and size: workers
-that see the same finished search join the same confirm; a resumed confirm runs only what is left.
+The confirm study is `<search study>-confirm-<digest of K, the seeds and the size>-<generation>`. The
+process that creates it fixes its contenders (the study's user attribute `contenders`), and every worker
+that joins runs those, whatever it saw of the search: workers that start their confirm a little apart share
+one. A command joins the newest generation while its points are not all done, or when it holds the
+contenders this command would pick (a resume: only what is left runs); once a generation is done and the
+search has moved on (other contenders), the next command starts the next generation.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..results.seeds import MARK_MEANING, aggregate, best, configs_csv, fmt_estimate, ranked
-from ..schema import (ATTR_ANSWER, ATTR_CHAMPION, ATTR_PARENT, ATTR_START_POINT, ATTR_WARM_START, KIND_CONFIRM, KIND_SEARCH,
+from ..schema import (ATTR_ANSWER, ATTR_CHAMPION, ATTR_CONTENDERS, ATTR_SEARCH_STUDY, ATTR_PARENT, ATTR_START_POINT, ATTR_WARM_START, KIND_CONFIRM, KIND_SEARCH,
                       TAG_CHAMPION, TAG_CHAMPION_GROUP, TAG_CHAMPION_TRIAL, TAG_CONFIRM_SEEDS, TAG_CONFIRM_STUDY,
                       TAG_CONFIRMS)
 from ..tracking import records
@@ -58,6 +62,13 @@ class Contender:
     def title(self) -> str:
         return f"{self.name} ({', '.join(self.roles)})"
 
+    def attr(self) -> dict:
+        return {"name": self.name, "trial": self.trial, "params": self.params, "roles": list(self.roles)}
+
+    @classmethod
+    def of(cls, attr: dict) -> "Contender":
+        return cls(attr["name"], attr["trial"], dict(attr["params"]), tuple(attr["roles"]))
+
 
 @dataclass(frozen=True)
 class Confirmation:
@@ -83,6 +94,8 @@ def baselines(study: optuna.Study) -> list:
     (the first trial of each, a completed one where a lost worker's trial was retried)."""
     found: dict = {}
     for t in study.get_trials(deepcopy=False):
+        if not t.params:
+            continue  # still queued: the search never ran it
         if ATTR_WARM_START in t.user_attrs:
             role = "grid best"
         elif ATTR_START_POINT in t.user_attrs:
@@ -130,10 +143,12 @@ class Confirm:
     search: Search
     search_study: str
     parent_id: str  # the search's parent run
-    contenders: tuple  # Contender, in the order above
+    k: int
+    contenders: tuple  # Contender, in the order above (once the study is open: the ones it holds)
     seeds: tuple
     race: bool = True
     search_line: str = ""  # what the search ran (trials, states, why it stopped): the description says it
+    generation: int = 1
     kind: ClassVar[str] = KIND_SEARCH
     catch: ClassVar[tuple] = (train.DivergedError,)
 
@@ -149,14 +164,26 @@ class Confirm:
     def metric(self) -> str:
         return self.search.metric
 
+    @property
+    def device(self) -> str:
+        return self.search.device
+
     def digest(self) -> str:
-        what = {"contenders": [c.params for c in self.contenders], "seeds": list(self.seeds),
-                "settings": dataclasses.asdict(self.search.settings), "space": self.search.space.digest()}
+        """What workers must agree on (not the device: a CPU and a GPU machine may share a confirm)."""
+        settings = {k: v for k, v in dataclasses.asdict(self.search.settings).items() if k != "device"}
+        what = {"k": self.k, "seeds": list(self.seeds), "settings": settings, "space": self.search.space.digest()}
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @property
-    def study_name(self) -> str:
+    def base_name(self) -> str:
         return f"{self.search_study}-confirm-{self.digest()[:8]}"
+
+    @property
+    def study_name(self) -> str:
+        return f"{self.base_name}-{self.generation}"
+
+    def contenders_attr(self) -> list:
+        return [c.attr() for c in self.contenders]
 
     @property
     def holds(self) -> str:
@@ -189,7 +216,8 @@ class Confirm:
         study.set_user_attr(ATTR_ANSWER, f"the contenders ranked by their seed mean of {self.metric}: confirm.md and the "
                             f"description of the MLflow parent run (user attribute {ATTR_PARENT}); Optuna's best "
                             "trial is one lucky (contender, seed), not the answer")
-        study.set_user_attr("search_study", self.search_study)
+        study.set_user_attr(ATTR_SEARCH_STUDY, self.search_study)
+        study.set_user_attr(ATTR_CONTENDERS, self.contenders_attr())
         return self.points.fill(study)
 
     def more(self, study: optuna.Study) -> bool:
@@ -199,7 +227,7 @@ class Confirm:
         return []
 
     def objective(self, shared: SharedStudy, data: Dataset, hooks: Hooks):
-        tags = {c.name: {TAG_CONFIRMS: c.trial} for c in self.contenders}
+        tags = {c.name: {TAG_CONFIRMS: c.trial, TAG_CONFIRM_STUDY: shared.study_name} for c in self.contenders}
         return self.points.objective(shared, data, hooks, kind=KIND_CONFIRM, tags=tags)
 
     def report(self, shared: SharedStudy) -> Confirmation:
@@ -208,7 +236,7 @@ class Confirm:
         the study's points; once the study is done, the first to close writes it and the others find it."""
         points = self.points
         raced_points, raced = points.raced(shared.study)
-        rows, _ = points.rows(shared.parent_id, shared.tag, KIND_CONFIRM, raced_points)
+        rows, _ = points.rows(shared.parent_id, KIND_CONFIRM, {TAG_CONFIRM_STUDY: shared.study_name}, raced_points)
         configs = aggregate(rows, self.metric, raced)
         by_name = {c.name: c for c in self.contenders}
         contender_of = {config.group: by_name[name] for name, config in zip(points.names, points.configs)}
@@ -220,11 +248,11 @@ class Confirm:
         finished = not shared.study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
         from ..tracking.queries import get_run
 
-        written = get_run(shared.parent_id).data.tags.get(TAG_CONFIRM_STUDY) == shared.tag
+        written = get_run(shared.parent_id).data.tags.get(TAG_CONFIRM_STUDY) == shared.study_name
         if finished and written:
             return done  # another worker closed the same finished study first: the same answer is there
         tags, metrics = {}, {}
-        if champion is not None:
+        if finished and champion is not None:  # an unfinished confirm shows its table, and crowns nobody
             est = getattr(champion, self.metric)
             tags = {TAG_CHAMPION: champion.best_run_id, TAG_CHAMPION_TRIAL: contender_of[champion.group].trial,
                     TAG_CHAMPION_GROUP: champion.group, TAG_CONFIRM_SEEDS: ",".join(map(str, self.seeds)),
@@ -235,7 +263,7 @@ class Confirm:
                 metrics.update({f"champion_{self.metric}_std": est.std, f"champion_{self.metric}_ci95_low": est.ci95[0],
                                 f"champion_{self.metric}_ci95_high": est.ci95[1]})
         if finished:
-            tags[TAG_CONFIRM_STUDY] = shared.tag  # last: the answer is complete
+            tags[TAG_CONFIRM_STUDY] = shared.study_name  # last: the answer is complete
         records.log_report(texts={"confirm.md": done.markdown, "confirm.csv": configs_csv(configs, self.metric)},
                            tags=tags, metrics=metrics)
         if finished and champion is not None:
@@ -254,14 +282,34 @@ def plan(shared: SharedStudy, *, k: int, seeds: tuple, race: bool = True, search
     """The confirm of a search's study as it stands: its K best completed trials and its baselines."""
     search = shared.plan
     chosen = contenders(shared.study, search.space, search.settings, k)
-    return Confirm(search, shared.study_name, shared.parent_id, tuple(chosen), tuple(seeds), race, search_line)
+    return Confirm(search, shared.study_name, shared.parent_id, k, tuple(chosen), tuple(seeds), race, search_line)
+
+
+def open_confirm(confirm: Confirm, storage_url: str, experiment_id: str) -> SharedStudy:
+    """Create or join the confirm study (see the module's docstring for which generation); its plan holds the
+    contenders the study was created with."""
+    storage, _ = open_storage(storage_url)
+    names = set(optuna.get_all_study_names(storage))
+    generation = 1
+    while f"{confirm.base_name}-{generation}" in names:
+        held = optuna.load_study(study_name=f"{confirm.base_name}-{generation}", storage=storage)
+        if held.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)) or \
+                held.user_attrs.get(ATTR_CONTENDERS) in (None, confirm.contenders_attr()):
+            break  # in progress (join it), or this same confirm (resume it), or not filled yet (wait for it)
+        generation += 1
+    confirm = dataclasses.replace(confirm, generation=generation)
+    shared = SharedStudy.open(confirm, storage_url, confirm.study_name, experiment_id)
+    held = tuple(Contender.of(a) for a in shared.study.user_attrs[ATTR_CONTENDERS])
+    if held != confirm.contenders:  # created by another worker, which saw the search otherwise
+        shared = dataclasses.replace(shared, plan=dataclasses.replace(confirm, contenders=held))
+    return shared
 
 
 def run_confirm(confirm: Confirm, data: Dataset, *, storage_url: str, experiment_id: str, jobs: int = 1, threads: int = 0,
                 data_dir: Optional[str] = None, hooks: Hooks = Hooks()) -> Confirmation:
     """Open the confirm study (creating it and queueing its points the first time), run the points still
     waiting (in this process or in `jobs` worker processes), and rank the contenders on the search's parent."""
-    shared = SharedStudy.open(confirm, storage_url, confirm.study_name, experiment_id)
+    shared = open_confirm(confirm, storage_url, experiment_id)
     left = len(shared.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     shared.run(data, jobs=min(jobs, left) if left > 1 else 1, threads=threads, data_dir=data_dir, hooks=hooks)
     return shared.close()
@@ -303,9 +351,13 @@ def baselines_line(done: Confirmation) -> str:
     if not done.baselines:
         return "No baseline was confirmed beside it."
     marks = "; ".join(f"{who.title}: {vs_mark(c)}" for who, c in done.baselines)
-    beaten = all(c.same_as_best is False for _, c in done.baselines)
-    return (f"Against the baselines on the same seeds: {marks}. "
-            + ("The search beat every baseline." if beaten else "'=': the search is not shown better than that baseline."))
+    if all(c.same_as_best is False for _, c in done.baselines):
+        verdict = "The search beat every baseline."
+    elif any(c.p_vs_best is None for _, c in done.baselines):
+        verdict = "'-': not compared (one seed each: no spread to test with)."
+    else:
+        verdict = "'=': the search is not shown better than that baseline."
+    return f"Against the baselines on the same seeds: {marks}. {verdict}"
 
 
 def description(done: Confirmation, seeds: tuple, metric: str, search_line: str, link: str) -> str:

@@ -140,14 +140,14 @@ class Points:
 
         return objective
 
-    def rows(self, parent_id: str, study_tag: str, kind: str, raced_points: Optional[dict] = None) -> tuple:
-        """(one summary row per point from its newest run of `kind` in this study (a FINISHED one if any), in
-        the given order; {(model, loss, optimizer): {seed: per-epoch metrics}} of the finished ones). A
-        point in `raced_points` ((name, seed) -> why) is RACED OUT."""
+    def rows(self, parent_id: str, kind: str, match: Optional[dict] = None, raced_points: Optional[dict] = None) -> tuple:
+        """(one summary row per point from its newest child run of `kind` (carrying the tags `match`; a
+        FINISHED one if any), in the given order; {(model, loss, optimizer): {seed: per-epoch metrics}} of the
+        finished ones). A point in `raced_points` ((name, seed) -> why) is RACED OUT."""
         by_hash: dict = {}
         for child in child_runs(parent_id):  # newest first
             tags = child.data.tags
-            if tags.get(TAG_KIND) != kind or tags.get(TAG_STUDY) != study_tag:
+            if tags.get(TAG_KIND) != kind or any(tags.get(k) != v for k, v in (match or {}).items()):
                 continue
             key = tags.get(TAG_CONFIG_HASH)
             if key not in by_hash or (by_hash[key].info.status != "FINISHED" and child.info.status == "FINISHED"):

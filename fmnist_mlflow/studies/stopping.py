@@ -1,8 +1,9 @@
 """A search that stops itself once further trials are unlikely to beat its best by more than the seed noise.
 
 The rule (stagnation in units of the seed spread): the trials are taken in the order they started; a trial
-*gains* when its value beats the best of the trials before it by more than one seed standard deviation (the
-space file's `seed_sd`: what a second seed of the same config would move). Once `patience` trials have
+*gains* when its value beats the value of the last trial that gained by more than one seed standard
+deviation (the space file's `seed_sd`: what a second seed of the same config would move), so that small
+steps add up to a gain; the first trial gains. Once `patience` trials have
 finished (completed, pruned or failed: a pruned trial was below the median, no gain) since the last gain,
 the study stops: the best it has is within one seed's noise of what the next trials found, so the confirm,
 on fresh seeds, decides among them. Replayed on every committed study before it was made the default
@@ -29,20 +30,22 @@ def stagnated(trials: list, sd: float, patience: int, maximize: bool = True) -> 
     order they started; a None value (pruned, failed) never gains."""
     if patience <= 0:
         return None
-    best, best_number, last_gain, since = None, None, None, 0
+    best, best_number, anchor, last_gain, since = None, None, None, None, 0
     for number, value, finished in sorted(trials, key=lambda t: t[0]):
         if not finished:
             continue
-        if value is not None and (best is None or (value - best if maximize else best - value) > sd):
-            best, best_number, last_gain, since = value, number, number, 0
+        if value is not None and (anchor is None or (value - anchor if maximize else anchor - value) > sd):
+            anchor, last_gain, since = value, number, 0  # a gain over the last gain
+            if best is None or (value > best if maximize else value < best):
+                best, best_number = value, number
             continue
         if value is not None and (value > best if maximize else value < best):
-            best, best_number = value, number  # better, within the noise: the best, but no gain
+            best, best_number = value, number  # better, within the noise of the last gain: the best, no gain
         since += 1
     if best is None or since < patience:
         return None
-    return (f"no trial of the {since} finished since trial {last_gain} beat the best before it by more than one seed sd "
-            f"({sd:.4g}); the best is trial {best_number} ({best:.4f}): within the noise of the trials after it")
+    return (f"no trial of the {since} finished since trial {last_gain} beat it by more than one seed sd ({sd:.4g}); "
+            f"the best is trial {best_number} ({best:.4f}): the trials after it are within its noise")
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,10 @@ class Sweep:
         return self.select
 
     @property
+    def device(self) -> str:
+        return self.configs[0].device
+
+    @property
     def holds(self) -> str:
         return f"grid {self.grid.name} {sweep_digest(list(self.configs))}"
 
@@ -139,7 +143,7 @@ class Sweep:
 
     def report(self, shared: SharedStudy) -> SweepResult:
         raced_points, raced = self.points.raced(shared.study)
-        result = summarize(shared.parent_id, self.points, shared.tag, raced_points, raced)
+        result = summarize(shared.parent_id, self.points, raced_points, raced)
         result.skipped, result.study_name, result.retried = shared.completed_before, shared.study_name, shared.retried()
         if result.retried:
             result.markdown += (f"\n\n{result.retried} (config, seed) run(s) were retried after the worker running "
@@ -164,11 +168,11 @@ def run_sweep(grid: Grid, configs: list, data: Dataset, *, experiment_id: str, s
     return shared.close()
 
 
-def summarize(parent_id: str, points: Points, study_tag: str, raced_points: Optional[dict] = None,
+def summarize(parent_id: str, points: Points, raced_points: Optional[dict] = None,
               raced: Optional[dict] = None) -> SweepResult:
-    """One row per (config, seed) from its newest run in the study (a FINISHED one if any), in grid order; a
-    point in `raced_points` ((run name, seed) -> reason) is RACED OUT; `raced`: config group -> reason."""
-    rows, histories = points.rows(parent_id, study_tag, KIND_SWEEP_CHILD, raced_points)
+    """One row per (config, seed) from its newest child (a FINISHED one if any), in grid order; a point in
+    `raced_points` ((run name, seed) -> reason) is RACED OUT; `raced`: config group -> reason."""
+    rows, histories = points.rows(parent_id, KIND_SWEEP_CHILD, raced_points=raced_points)
     select = points.select
     aggregated = seeds.aggregate(rows, select, raced)
     return SweepResult(parent_run_id=parent_id, rows=rows, configs=aggregated, best=seeds.best(aggregated),

@@ -37,7 +37,7 @@ from ..results import figures, seeds, stats
 from ..results.stats import Estimate
 from ..schema import (KIND_CONFIRM, KIND_EVALUATION, KIND_SEARCH, KIND_SWEEP_CHILD, KIND_TRAIN, KIND_TRIAL,
                       TAG_ALIAS_HISTORY, TAG_CHAMPION_GROUP, TAG_CONFIG_GROUP, TAG_CONFIG_HASH, TAG_CONFIG_NAME,
-                      TAG_CONFIRM_SEEDS, TAG_CONFIRM_STUDY, TAG_KIND, TAG_STUDY, VERSION_CONFIG, VERSION_SEED_RUNS,
+                      TAG_CONFIRM_SEEDS, TAG_CONFIRM_STUDY, TAG_KIND, VERSION_CONFIG, VERSION_SEED_RUNS,
                       VERSION_SOURCE_RUN)
 from ..training.config import better, pick_best
 from ..training.data import Split
@@ -94,12 +94,14 @@ def _finite(run, select: str) -> bool:
     return value is not None and math.isfinite(value) and math.isfinite(run.data.metrics.get("val_nll", 0.0))
 
 
+def regime(run) -> tuple:
+    """(training images, epochs) of a run: runs compare only within one."""
+    p = run_params(run)
+    return int(p.get("train_size", 0) or 0), int(p.get("epochs", 0) or 0)
+
+
 def comparable(runs: list) -> tuple:
     """(the runs trained like the most complete ones, a note on what was left out)."""
-    def regime(r) -> tuple:
-        p = run_params(r)
-        return int(p.get("train_size", 0) or 0), int(p.get("epochs", 0) or 0)
-
     if not runs:
         return runs, ""
     top = max(regime(r) for r in runs)
@@ -154,8 +156,14 @@ def choose(runs: list, select: str) -> Selection:
                          "a contender, which its confirm re-ran on fresh seeds")
             kept = [r for r in kept if r.data.tags.get(TAG_KIND) != KIND_TRIAL]
     groups: dict = {}
-    for r in kept:
-        groups.setdefault(group_of(r), []).append(r)
+    seen = set()
+    for r in sorted(kept, key=lambda r: -r.info.start_time):  # one run per (config, seed): the newest
+        key = (group_of(r), run_params(r).get("seed"))
+        if key not in seen:
+            seen.add(key)
+            groups.setdefault(key[0], []).append(r)
+    if len(seen) < len(kept):
+        notes.append(f"{len(kept) - len(seen)} older run(s) of a (config, seed) that ran again were left out")
     if any(len(g) > 1 for g in groups.values()):
         single = sum(len(g) == 1 for g in groups.values())
         if single:
@@ -178,16 +186,14 @@ def confirmed(parent: Run, select: str) -> Optional[Selection]:
     no finished confirm. The statistics are the confirm's: its seeds, its ranking."""
     tags = parent.data.tags
     group, study = tags.get(TAG_CHAMPION_GROUP), tags.get(TAG_CONFIRM_STUDY)
-    if not group or not study:
-        return None
-    runs = [r for r in child_runs(parent.info.run_id)
-            if r.info.status == "FINISHED" and r.data.tags.get(TAG_KIND) == KIND_CONFIRM and r.data.tags.get(TAG_STUDY) == study]
+    if not group or not study or select != run_params(parent).get("metric", "val_accuracy"):
+        return None  # no finished confirm, or one that ranked on another metric: compare the runs by `select`
+    runs = [r for r in child_runs(parent.info.run_id) if r.info.status == "FINISHED"
+            and r.data.tags.get(TAG_KIND) == KIND_CONFIRM and r.data.tags.get(TAG_CONFIRM_STUDY) == study]
     chosen = [r for r in runs if group_of(r) == group and _finite(r, select)]
     if not chosen:
         raise RegistryError(f"search run {parent.info.run_id} names a champion (config {group}) whose confirm runs "
                             "are gone")
-    if select != run_params(parent).get("metric", "val_accuracy"):
-        return None  # the confirm ranked on another metric: compare the runs by `select` instead
     value = stats.estimate([r.data.metrics[select] for r in chosen], fraction=select == "val_accuracy")
     pick = pick_best(chosen, select, key=lambda r: r.data.metrics[select])
     seeds_ = tags.get(TAG_CONFIRM_SEEDS, "")
@@ -209,16 +215,18 @@ def select_runs(select: str, *, experiment: Optional[str] = None, parent_run_id:
     experiment_id = find_experiment(experiment)
     if experiment_id is None:
         raise RegistryError(f"experiment {experiment!r} does not exist")
+    runs = candidates(experiment=experiment)
+    top = max((regime(r) for r in runs), default=(0, 0))
     searches = [r for r in find_runs([experiment_id], {TAG_KIND: KIND_SEARCH}) if TAG_CONFIRM_STUDY in r.data.tags]
     for search in searches:  # newest first
         found = confirmed(search, select)
-        if found is not None:
+        if found is not None and regime(found.pick) == top:  # a smoke search does not stand for a full-data one
             others = len(searches) - 1
             note = (f"the newest confirmed search ({search.info.run_name}) names the champion"
                     + (f"; {others} older confirmed search(es) left aside (--parent-run-id for one)" if others else "")
                     + "; other runs of the experiment are not weighed against it (its confirm weighed the baselines)")
             return dataclasses.replace(found, notes=found.notes + (note,))
-    return choose(candidates(experiment=experiment), select)
+    return choose(runs, select)
 
 
 def evaluation_run(run) -> Optional[Run]:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 TRAINING_KINDS = (KIND_TRAIN, KIND_SWEEP_CHILD, KIND_TRIAL, KIND_CONFIRM)  # runs that train: system metrics
 # Runs one process opens and closes by itself; a sweep's children and a search's trials are the engine's
 # to reap (by their trial's state), and parents are held open by several workers in turn.
-SOLO_KINDS = (KIND_TRAIN, KIND_CONFIRM, KIND_EVALUATION)
+SOLO_KINDS = (KIND_TRAIN, KIND_EVALUATION)  # (a confirm's runs are the engine's too)
 ABANDONED_REASON = ("abandoned: its process on this machine ended without closing it (e.g. the tracking store's disk "
                     "was full, or it was killed); ended by the next fmnist command")
 ENDED_RUNS = "fmnist_ended_runs"  # attribute of an interrupt: the runs it ended KILLED, innermost first
