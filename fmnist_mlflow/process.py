@@ -23,6 +23,7 @@ MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_
                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_LOGGING_LEVEL": "WARNING",
                    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
 EXIT_INTERRUPTED = 130  # what a shell reports for a process ended by Ctrl-C (128 + SIGINT)
+ENV_GPU = "FMNIST_GPU"  # in a `--jobs` worker pinned to one GPU: the host's id of it (its runs' tag fmnist.gpu)
 SYSTEM_METRICS = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"  # MLflow's own switch, read by `tracking.runs`
 
 
@@ -34,6 +35,13 @@ def environment(system_metrics: Optional[bool] = None) -> Iterator[None]:
     changes = {k: v for k, v in MLFLOW_DEFAULTS.items() if k not in os.environ}
     if system_metrics is not None:
         changes[SYSTEM_METRICS] = "true" if system_metrics else "false"
+    with variables(changes):
+        yield
+
+
+@contextlib.contextmanager
+def variables(changes: dict) -> Iterator[None]:
+    """These environment variables for the block (and the processes it starts), as they were afterwards."""
     before = {k: os.environ.get(k) for k in changes}
     os.environ.update(changes)
     try:

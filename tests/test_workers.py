@@ -202,3 +202,41 @@ def test_a_jobs_2_sweep_whose_worker_is_sigkilled_still_ends_well(store, tmp_pat
     finished = [r.data.tags[schema.TAG_CONFIG_HASH] for r in runs
                 if r.data.tags.get(schema.TAG_KIND) == schema.KIND_SWEEP_CHILD and r.info.status == "FINISHED"]
     assert len(finished) == len(set(finished)) == 4  # every point once, the lost one redone
+
+
+def _report_gpu(path, started_with) -> None:
+    import torch
+
+    path.write_text(f"{started_with},{os.environ.get('FMNIST_GPU')},{torch.cuda.device_count()}")
+
+
+def test_workers_are_pinned_each_to_its_gpu_from_their_start(tmp_path):
+    """On a host with several GPUs, `--jobs` workers get one each (`hardware.worker_gpus`, round robin): a
+    worker starts with CUDA_VISIBLE_DEVICES naming its GPU alone (it is in its environment when its arguments
+    are unpickled, before anything imports torch)."""
+    from fmnist_mlflow.studies import workers
+    from fmnist_mlflow.training import hardware
+
+    paths = [tmp_path / "a", tmp_path / "b"]
+    codes = workers.run_workers(_report_gpu, [(p, _Visible()) for p in paths], "sqlite:///unused.db", threads=1,
+                                gpus=["3", "5"])
+    assert codes == [0, 0]
+    seen = [p.read_text().split(",") for p in paths]
+    assert [s[:2] for s in seen] == [["3", "3"], ["5", "5"]]
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ  # the command's own environment is as it was
+    gpus = hardware.cuda_devices()
+    if len(gpus) > 1:  # a multi-GPU host: one worker per GPU, each alone on its own
+        assert hardware.worker_gpus("cuda", len(gpus)) == gpus and hardware.default_jobs("cuda", 18, 0) == len(gpus)
+    else:  # here: nothing to pin
+        assert hardware.worker_gpus("cuda", 2) == [] and hardware.worker_gpus("cpu", 2) == []
+
+
+class _Visible:
+    """Unpickled in the worker before its target runs: records CUDA_VISIBLE_DEVICES at that moment."""
+
+    def __reduce__(self):
+        return (_visible_now, ())
+
+
+def _visible_now() -> str:
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "")

@@ -34,6 +34,7 @@ from ..urls import redact
 from . import workers
 from .storage import (WAIT_POLL_S, StorageError, check_parent, check_rules, delete_half_made, heartbeat_interval, open_storage,
                       retried, study_tag, wait_until_ready)
+from ..training.hardware import worker_gpus
 from .workers import Budget
 
 ORPHAN_REASON = ("orphaned: found RUNNING when its study resumed, with its trial already ended (its process "
@@ -66,6 +67,7 @@ class Plan(Protocol):
     #                           the process that creates the study creates it
     direction: str  # "maximize" or "minimize"
     metric: str  # what a trial's value is (a key of training.config.SELECT), named in Optuna's dashboard
+    device: str  # where its trials train ("cpu", "cuda"): several GPUs get a worker each
     catch: tuple  # exceptions that fail one trial, not the worker
 
     @property
@@ -208,7 +210,8 @@ class SharedStudy:
         with open_run(self.plan.name, kind=self.plan.kind, run_id=self.parent_id):
             if hooks.on_workers is not None:
                 hooks.on_workers(len(job_list))
-            codes = workers.run_workers(run_job, [(job,) for job in job_list], tracking_uri(), threads)
+            gpus = worker_gpus(self.plan.device, len(job_list))
+            codes = workers.run_workers(run_job, [(job,) for job in job_list], tracking_uri(), threads, gpus)
             self.check_workers(codes, hooks)
         return len(job_list)
 

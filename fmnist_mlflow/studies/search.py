@@ -89,6 +89,10 @@ class Search:
         return self.space.metric
 
     @property
+    def device(self) -> str:
+        return self.settings.device
+
+    @property
     def holds(self) -> str:
         return f"space {self.space.name} {self.space.digest()}, {self.settings.epochs} epochs, subset {self.settings.subset}"
 

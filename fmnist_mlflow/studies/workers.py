@@ -2,7 +2,9 @@
 
 Workers are spawned (a fresh interpreter each: safe with CUDA and with MLflow's process-wide state),
 get the tracking URI explicitly, and turn SIGTERM into KeyboardInterrupt so that their open run ends
-KILLED (`process`). On CUDA they share the one GPU. `Budget` is the trial budget a command's workers share.
+KILLED (`process`). On a host with several GPUs each worker is pinned to one: it starts with
+`CUDA_VISIBLE_DEVICES` naming its GPU alone (in its environment from its first instruction; its runs' tag
+`fmnist.gpu` says which); with one GPU they share it. `Budget` is the trial budget a command's workers share.
 """
 
 from __future__ import annotations
@@ -38,14 +40,17 @@ def _main(target: Callable, tracking_uri: str, threads: int, args: tuple) -> Non
         process.exit_now(process.EXIT_INTERRUPTED)
 
 
-def run_workers(target: Callable, arg_lists: list, tracking_uri: str, threads: int = 0) -> list:
+def run_workers(target: Callable, arg_lists: list, tracking_uri: str, threads: int = 0, gpus: list = ()) -> list:
     """Run `target(*args)` in one process per entry of `arg_lists`; returns their exit codes.
-    Each gets `threads` CPU threads (0: the cores divided between the workers)."""
+    Each gets `threads` CPU threads (0: the cores divided between the workers) and `gpus[i]`, if given, as its
+    only GPU."""
     ctx = multiprocessing.get_context("spawn")
     threads = threads or threads_per_worker(len(arg_lists))
     procs = [ctx.Process(target=_main, args=(target, tracking_uri, threads, args)) for args in arg_lists]
-    for proc in procs:
-        proc.start()
+    for i, proc in enumerate(procs):
+        # a spawned process starts with this environment: its GPU is all CUDA shows it, from its first import
+        with process.variables({"CUDA_VISIBLE_DEVICES": gpus[i], process.ENV_GPU: gpus[i]} if gpus else {}):
+            proc.start()
     try:
         for proc in procs:
             proc.join()

@@ -94,14 +94,34 @@ def usable_cpus() -> int:
     return max(1, min(count, math.ceil(int(quota) / int(period))))
 
 
+def cuda_devices() -> list:
+    """The GPUs this process may use, as the ids `CUDA_VISIBLE_DEVICES` takes: the ones it lists when set
+    (a scheduler's share of the host), else every device torch sees."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return listed[:count] if listed else [str(i) for i in range(count)]
+
+
 def default_jobs(device: str, points: int, subset: int) -> int:
     """`--jobs auto`: on a CPU, one single-threaded worker per core (at most one per point) for full-data
     runs, which measured faster than one process using every core (experiments/BENCHMARKS.md); one process
-    for smoke runs (`--subset`), whose work is smaller than a worker's start-up (imports, data: seconds),
-    and on CUDA (several workers on one GPU are unmeasured: scripts/gpu-check.sh measures them)."""
-    if device == "cuda" or subset:
+    for smoke runs (`--subset`), whose work is smaller than a worker's start-up (imports, data: seconds).
+    On CUDA, one worker per visible GPU (each pinned to its own: `worker_gpus`); more workers on one GPU are
+    unmeasured (scripts/gpu-check.sh measures them)."""
+    if subset:
         return 1
+    if device == "cuda":
+        return max(1, min(len(cuda_devices()), points))
     return max(1, min(usable_cpus(), points))
+
+
+def worker_gpus(device: str, jobs: int) -> list:
+    """The GPU each of `jobs` workers is pinned to (its CUDA_VISIBLE_DEVICES), round robin over the visible
+    ones; empty on a CPU, or with one GPU (nothing to choose)."""
+    gpus = cuda_devices() if device == "cuda" else []
+    return [gpus[i % len(gpus)] for i in range(jobs)] if len(gpus) > 1 else []
 
 
 def describe(device: str) -> str:
