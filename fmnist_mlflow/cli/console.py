@@ -164,7 +164,7 @@ def confirm_raced(config, why: str, label: str) -> None:
 
 def confirmed(done, metric: str) -> None:
     from ..results.seeds import fmt_estimate
-    from ..studies.confirm import baselines_line
+    from ..studies.confirm_report import baselines_line
 
     click.echo("")
     click.echo(done.markdown)

@@ -32,7 +32,7 @@ from typing import ClassVar, Optional
 import optuna
 from optuna.trial import TrialState
 
-from ..results.seeds import MARK_MEANING, aggregate, best, configs_csv, fmt_estimate, ranked
+from ..results.seeds import aggregate, best, configs_csv, ranked
 from ..schema import (ATTR_ANSWER, ATTR_CHAMPION, ATTR_CONTENDERS, ATTR_SEARCH_STUDY, ATTR_PARENT, ATTR_START_POINT, ATTR_WARM_START, KIND_CONFIRM, KIND_SEARCH,
                       TAG_CHAMPION, TAG_CHAMPION_GROUP, TAG_CHAMPION_TRIAL, TAG_CONFIRM_SEEDS, TAG_CONFIRM_STUDY,
                       TAG_CONFIRMS)
@@ -41,9 +41,10 @@ from ..tracking.links import ui_page
 from ..training import train
 from ..training.data import Dataset
 from .engine import Hooks, SharedStudy
-from .points import Points
+from .points import PointPlan, Points
 from .search import Search, SearchSettings
-from .space import Space, brief_params
+from .confirm_report import confirm_markdown, description
+from .space import Space
 from .storage import open_storage
 
 
@@ -136,7 +137,7 @@ def prior_sd(space: Space, settings) -> Optional[float]:
 
 
 @dataclass(frozen=True)
-class Confirm:
+class Confirm(PointPlan):
     """The confirm's plan (a Plan of the engine): its points are (contender, seed); its runs nest under the
     search's parent run, which holds its answer."""
 
@@ -206,12 +207,6 @@ class Confirm:
     def parent_tags(self) -> dict:
         return {}
 
-    def sampler(self, worker: int, finished_before: int) -> optuna.samplers.BaseSampler:
-        return optuna.samplers.RandomSampler(seed=worker)  # never asked while the queue holds a point
-
-    def pruner(self) -> optuna.pruners.BasePruner:
-        return optuna.pruners.NopPruner()
-
     def fill(self, study: optuna.Study, experiment_id: str) -> int:
         study.set_user_attr(ATTR_ANSWER, f"the contenders ranked by their seed mean of {self.metric}: confirm.md and the "
                             f"description of the MLflow parent run (user attribute {ATTR_PARENT}); Optuna's best "
@@ -219,12 +214,6 @@ class Confirm:
         study.set_user_attr(ATTR_SEARCH_STUDY, self.search_study)
         study.set_user_attr(ATTR_CONTENDERS, self.contenders_attr())
         return self.points.fill(study)
-
-    def more(self, study: optuna.Study) -> bool:
-        return Points.more(study)
-
-    def callbacks(self) -> list:
-        return []
 
     def objective(self, shared: SharedStudy, data: Dataset, hooks: Hooks):
         tags = {c.name: {TAG_CONFIRMS: c.trial, TAG_CONFIRM_STUDY: shared.study_name} for c in self.contenders}
@@ -313,63 +302,3 @@ def run_confirm(confirm: Confirm, data: Dataset, *, storage_url: str, experiment
     left = len(shared.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     shared.run(data, jobs=min(jobs, left) if left > 1 else 1, threads=threads, data_dir=data_dir, hooks=hooks)
     return shared.close()
-
-
-def vs_mark(c) -> str:
-    return "**champion**" if c.is_best else "-" if c.p_vs_best is None else \
-        f"{'=' if c.same_as_best else '<'} (p {c.p_vs_best:.3f})"
-
-
-def confirm_markdown(configs: list, contender_of: dict, seeds: tuple, metric: str) -> str:
-    lines = [f"The search's best trials and its baselines, re-run on seeds {', '.join(map(str, seeds))} seed by seed (a contender shown "
-             f"worse than the leader gets no more seeds: raced out), ranked by the mean {metric}; ± standard deviation "
-             "over seeds, [..] 95% interval of the mean; 'vs champion': " + MARK_MEANING + ".",
-             "", "| rank | contender | params | seeds | val_accuracy | 95% CI | val_nll | 95% CI | vs champion |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for rank, c in enumerate(ranked(configs, metric), 1):
-        acc, acc_ci = fmt_estimate(c.val_accuracy, percent=True)
-        nll, nll_ci = fmt_estimate(c.val_nll, percent=False)
-        who = contender_of[c.group]
-        lines.append(f"| {rank} | {who.title} | {brief_params(who.params)} | {len(c.seeds)} | {acc} | {acc_ci} | {nll} | "
-                     f"{nll_ci} | {vs_mark(c)} |")
-    out = [c for c in ranked(configs, metric) if c.raced_out]
-    if out:
-        lines += ["", "Raced out (no more seeds):"]
-        lines += [f"- {contender_of[c.group].name}: {c.raced_out.split('; ')[0]}" for c in out]
-        lines += ["", f"(the seed spread behind the first verdict: {out[0].raced_out.split('; ', 1)[1]})"] if "; " in out[0].raced_out else []
-    return "\n".join(lines) + "\n"
-
-
-def baselines_line(done: Confirmation) -> str:
-    """Whether the search beat its baselines, on the confirm's fresh seeds."""
-    if done.champion is None:
-        return ""
-    champ = done.champion_contender()
-    if champ.baseline:
-        return (f"The champion is a baseline ({', '.join(r for r in champ.roles if not r.startswith('top'))}): the search "
-                "found nothing shown better.")
-    if not done.baselines:
-        return "No baseline was confirmed beside it."
-    marks = "; ".join(f"{who.title}: {vs_mark(c)}" for who, c in done.baselines)
-    if all(c.same_as_best is False for _, c in done.baselines):
-        verdict = "The search beat every baseline."
-    elif any(c.p_vs_best is None for _, c in done.baselines):
-        verdict = "'-': not compared (one seed each: no spread to test with)."
-    else:
-        verdict = "'=': the search is not shown better than that baseline."
-    return f"Against the baselines on the same seeds: {marks}. {verdict}"
-
-
-def description(done: Confirmation, seeds: tuple, metric: str, search_line: str, link: str) -> str:
-    """The search's answer as its parent run's description (the Overview in the MLflow UI)."""
-    c = done.champion
-    who = done.champion_contender()
-    mean, ci = fmt_estimate(getattr(c, metric), metric == "val_accuracy")
-    lines = [f"**Champion: {who.title}**, {metric} {mean} over seeds {', '.join(map(str, c.seeds))} "
-             f"(95% CI {ci}; [its best seed run]({link})): {brief_params(who.params)}.", "",
-             baselines_line(done), ""]
-    if search_line:
-        lines += [search_line, ""]
-    lines += ["The confirm's ranking: `confirm.md` in Artifacts; every trial: `trials.csv`. `fmnist register` "
-              "registers this champion."]
-    return "\n".join(lines) + "\n"

@@ -166,6 +166,23 @@ class Points:
         return rows, histories
 
 
+class PointPlan:
+    """What the plans of fixed-point studies (the sweep, the confirm) share: trials come from the queue, so the
+    sampler is never asked while it holds a point, nothing prunes, and the study is done when the queue is."""
+
+    def sampler(self, worker: int, finished_before: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.RandomSampler(seed=worker)
+
+    def pruner(self) -> optuna.pruners.BasePruner:
+        return optuna.pruners.NopPruner()
+
+    def more(self, study: optuna.Study) -> bool:
+        return Points.more(study)
+
+    def callbacks(self) -> list:
+        return []
+
+
 def requeue(trial: optuna.Trial) -> None:
     """Queue a stopped trial's point again. When the storage is what failed, the point is left to the
     heartbeats (another worker fails its trial and retries it) and the command's own error names the failure."""

@@ -36,7 +36,7 @@ from ..training.data import Dataset
 from ..urls import DEFAULT_STORAGE
 from .engine import Hooks, SharedStudy
 from .grid import Grid, sweep_digest
-from .points import Points
+from .points import PointPlan, Points
 
 
 @dataclass
@@ -62,7 +62,7 @@ def default_study_name(grid: Grid, configs: list, experiment_id: str) -> str:
 
 
 @dataclass(frozen=True)
-class Sweep:
+class Sweep(PointPlan):
     """The grid's plan: what a point's trial is, and what the sweep's parent reports."""
 
     grid: Grid
@@ -118,12 +118,6 @@ class Sweep:
         return Points(tuple(c.run_name for c in self.configs), self.configs, self.select, self.race,
                       self.grid.seed_sd if at_size else None)
 
-    def sampler(self, worker: int, finished_before: int) -> optuna.samplers.BaseSampler:
-        return optuna.samplers.RandomSampler(seed=worker)  # never asked while the queue holds a point
-
-    def pruner(self) -> optuna.pruners.BasePruner:
-        return optuna.pruners.NopPruner()
-
     def fill(self, study: optuna.Study, experiment_id: str) -> int:
         """Queue every point of the new study, in grid order; returns how many."""
         # what a reader of the study (Optuna's dashboard) should know: its "best trial" is one lucky seed
@@ -131,12 +125,6 @@ class Sweep:
                             "'=' marks: the description and summary.md of the MLflow parent run (user attribute "
                             f"{ATTR_PARENT}); Optuna's best trial is the best single (config, seed), not the answer")
         return self.points.fill(study)
-
-    def more(self, study: optuna.Study) -> bool:
-        return Points.more(study)
-
-    def callbacks(self) -> list:
-        return []
 
     def objective(self, shared: SharedStudy, data: Dataset, hooks: Hooks):
         return self.points.objective(shared, data, hooks, kind=KIND_SWEEP_CHILD)
