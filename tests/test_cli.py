@@ -63,7 +63,8 @@ def test_train_logs_everything_to_sqlite(store, monkeypatch):
     assert result.exit_code == 0, result.output
     (run,) = runs()
     assert run.info.status == "FINISHED" and run.info.run_name.startswith("model3-ce-adam-")
-    assert run.info.run_name == run.data.tags["fmnist.config"] == f"model3-ce-adam-{run.data.tags['fmnist.config_group'][:6]}"
+    assert run.data.tags["fmnist.config"] == f"model3-ce-adam-{run.data.tags['fmnist.config_group'][:6]}"
+    assert run.info.run_name == run.data.tags["fmnist.config"] + "-seed0"  # each seed's run says its seed
     params = run.data.params
     assert params["model"] == "model3" and params["lr"] == "0.001" and params["dropout"] == "0.1"
     assert params["train_size"] == "600" and params["val_size"] == "120" and params["device"] == "cpu"

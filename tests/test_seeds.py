@@ -147,9 +147,10 @@ def test_seeded_sweep_groups_seeds_and_resumes_per_config_and_seed(store, tmp_pa
     assert started == [("sgd", 1)] and result.skipped == 3  # only the interrupted (config, seed) runs again
     finished = [c for c in children() if c.info.status == "FINISHED"]
     assert len(finished) == 4
-    for run in finished:  # what the UI groups seeds by: a shared tag and name, and the seed as a param
-        assert run.data.tags[schema.TAG_CONFIG_NAME] == run.info.run_name
-        assert run.info.run_name == f"model1-ce-{run.data.params['optimizer']}-{run.data.tags[schema.TAG_CONFIG_GROUP][:6]}"
+    for run in finished:  # what the UI groups seeds by: a shared tag, and the seed in the name and as a param
+        config_name = f"model1-ce-{run.data.params['optimizer']}-{run.data.tags[schema.TAG_CONFIG_GROUP][:6]}"
+        assert run.data.tags[schema.TAG_CONFIG_NAME] == config_name
+        assert run.info.run_name == f"{config_name}-seed{run.data.params['seed']}"
     groups = {}
     for run in finished:
         groups.setdefault(run.data.tags[schema.TAG_CONFIG_GROUP], set()).add(run.data.params["seed"])

@@ -36,8 +36,8 @@ def sweep_cli(*args):
 
 
 def label(run) -> str:
-    """model-loss-optimizer of a run named model-loss-optimizer-<config digest>."""
-    return run.info.run_name.rsplit("-", 1)[0]
+    """model-loss-optimizer of a run named model-loss-optimizer-<config digest>-seed<N>."""
+    return run.info.run_name.rsplit("-", 2)[0]
 
 
 def all_runs():

@@ -75,7 +75,7 @@ def workers_line(workers: int, threads: int, asked: int, cap: str) -> str:
 def trial_progress(trial, config) -> tuple:
     """(on_epoch_end, on_batch) for a trial's run: a bar and a line per epoch, prefixed with its number and
     named like its run (with the config's digest: trials of one model, loss and optimizer differ in the rest)."""
-    bar = EpochProgress(config, prefix=f"  [trial {trial.number}] ", name=config.run_name)
+    bar = EpochProgress(config, prefix=f"  [trial {trial.number}] ", name=config.seed_name)
     return bar.on_epoch_end, bar.on_batch
 
 

@@ -80,7 +80,7 @@ def train(experiment: str, data_dir: Optional[str], threads: int, **values) -> N
     uri = connection.check_reachable()
     dataset = data_mod.load(data_dir, subset=config.subset)
     _, launched = launcher.enter(experiment)
-    click.echo(f"{config.run_name}: {dataset.sizes['train_size']:,} train / {dataset.sizes['val_size']:,} val "
+    click.echo(f"{config.seed_name}: {dataset.sizes['train_size']:,} train / {dataset.sizes['val_size']:,} val "
                f"images on {config.device}; tracking to {redact(uri)}")
     progress = EpochProgress(config)
     result = tracked_fit(config, dataset, on_epoch_end=progress.on_epoch_end, on_batch=progress.on_batch)

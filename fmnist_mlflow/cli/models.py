@@ -69,7 +69,7 @@ def register(experiment, parent_run_id, run_id, select, name, alias, force, data
 @click.command()
 @click.option("--model-uri", default=DEFAULT_MODEL_URI, show_default=True,
               help="models:/NAME@ALIAS (default: the registered champion), models:/MODEL_ID (printed by train), "
-              "models:/NAME/VERSION, runs:/RUN/CONFIG_NAME, a path...")
+              "models:/NAME/VERSION, runs:/RUN_ID/RUN_NAME (the model is named like its run), a path...")
 @click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())

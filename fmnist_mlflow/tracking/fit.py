@@ -59,7 +59,7 @@ def tracked_fit(
             on_epoch_end(metrics)
 
     with run(
-        config.run_name, kind=kind, parent_run_id=parent_run_id, tags=tags, killed_on=killed_on
+        config.seed_name, kind=kind, parent_run_id=parent_run_id, tags=tags, killed_on=killed_on
     ) as active:
         if on_start is not None:
             on_start(active.info.run_id)
@@ -68,10 +68,10 @@ def tracked_fit(
             result = train.fit(config, data, on_epoch_end=epoch_end, on_batch=on_batch)
         finally:
             if history:  # the curves so far help explain a failed or stopped run too
-                records.log_report(figures={"loss_curves.png": figures.run_curves(history, config.run_name)})
+                records.log_report(figures={"loss_curves.png": figures.run_curves(history, config.seed_name)})
         final = history[-1]
         model_uri = logged_models.log_model(
-            result.model, {"config": config.to_params()}, name=config.run_name, params=config.to_params(),
+            result.model, {"config": config.to_params()}, name=config.seed_name, params=config.to_params(),
             metrics={k: final[k] for k in ("val_accuracy", "val_nll", "val_loss")}, step=final["epoch"],
             dataset=datasets["validation"])
     return TrackedResult(run_id=active.info.run_id, history=history, model_uri=model_uri, model=result.model)

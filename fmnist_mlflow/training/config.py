@@ -180,6 +180,12 @@ class RunConfig:
         return f"{self.label}-{self.group[:6]}"
 
     @property
+    def seed_name(self) -> str:
+        """The name of one seed's run and logged model: `run_name` and the seed, so that the seeds of a config
+        are told apart in the runs table and the Models view (they share `run_name` as the tag fmnist.config)."""
+        return f"{self.run_name}-seed{self.seed}"
+
+    @property
     def group(self) -> str:
         """What the seeds of one config share: the digest of everything but the seed (and the device)."""
         params = {k: v for k, v in self.to_params().items() if k not in ("device", "seed")}
