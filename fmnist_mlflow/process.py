@@ -24,6 +24,7 @@ MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_
                    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
 EXIT_INTERRUPTED = 130  # what a shell reports for a process ended by Ctrl-C (128 + SIGINT)
 ENV_GPU = "FMNIST_GPU"  # in a `--jobs` worker pinned to one GPU: the host's id of it (its runs' tag fmnist.gpu)
+ENV_NODE = "FMNIST_RAY_NODE"  # in a Ray task (`--ray`): the id of the node it runs on (its runs' tag fmnist.ray_node)
 SYSTEM_METRICS = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"  # MLflow's own switch, read by `tracking.runs`
 
 

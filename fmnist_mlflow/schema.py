@@ -27,6 +27,7 @@ TAG_CONFIG_GROUP = "fmnist.config_group"  # shared by the seeds of one config: g
 TAG_CONFIG_NAME = "fmnist.config"  # a readable name of the config, shared by its seeds
 TAG_THREADS = "torch_threads"  # CPU threads the training process used
 TAG_GPU = "fmnist.gpu"  # the host's id of the GPU a `--jobs` worker was pinned to (several GPUs)
+TAG_RAY_NODE = "fmnist.ray_node"  # the Ray node a `--ray` task ran the run on
 TAG_WORKER = "fmnist.worker"  # host:pid of the process that started the run (which worker ran what)
 
 # --- tags on parents (sweep, search) -----------------------------------------------------------------------

@@ -79,3 +79,34 @@ def storage_problem(url: str) -> Optional[str]:
         extra = " (pip install 'fmnist-mlflow[postgres]')" if scheme.startswith("postgresql") else ""
         return f"{redact(url)}: the database driver {exc.name or scheme!r} is not installed{extra}"
     return None
+
+
+def file_backed(url: str) -> bool:
+    """Whether a store URL names files on this host (sqlite, a journal, a folder), not a server or database
+    that other hosts reach (or a hosted service MLflow names by a word, `databricks`)."""
+    if "://" not in url and not url.startswith("journal:"):
+        return not url.startswith("databricks")  # a bare path: MLflow's file store
+    scheme = url.split(":", 1)[0].lower()
+    return scheme.startswith("sqlite") or scheme in ("journal", "file")
+
+
+def absolute_file_url(url: str) -> str:
+    """`sqlite:///REL`, `journal:REL` or a bare path with the path made absolute; other URLs as they are."""
+    import os
+
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        path = url[len("sqlite:///"):]
+        return url if path.startswith(":memory:") or not path else f"sqlite:///{os.path.abspath(path)}"
+    if url.startswith("journal:"):
+        return f"journal:{os.path.abspath(url[len('journal:'):])}"
+    if "://" not in url and file_backed(url):
+        return os.path.abspath(url)
+    return url
+
+
+def loopback(url: str) -> bool:
+    """Whether a server or database URL names this host by its loopback address (unreachable from others)."""
+    if "://" not in url:
+        return False
+    host = (urlsplit(url).hostname or "").lower()
+    return host in ("localhost", "::1") or host.startswith("127.")

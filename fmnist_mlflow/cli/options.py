@@ -193,6 +193,20 @@ def jobs_option(fn):
                         "else 1.")(fn)
 
 
+def ray_option(fn):
+    return click.option("--ray", "ray_address", default=None, metavar="ADDRESS|auto", callback=check_ray_address,
+                        help="Start the workers as Ray tasks on the cluster at ADDRESS (HOST:6379; auto: the one "
+                        "`ray start` runs on this machine): one per GPU where it has GPUs, else one per CPU slot "
+                        "(--threads CPUs each, default 1), spread over its nodes, --jobs N at most. Its nodes must "
+                        "reach the --storage database and the tracking server. Needs fmnist-mlflow[ray].")(fn)
+
+
+def check_ray_address(ctx, param, address: Optional[str]) -> Optional[str]:
+    if address is not None and not address.strip():
+        raise click.BadParameter("give the cluster's address (HOST:PORT, ray://HOST:10001) or auto")
+    return address
+
+
 def storage_options(default_study: str):
     """--storage and --study, shared by the sweep and the search: what lets workers join one study."""
 

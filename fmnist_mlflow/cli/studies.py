@@ -14,7 +14,7 @@ from . import console
 from .boundary import reported, use_threads
 from .console import EpochProgress, duration, on_wait, workers_line
 from .options import (build_config, check_timeout, confirm_seeds, data_dir_option, device_options, epochs_option,
-                      experiment_option, jobs_option, race_options, storage_options, subset_option,
+                      experiment_option, jobs_option, race_options, ray_option, storage_options, subset_option,
                       system_metrics_option, tracking_options)
 
 
@@ -32,14 +32,15 @@ from .options import (build_config, check_timeout, confirm_seeds, data_dir_optio
 @device_options
 @system_metrics_option
 @jobs_option
+@ray_option
 @storage_options("the grid's name, a digest of its configs, a stamp of the experiment")
 @epochs_option(0, "Epochs per config (0: the grid's own, 10 for the report's grid).", low=0)
 @subset_option
 @experiment_option("MLflow experiment name; $MLFLOW_EXPERIMENT_NAME if set.")
 @data_dir_option
 @reported
-def sweep(grid_file, select, seeds, race, device, precision, threads, jobs, storage_url, study_name, epochs, subset,
-          experiment, data_dir) -> None:
+def sweep(grid_file, select, seeds, race, device, precision, threads, jobs, ray_address, storage_url, study_name, epochs,
+          subset, experiment, data_dir) -> None:
     """Run every config of a grid as nested runs under one parent; resumable (finished configs are skipped).
 
     The grid is an Optuna study: any number of `fmnist sweep` workers with the same options, on machines
@@ -68,6 +69,7 @@ def sweep(grid_file, select, seeds, race, device, precision, threads, jobs, stor
     use_threads(threads)
     storage.heartbeat_interval()  # a bad $FMNIST_HEARTBEAT_S: one line before any store is touched
     uri = connection.check_reachable()
+    join_cluster(ray_address, storage_url, uri, configs[0].device, threads)
     dataset = data_mod.load(data_dir, subset=subset)
     experiment_id, launched = launcher.enter(experiment)
     n_seeds = len({c.seed for c in configs})
@@ -86,12 +88,14 @@ def sweep(grid_file, select, seeds, race, device, precision, threads, jobs, stor
     def on_raced(config, why, label):
         click.echo(f"{label}: raced out, not run ({why.split(';')[0]})")
 
+    shown_threads = threads or (1 if ray_address else 0)  # a Ray task's CPU slot
     hooks = engine.Hooks(on_start=on_start, progress=progress, on_wait=on_wait, on_raced=on_raced,
-                         on_workers=lambda n: click.echo(workers_line(n, threads, jobs, f"the {n} point(s) left")),
+                         on_workers=lambda n: click.echo(workers_line(n, shown_threads, jobs, f"the {n} point(s) left")),
                          on_lost=console.workers_lost)
     result = sweep_mod.run_sweep(grid, configs, dataset, experiment_id=experiment_id, select=select, storage_url=storage_url,
-                                 study_name=study_name, jobs=jobs or hardware.default_jobs(configs[0].device, len(configs), subset),
-                                 data_dir=data_dir, threads=threads, race=race, hooks=hooks)
+                                 study_name=study_name, data_dir=data_dir, threads=threads, race=race, hooks=hooks,
+                                 jobs=jobs or (0 if ray_address else hardware.default_jobs(configs[0].device, len(configs), subset)),
+                                 ray=ray_address is not None)
     launched.point_at(result.parent_run_id)
     click.echo("")
     click.echo(result.markdown)
@@ -132,12 +136,13 @@ def sweep(grid_file, select, seeds, race, device, precision, threads, jobs, stor
               "test) gets no more seeds, so the champion is one that got them all. `--race false` or --no-race: "
               "every contender gets every seed.")
 @jobs_option
+@ray_option
 @device_options
 @system_metrics_option
 @tracking_options
 @reported
 def search(trials, timeout, storage_url, study_name, space_file, sampler, pruner, seed, patience, confirm_k, confirm_seeds, race, jobs,
-           device, precision, threads, epochs, subset, experiment, data_dir) -> None:
+           ray_address, device, precision, threads, epochs, subset, experiment, data_dir) -> None:
     """Search model3's training settings with Optuna (the space file says which: optimizer and learning rate,
     dropout, weight decay, schedule, batch size, label smoothing, augmentation, width, weight average); each
     trial a nested run under the study's parent run; --confirm re-runs the best on fresh seeds."""
@@ -160,11 +165,13 @@ def search(trials, timeout, storage_url, study_name, space_file, sampler, pruner
     from ..training import hardware
 
     storage.quiet_optuna()
+    shown_threads = threads or (1 if ray_address else 0)  # a Ray task's CPU slot
     settings = search_mod.SearchSettings(epochs, subset, checked.device, checked.precision)
     plan = search_mod.Search(study_name or space.name, space, settings, sampler, pruner, seed, patience)
     use_threads(threads)
     storage.heartbeat_interval()  # a bad $FMNIST_HEARTBEAT_S: one line before any store is touched
     uri = connection.check_reachable()
+    join_cluster(ray_address, storage_url, uri, checked.device, threads)
     dataset = data_mod.load(data_dir, subset=subset)
     experiment_id, launched = launcher.enter(experiment)
     shared = engine.SharedStudy.open(plan, storage_url, plan.study_name, experiment_id)
@@ -172,11 +179,13 @@ def search(trials, timeout, storage_url, study_name, space_file, sampler, pruner
     console.search_opened(shared, storage_url, uri)
     if trials:
         # auto with --seed: one process, the reproducible search that --seed promises
-        workers = min(jobs or (1 if seed is not None else hardware.default_jobs(checked.device, trials, subset)), trials)
+        workers = min(jobs or (1 if seed is not None else 0 if ray_address else
+                               hardware.default_jobs(checked.device, trials, subset)), trials)
         hooks = engine.Hooks(progress=console.trial_progress, on_trial_end=console.trial_ended(trials, space.metric),
-                             on_wait=on_wait, on_workers=lambda n: click.echo(workers_line(n, threads, jobs, f"--trials {trials}")),
+                             on_wait=on_wait, on_workers=lambda n: click.echo(workers_line(n, shown_threads, jobs, f"--trials {trials}")),
                              on_lost=console.workers_lost)
-        shared.run(dataset, jobs=workers, threads=threads, data_dir=data_dir, budget=trials, timeout=timeout, hooks=hooks)
+        shared.run(dataset, jobs=workers, threads=threads, data_dir=data_dir, budget=trials, timeout=timeout, hooks=hooks,
+                   ray=ray_address is not None)
     else:  # a confirm only: first wait while other workers' trials run (and redo a lost one), so that every
         # machine confirms the same finished trials
         shared.run(dataset, jobs=1, budget=0, hooks=engine.Hooks(on_wait=on_wait))
@@ -191,9 +200,20 @@ def search(trials, timeout, storage_url, study_name, space_file, sampler, pruner
         n_points = len(plan_.contenders) * len(plan_.seeds)
         hooks = engine.Hooks(on_start=console.confirm_started, on_raced=console.confirm_raced,
                              on_trial_end=console.confirm_ended(space.metric), on_wait=on_wait, on_lost=console.workers_lost,
-                             on_workers=lambda n: click.echo(workers_line(n, threads, jobs, "the confirm's points")))
+                             on_workers=lambda n: click.echo(workers_line(n, shown_threads, jobs, "the confirm's points")))
         done = confirm.run_confirm(plan_, dataset, storage_url=storage_url, experiment_id=experiment_id,
-                                   jobs=jobs or hardware.default_jobs(checked.device, n_points, subset), threads=threads,
-                                   data_dir=data_dir, hooks=hooks)
+                                   jobs=jobs or (0 if ray_address else hardware.default_jobs(checked.device, n_points, subset)),
+                                   threads=threads, data_dir=data_dir, hooks=hooks, ray=ray_address is not None)
         console.confirmed(done, space.metric)
     click.echo(f"view it: {links.run_link(shared.parent_id)}")
+
+
+def join_cluster(address, storage_url: str, uri: str, device: str, threads: int) -> None:
+    """With --ray: join the cluster and check that its nodes can share the storage and the tracking store."""
+    if address is None:
+        return
+    from ..studies import cluster
+
+    cluster.connect(address, device)
+    cluster.check_shared(storage_url, uri, cluster.hosts())
+    click.echo(cluster.describe(device, threads))

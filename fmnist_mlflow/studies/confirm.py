@@ -295,10 +295,12 @@ def open_confirm(confirm: Confirm, storage_url: str, experiment_id: str) -> Shar
 
 
 def run_confirm(confirm: Confirm, data: Dataset, *, storage_url: str, experiment_id: str, jobs: int = 1, threads: int = 0,
-                data_dir: Optional[str] = None, hooks: Hooks = Hooks()) -> Confirmation:
+                data_dir: Optional[str] = None, hooks: Hooks = Hooks(), ray: bool = False) -> Confirmation:
     """Open the confirm study (creating it and queueing its points the first time), run the points still
-    waiting (in this process or in `jobs` worker processes), and rank the contenders on the search's parent."""
+    waiting (in this process, in `jobs` worker processes, or as tasks on the Ray cluster this process joined),
+    and rank the contenders on the search's parent."""
     shared = open_confirm(confirm, storage_url, experiment_id)
     left = len(shared.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-    shared.run(data, jobs=min(jobs, left) if left > 1 else 1, threads=threads, data_dir=data_dir, hooks=hooks)
+    shared.run(data, jobs=min(jobs, left) if left > 1 or ray else 1, threads=threads, data_dir=data_dir, hooks=hooks,
+               ray=ray)
     return shared.close()

@@ -9,7 +9,8 @@ checks nothing is there, creates the parent run and queues the study's first tri
 the study names its parent. Trials are taken from Optuna's queue of waiting trials (`enqueue_trial`) or,
 with the queue empty, from the sampler. A trial whose worker is lost is failed and queued again by another
 (its heartbeats: `storage`); a worker with nothing left to start stays while other trials run, to notice
-such a loss and run the retry, so that the last worker standing finishes the study.
+such a loss and run the retry, so that the last worker standing finishes the study. A command's own workers
+are processes on this machine (`workers`) or tasks on a Ray cluster (`cluster`); both run `run_job`.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ class Job:
     data_dir: Optional[str]
     subset: int
     worker: int  # 0, 1, ...: its sampler seed differs from the other workers'
-    budget: Optional[Budget] = None  # trials the command's workers start in all (None: until the plan says stop)
+    budget: Any = None  # trials the command's workers start in all, a workers.Budget (or, for Ray tasks,
+    #                     a cluster.ClusterBudget); None: until the plan says stop
     timeout: Optional[float] = None  # seconds after which it starts none
 
 
@@ -192,9 +194,13 @@ class SharedStudy:
                    finished, states.count(TrialState.COMPLETE))
 
     def run(self, data, *, jobs: int = 1, threads: int = 0, data_dir: Optional[str] = None, budget: Optional[int] = None,
-            timeout: Optional[float] = None, hooks: Hooks = Hooks()) -> int:
+            timeout: Optional[float] = None, hooks: Hooks = Hooks(), ray: bool = False) -> int:
         """Work on the study in this process (jobs 1) or in `jobs` worker processes (each loads the data
-        from `data_dir`); `budget` trials in all (None: until the plan says stop). Returns the workers."""
+        from `data_dir`); `budget` trials in all (None: until the plan says stop). `ray`: the workers are tasks
+        on the Ray cluster this process joined (`cluster.connect`), `jobs` 0 as many as it has slots. Returns
+        the workers."""
+        if ray:
+            return self._run_on_ray(data, jobs, threads, data_dir, budget, timeout, hooks)
         if jobs <= 1:
             if self.finished_before:
                 self.study.sampler = self.plan.sampler(0, self.finished_before)
@@ -212,6 +218,25 @@ class SharedStudy:
                 hooks.on_workers(len(job_list))
             gpus = worker_gpus(self.plan.device, len(job_list))
             codes = workers.run_workers(run_job, [(job,) for job in job_list], tracking_uri(), threads, gpus)
+            self.check_workers(codes, hooks)
+        return len(job_list)
+
+    def _run_on_ray(self, data, jobs: int, threads: int, data_dir: Optional[str], budget: Optional[int],
+                    timeout: Optional[float], hooks: Hooks) -> int:
+        from . import cluster
+
+        threads = threads or 1  # one CPU slot each: Ray counts CPUs, and tasks share a node's cores
+        waiting = len(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        slots = cluster.slots(self.plan.device, threads)
+        jobs = max(1, min(min(jobs, slots) if jobs else slots, budget if budget is not None else waiting or 1))
+        storage_url, uri = cluster.worker_urls(self.storage_url, tracking_uri())
+        shared_budget = None if budget is None else cluster.ClusterBudget(budget)
+        job_list = [Job(self.plan, storage_url, self.study_name, self.experiment_id, self.parent_id, data_dir,
+                        data.subset, i, shared_budget, timeout) for i in range(jobs)]
+        with open_run(self.plan.name, kind=self.plan.kind, run_id=self.parent_id):
+            if hooks.on_workers is not None:
+                hooks.on_workers(len(job_list))
+            codes = cluster.run_tasks(run_job, [(job,) for job in job_list], uri, self.plan.device, threads)
             self.check_workers(codes, hooks)
         return len(job_list)
 

@@ -143,16 +143,18 @@ class Sweep(PointPlan):
 def run_sweep(grid: Grid, configs: list, data: Dataset, *, experiment_id: str, storage_url: str = DEFAULT_STORAGE,
               study_name: Optional[str] = None, select: str = "val_accuracy", jobs: int = 1,
               data_dir: Optional[str] = None, threads: int = 0, race: bool = True,
-              hooks: Hooks = Hooks()) -> SweepResult:
+              hooks: Hooks = Hooks(), ray: bool = False) -> SweepResult:
     """Open the sweep's study (creating it and its parent the first time), run the points still waiting
     (in this process, or in up to `jobs` worker processes that each load the data from `data_dir`), and
     summarize them on the parent. Other `fmnist sweep` commands on the same storage and study share the
-    points. `race`: a config shown worse than the leader gets no more seeds."""
+    points. `race`: a config shown worse than the leader gets no more seeds. `ray`: the workers are tasks on
+    the Ray cluster this process joined (`jobs` 0: one per slot)."""
     plan = Sweep(grid, tuple(configs), select, race)
     shared = SharedStudy.open(plan, storage_url, study_name or default_study_name(grid, configs, experiment_id),
                               experiment_id)
     left = len(shared.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-    shared.run(data, jobs=min(jobs, left) if left > 1 else 1, threads=threads, data_dir=data_dir, hooks=hooks)
+    shared.run(data, jobs=min(jobs, left) if left > 1 or ray else 1, threads=threads, data_dir=data_dir, hooks=hooks,
+               ray=ray)
     return shared.close()
 
 

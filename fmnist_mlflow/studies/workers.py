@@ -25,19 +25,23 @@ def _main(target: Callable, tracking_uri: str, threads: int, args: tuple) -> Non
     """A worker process's boundary: its threads, tracking URI and library output, then `target(*args)`."""
     import torch
 
-    from ..tracking import connection
-
     torch.set_num_threads(threads)
-    connection.use_uri(tracking_uri)
-    process.quiet_libraries()
-    from .storage import quiet_optuna
-
-    quiet_optuna()
+    prepare(tracking_uri)
     try:
         with process.sigterm_as_interrupt():
             target(*args)
     except KeyboardInterrupt:
         process.exit_now(process.EXIT_INTERRUPTED)
+
+
+def prepare(tracking_uri: str) -> None:
+    """What every worker sets before it joins a study (a process here, or a Ray task: `cluster`)."""
+    from ..tracking import connection
+    from .storage import quiet_optuna
+
+    connection.use_uri(tracking_uri)
+    process.quiet_libraries()
+    quiet_optuna()
 
 
 def run_workers(target: Callable, arg_lists: list, tracking_uri: str, threads: int = 0, gpus: list = ()) -> list:

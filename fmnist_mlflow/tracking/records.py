@@ -15,9 +15,9 @@ from typing import Optional
 
 import mlflow
 
-from ..process import ENV_GPU
+from ..process import ENV_GPU, ENV_NODE
 from ..retry import on_race
-from ..schema import TAG_CONFIG_GROUP, TAG_CONFIG_HASH, TAG_CONFIG_NAME, TAG_GPU, TAG_THREADS
+from ..schema import TAG_CONFIG_GROUP, TAG_CONFIG_HASH, TAG_CONFIG_NAME, TAG_GPU, TAG_RAY_NODE, TAG_THREADS
 from .queries import DEFERRED_VALUES, EPOCH_METRICS, RESOLVED_SUFFIX
 
 
@@ -28,6 +28,8 @@ def environment_tags(device: str) -> dict:
     tags = {"torch_version": torch.__version__, "device_name": device_name(device), TAG_THREADS: torch.get_num_threads()}
     if device == "cuda" and os.environ.get(ENV_GPU):
         tags[TAG_GPU] = os.environ[ENV_GPU]  # the host's GPU id this worker was pinned to
+    if os.environ.get(ENV_NODE):
+        tags[TAG_RAY_NODE] = os.environ[ENV_NODE]
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
