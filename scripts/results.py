@@ -72,7 +72,7 @@ def describe(runs: list, test) -> dict:
                           "per_seed": tests},
         "val_accuracy": {"mean": val.mean, "std": val.std, "ci95": list(val.ci95) if val.ci95 else None},
         # the logged model as served (with its mirror when tta), one CPU thread: see `scoring.inference_cost`
-        "cost": scoring.inference_cost(mlflow.pytorch.load_model(logged_models.model_uri(runs[0].info.run_id))),
+        "cost": scoring.inference_cost(logged_models.network(logged_models.model_uri(runs[0].info.run_id))),
     }
 
 

@@ -77,7 +77,9 @@ sys.modules["fmnist_mlflow"] = None  # the training package must not be needed
 import json, mlflow, numpy as np
 model = mlflow.pyfunc.load_model(sys.argv[1])
 x = np.load(sys.argv[2]).astype(np.float32) / 255
-print(json.dumps({"logits": model.predict(x).tolist(), "mirrored": model.predict(x[..., ::-1].copy()).tolist()}))
+logits = {"output": "logits"}
+print(json.dumps({"logits": model.predict(x, params=logits).values.tolist(),
+                  "mirrored": model.predict(x[..., ::-1].copy(), params=logits).values.tolist()}))
 """
 
 

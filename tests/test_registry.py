@@ -152,27 +152,44 @@ def test_predict_png_and_npy_and_its_errors(two_runs, tmp_path):
 LOAD_ELSEWHERE = """
 import sys
 sys.modules["fmnist_mlflow"] = None  # the training package must not be needed
-import json, mlflow, numpy as np
+import json, mlflow, numpy as np, pandas as pd
 model = mlflow.pyfunc.load_model("models:/fmnist-cnn@champion")
 x = np.load(sys.argv[1]).astype(np.float32) / 255  # floats in [0, 1], as torchvision holds images
-print(json.dumps({"logits": model.predict(x).tolist(), "classes": model.metadata.metadata["class_names"]}))
+names = model.metadata.metadata["class_names"]
+# MLflow's classifier evaluation on the champion as it is, as the README shows it
+data = pd.DataFrame({"image": list(x.reshape(len(x), -1)), "label": [names[i] for i in np.load(sys.argv[2])]})
+mlflow.set_experiment("evaluations")
+with mlflow.start_run():
+    result = mlflow.models.evaluate("models:/fmnist-cnn@champion", data, targets="label", model_type="classifier",
+                                    evaluator_config={"label_list": names})
+print(json.dumps({"labels": model.predict(x).tolist(), "logits": model.predict(x, params={"output": "logits"}).values.tolist(),
+                  "probabilities": model.predict(x, params={"output": "probabilities"}).to_dict("records"),
+                  "classes": names, "accuracy": result.metrics["accuracy_score"]}))
 """
 
 
 def test_champion_loads_in_a_fresh_process_without_the_package_or_pickle(two_runs, store, tmp_path):
     good, _ = two_runs
     assert invoke("register").exit_code == 0
-    x = data.load_test().x[:8]
+    test = data.load_test()
+    x, y = test.x[:40], test.y[:40].numpy()
     np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "y.npy", y)
     with torch.inference_mode():
         expected = good.model(x).numpy()  # the model as it left training
-    proc = subprocess.run([sys.executable, "-c", LOAD_ELSEWHERE, str(tmp_path / "x.npy")], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", LOAD_ELSEWHERE, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                          capture_output=True,
                           text=True, timeout=300, cwd=tmp_path,
                           env=cli_env(MLFLOW_TRACKING_URI=store, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(np.array(out["logits"]), expected, rtol=1e-4, atol=1e-4)
     assert out["classes"] == list(data.CLASS_NAMES)
+    # the default answer is the class name; probabilities beside it on request; MLflow's evaluation agrees
+    assert out["labels"] == [data.CLASS_NAMES[i] for i in expected.argmax(1)]
+    first = out["probabilities"][0]
+    assert first["label"] == out["labels"][0] and sum(first[c] for c in data.CLASS_NAMES) == pytest.approx(1, abs=1e-5)
+    assert out["accuracy"] == pytest.approx((expected.argmax(1) == y).mean())
 
 
 def test_serve_the_champion_over_rest(two_runs, store, tmp_path):
@@ -195,10 +212,13 @@ def test_serve_the_champion_over_rest(two_runs, store, tmp_path):
         for inputs in (x.tolist(), (x / 255.0).tolist(), x.astype(float).tolist()):
             response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": inputs}, timeout=60)
             assert response.status_code == 200, response.text
-            logits = np.array(response.json()["predictions"])
-            assert logits.shape == (5, 10)
+            # the default answer: class names, the same as `fmnist predict`'s first choice
+            assert response.json()["predictions"] == [p["top_k"][0]["class"] for p in predicted]
+            response = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
+                                     json={"inputs": inputs, "params": {"output": "logits"}})
+            assert response.status_code == 200, response.text
+            logits = np.array([[row[c] for c in data.CLASS_NAMES] for row in response.json()["predictions"]])
             np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
-            assert [data.CLASS_NAMES[i] for i in logits.argmax(1)] == [p["top_k"][0]["class"] for p in predicted]
         # NaN or infinite pixels: refused with a 4xx, never 200 with NaN logits
         for bad in (float("nan"), float("inf")):
             inputs = (x / 255.0).tolist()

@@ -116,9 +116,9 @@ def test_a_bf16_run_logs_an_fp32_model_that_loads_and_predicts_in_fp32(store, mo
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.data.params["precision"] == "bf16"
     uri = logged_models.model_uri(run.info.run_id)
-    weights = mlflow.pytorch.load_model(uri).state_dict()
-    assert {t.dtype for t in weights.values()} == {torch.float32}
-    logits = mlflow.pyfunc.load_model(uri).predict(np.random.rand(3, 1, 28, 28).astype(np.float32))
+    weights = logged_models.network(uri).state_dict()
+    assert weights and {t.dtype for t in weights.values()} == {torch.float32}
+    logits = logged_models.logits(mlflow.pyfunc.load_model(uri), np.random.rand(3, 1, 28, 28).astype(np.float32))
     assert logits.shape == (3, 10) and logits.dtype == np.float32 and np.isfinite(logits).all()
 
 

@@ -1,13 +1,20 @@
-"""Logged models and the model registry in MLflow: log a trained model (pt2, with its signature and
-metadata), find a run's model, register a version, move an alias, keep an alias's history.
+"""Logged models and the model registry in MLflow: log a trained model (a torch.export program served by
+`served_classifier.py`, with its signature and metadata), find a run's model, register a version, move an
+alias, keep an alias's history.
 
-Models are logged from a CPU copy in MLflow's torch.export format with float32 input, so that they load
-and serve anywhere without this package or pickle.
+Models are logged from a CPU copy as MLflow's "models from code": the network a `torch.export` program with
+float32 input, and the code that serves it (`served_classifier.py`) stored beside it, so that they load and
+serve anywhere with torch and MLflow alone, without this package or pickle. What they answer (class names
+by default; probabilities or logits on request) is the contract MLflow's classifier tooling and REST
+clients take.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from pathlib import Path
 from typing import Optional
 
 import mlflow
@@ -22,42 +29,58 @@ from .queries import client
 MISSING = "RESOURCE_DOES_NOT_EXIST"  # MLflow's error code for a name, version or alias that is not there
 
 MODEL_ARTIFACT = "model"
+SERVED_CODE = str(Path(__file__).with_name("served_classifier.py"))
+PROGRAM = "program"  # the model's artifact holding the torch.export program
 
-INPUT_EXAMPLE_BATCH = 4  # > 1 so that torch.export keeps the batch dimension dynamic
+EXAMPLE_BATCH = 4  # > 1 so that torch.export keeps the batch dimension dynamic
 
 MODEL_INPUT = ("float32 images (N, 1, 28, 28): pixels in [0, 1], or raw 0-255 values (each image's scale is told "
                "by its brightest pixel); normalised inside the model")
+MODEL_OUTPUT = ('the predicted class names; params {"output": "probabilities"}: "label" and a '
+                'probability column per class; {"output": "logits"}: a logit column per class')
+
+
+def signature():
+    """Tensor input, one string column out by default, and the `output` param that asks for more."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),
+                          outputs=Schema([ColSpec(DataType.string, "label")]),
+                          params=ParamSchema([ParamSpec("output", DataType.string, "label")]))
+
+
+def export(model: torch.nn.Module):
+    """The trained network as a `torch.export` program on the CPU, any batch size."""
+    example = torch.zeros((EXAMPLE_BATCH, 1, 28, 28), dtype=torch.float32)
+    return torch.export.export(_cpu_copy(model), (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
 
 
 def log_model(model: torch.nn.Module, extra_metadata: Optional[dict] = None, *, name: str = MODEL_ARTIFACT,
               params: Optional[dict] = None, metrics: Optional[dict] = None, step: Optional[int] = None,
               dataset=None) -> str:
-    """Log the model in MLflow's default pt2 (torch.export) format; returns its `models:/m-...` URI.
-
-    Input: float32 images (N, 1, 28, 28), any N, in [0, 1] or raw 0-255 pixels. float32, not uint8: a
-    served model casts the JSON it receives to the signature's dtype, and uint8 would turn [0, 1] floats
-    into blank images. Output: float32 logits (N, 10) in `class_names` order.
+    """Log the model (MLflow's models from code: `served_classifier.py` serving a torch.export program);
+    returns its `models:/m-...` URI. Input: float32 images (N, 1, 28, 28), any N, in [0, 1] or raw 0-255
+    pixels. float32, not uint8: a served model casts the JSON it receives to the signature's dtype, and
+    uint8 would turn [0, 1] floats into blank images. Output: MODEL_OUTPUT, classes in `class_names` order.
     """
-    model = _cpu_copy(model)
-    example = np.zeros((INPUT_EXAMPLE_BATCH, 1, 28, 28), dtype=np.float32)
-    metadata = {
-        "class_names": list(CLASS_NAMES),
-        "input": MODEL_INPUT,
-        "output": "float32 logits (N, 10); softmax gives probabilities, index = class_names position",
-        **(extra_metadata or {}),
-    }
-    info = mlflow.pytorch.log_model(
-        model,
-        name=name,
-        params={k: str(v) for k, v in (params or {}).items()},
-        input_example=example,
-        # Explicit requirements: inferring them would load the model again in a subprocess.
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-        metadata=metadata,
-        # MLflow would load the saved model back and predict the example (0.3 s a run, a fifth of the fixed
-        # cost of tracking); the tests load and predict logged models instead.
-        validate_serving_input=False,
-    )
+    metadata = {"class_names": list(CLASS_NAMES), "input": MODEL_INPUT, "output": MODEL_OUTPUT, **(extra_metadata or {})}
+    with tempfile.TemporaryDirectory() as folder:
+        program = os.path.join(folder, "model.pt2")
+        torch.export.save(export(model), program)
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=SERVED_CODE,
+            artifacts={PROGRAM: program},
+            model_config={"class_names": list(CLASS_NAMES)},
+            signature=signature(),
+            params={k: str(v) for k, v in (params or {}).items()},
+            # Explicit requirements: inferring them would load the model again in a subprocess. No input
+            # example: MLflow would load the saved model back and predict it at every log (0.3 s a run);
+            # the tests load, evaluate and serve logged models instead.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+            metadata=metadata,
+        )
     if metrics:
         mlflow.log_metrics(metrics, step=step, model_id=info.model_id, dataset=dataset)
     return info.model_uri
@@ -66,8 +89,29 @@ def log_model(model: torch.nn.Module, extra_metadata: Optional[dict] = None, *, 
 def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
     import copy
 
-    copied = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
-    return copied
+    return copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
+
+
+def network(uri: str) -> torch.nn.Module:
+    """The torch network a logged model serves (its weights, its cost per image): the program inside a model
+    from code, or a model logged before 2026-12-05 in MLflow's pytorch flavour."""
+    loaded = load_pyfunc(uri)
+    if "pytorch" in loaded.metadata.flavors:
+        return mlflow.pytorch.load_model(uri)
+    return loaded.unwrap_python_model().program
+
+
+def logits(loaded, images: np.ndarray) -> np.ndarray:
+    """The logits (N, 10) of a loaded model: asked for by the `output` param, or what a model logged before
+    it had one (MLflow's pytorch flavour) answers by default."""
+    if _has_output_param(loaded):
+        return loaded.predict(model_input(loaded, images), params={"output": "logits"}).to_numpy()
+    return np.asarray(loaded.predict(model_input(loaded, images)))
+
+
+def _has_output_param(loaded) -> bool:
+    params = loaded.metadata.get_params_schema()
+    return params is not None and "output" in [p.name for p in params.params]
 
 
 def logged_model(run_id: str):
@@ -241,6 +285,6 @@ def classify(model, path: str, k: int, class_names=CLASS_NAMES) -> list:
     one {"input": path or path[i], "note": ..., "top_k": [...]} per image; InputError if the file cannot be
     read (the model's own words for pixels it refuses)."""
     batch = inputs.read_input(path)
-    probabilities = inputs.softmax(model.predict(model_input(model, batch.images)))
+    probabilities = inputs.softmax(logits(model, batch.images))
     return [{"input": path if len(batch.images) == 1 else f"{path}[{i}]", "note": batch.note, "top_k": top}
             for i, top in enumerate(inputs.top_k(probabilities, k, class_names))]

@@ -244,11 +244,11 @@ def evaluate_once(run, test: Split, source: Optional[str] = None) -> dict:
         return {m: done.data.metrics[m] for m in TEST_METRICS}
     from ..training import scoring
     from ..training.data import locate
-    from .logged_models import model_input
+    from .logged_models import logits
 
     logged = model_store.logged_model(run.info.run_id)
     model = model_store.load_pyfunc(model_store.model_uri(run.info.run_id))
-    result = scoring.score(lambda x: model.predict(model_input(model, x)), test, run_params(run).get("loss", "ce"))
+    result = scoring.score(lambda x: logits(model, x), test, run_params(run).get("loss", "ce"))
     title = f"{run.info.run_name} on the test set: {100 * result['test_accuracy']:.2f}%"
     metrics = {m: result[m] for m in TEST_METRICS}
     # Per-class accuracy as one figure on a common axis and a table, not ten metrics: the UI draws each metric
