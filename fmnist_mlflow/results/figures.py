@@ -72,33 +72,40 @@ def sweep_curves(histories: dict) -> Figure:
 
 
 def accuracy_bars(configs: list) -> Figure:
-    """Validation accuracy per config (seeds.ConfigRow): the seed mean, with its 95% interval when
-    there are several seeds."""
+    """Validation accuracy per config (seeds.ConfigRow) on a 0-100% axis: the seed mean, each label saying
+    over how many seeds, and the 95% interval only for configs that got every seed (a raced-out config's
+    few seeds are drawn hatched, without one, as the legend says)."""
     configs = sorted(configs, key=lambda c: c.val_accuracy.mean)
     fig = Figure(figsize=(8, 0.35 * len(configs) + 1.5))
     ax = fig.subplots()
     means = [100 * c.val_accuracy.mean for c in configs]
+    most = max(len(c.seeds) for c in configs)
+    raced = [bool(getattr(c, "raced_out", "")) or len(c.seeds) < most for c in configs]  # fewer seeds: no interval
     errors = np.array([[100 * (c.val_accuracy.mean - c.val_accuracy.ci95[0]), 100 * (c.val_accuracy.ci95[1] - c.val_accuracy.mean)]
-                       if c.val_accuracy.ci95 else [0.0, 0.0] for c in configs]).T
-    raced = [bool(getattr(c, "raced_out", "")) for c in configs]
-    ax.barh([c.name for c in configs], means, xerr=errors if errors.any() else None,
-            color=["lightgray" if r else "tab:blue" for r in raced], hatch=["//" if r else "" for r in raced],
-            error_kw={"ecolor": "black", "capsize": 2})
-    for i, (mean, c) in enumerate(zip(means, configs)):
-        note = f"  raced out after {len(c.seeds)} seed(s)" if raced[i] else ""
-        ax.text(mean, i, f" {mean:.2f}{note}", va="bottom", fontsize=7)
-    ax.set_xlim(max(0, min(means) - 5), 100)
-    n = max(len(c.seeds) for c in configs)
+                       if c.val_accuracy.ci95 and not r else [0.0, 0.0] for c, r in zip(configs, raced)]).T
+    labels = [f"{c.name} ({len(c.seeds)} seed{'s' if len(c.seeds) != 1 else ''})" for c in configs]
+    ax.barh(labels, means, color=["lightgray" if r else "tab:blue" for r in raced], hatch=["//" if r else "" for r in raced])
+    with_interval = [i for i in range(len(configs)) if errors[:, i].any()]
+    if with_interval:  # only these: a zero-width error bar would still draw its caps
+        ax.errorbar([means[i] for i in with_interval], with_interval, xerr=errors[:, with_interval], fmt="none",
+                    ecolor="black", capsize=2)
+    for i, (mean, r, c) in enumerate(zip(means, raced, configs)):  # the value inside its bar's end
+        note = " raced out" if getattr(c, "raced_out", "") else " fewer seeds" if r else ""
+        ax.text(mean - 1, i, f"{mean:.2f}{note}", va="center", ha="right", fontsize=7, color="black" if r else "white")
+    ax.set_xlim(0, 100)  # bar lengths compare as the accuracies do
+    bottom = 0.0
     if any(raced):
         from matplotlib.patches import Patch
 
-        ax.legend(handles=[Patch(color="tab:blue", label="every seed"),
-                           Patch(facecolor="lightgray", hatch="//", label="raced out: fewer seeds, no interval")],
-                  loc="lower right", fontsize=7)
+        fig.legend(handles=[Patch(color="tab:blue", label="every seed: mean, 95% interval"),
+                            Patch(facecolor="lightgray", hatch="//", label="raced out (or a seed failed): mean of its fewer seeds, no interval")],
+                   loc="lower center", ncol=2, fontsize=7)
+        bottom = 0.3 / fig.get_figheight()  # room for the legend under the axis
     ax.set(xlabel="validation accuracy (%)",
-           title=f"validation accuracy per config (mean of {n} seeds, 95% CI)" if n > 1 else "validation accuracy per config (1 seed)")
+           title="validation accuracy per config: seed mean (seeds in each label)" if most > 1
+           else "validation accuracy per config (1 seed)")
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     return fig
 
 

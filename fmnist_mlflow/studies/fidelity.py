@@ -89,9 +89,10 @@ def figure(study: optuna.Study, epochs: int, metric: str):
     axes = fig.subplots(1, 2)
     cmap = matplotlib.colormaps["viridis"]
     for ax in axes:
-        for t in pruned:
+        for t in pruned:  # a marker where each stopped: one pruned after its first epoch is a point, not a line
             steps = sorted(t.intermediate_values)
-            ax.plot(steps, [t.intermediate_values[s] for s in steps], color="0.6", ls="--", lw=0.8)
+            ax.plot(steps, [t.intermediate_values[s] for s in steps], color="0.6", ls="--", lw=0.8, marker="x",
+                    markevery=[len(steps) - 1] if steps else None, markersize=6)
         for rank, t in enumerate(done):
             steps = sorted(t.intermediate_values)
             ax.plot(steps, [t.intermediate_values[s] for s in steps], color=cmap(rank / max(1, len(done) - 1)),
@@ -106,6 +107,7 @@ def figure(study: optuna.Study, epochs: int, metric: str):
         axes[1].set_xlim(epochs / 2, epochs + 0.2)
         axes[1].set_title(f"zoom: the second half, the final top {len(top)}")
         axes[0].legend(fontsize=8, loc="lower right")
-    axes[0].set_title(f"{study.study_name}: curves by final rank (grey dashed: pruned)")
+    axes[0].set_title(f"{study.study_name}: curves by final rank (grey dashed, x where it stopped: "
+                      f"{len(pruned)} pruned)")
     fig.tight_layout()
     return fig

@@ -77,7 +77,9 @@ def figures(study: optuna.Study) -> dict:
                 out["param_importances.png"] = ovm.plot_param_importances(study).figure
             except (RuntimeError, ValueError, ZeroDivisionError):
                 pass  # importances need variation in the completed trials
-            out["parallel_coordinate.png"] = _parallel(ovm.plot_parallel_coordinate(study))
+            parallel = _parallel(ovm, study, completed)
+            if parallel is not None:
+                out["parallel_coordinate.png"] = parallel
             # Each optimizer has its own lr parameter: contour dropout against the one with most completed trials.
             counts: dict = {}
             for t in completed:
@@ -92,10 +94,32 @@ def figures(study: optuna.Study) -> dict:
     return out
 
 
-def _parallel(axes):
-    """Optuna's parallel-coordinates figure, wide enough for a dozen parameters' labels."""
+def _parallel(ovm, study: optuna.Study, completed: list):
+    """Optuna's parallel coordinates of the completed trials of the most tried optimizer (each optimizer has
+    its own learning-rate parameter: across optimizers every line would cross a "None" on the others'), on
+    the parameters that vary among them, with labels that do not overlap; None when fewer than 2 such trials."""
+    by_optimizer: dict = {}
+    for t in completed:
+        by_optimizer.setdefault(t.params.get("optimizer"), []).append(t)
+    optimizer, trials = max(by_optimizer.items(), key=lambda item: len(item[1]))
+    if len(trials) < 2:
+        return None
+    names = sorted(set.intersection(*(set(t.params) for t in trials)))
+    params = [p for p in names if len({repr(t.params[p]) for t in trials}) > 1]
+    if not params:
+        return None
+    # Optuna's own figure of an in-memory study holding those trials alone
+    chosen = optuna.create_study(direction=study.direction, study_name=study.study_name)
+    chosen.add_trials(trials)
+    chosen.set_metric_names(study.metric_names or ["value"])
+    axes = ovm.plot_parallel_coordinate(chosen, params=params)
     fig = axes.figure
-    fig.set_size_inches(max(10.0, 1.1 * len(axes.get_xticks())), 6.0)
+    for label in axes.get_xticklabels():
+        label.set_rotation(30)
+        label.set_horizontalalignment("right")
+    which = f"optimizer {optimizer}: " if optimizer is not None else ""
+    axes.set_title(f"{which}{len(trials)} of {len(completed)} completed trials; params that vary among them")
+    fig.set_size_inches(max(10.0, 1.2 * len(params) + 2), 6.5)  # 1.2 in per axis: rotated labels stay apart
     fig.tight_layout()
     return fig
 
