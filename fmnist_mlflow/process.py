@@ -21,7 +21,8 @@ from typing import Iterator, Optional
 # these.
 MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_LOGGING_LEVEL": "WARNING",
-                   "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
+                   "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
+                   "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 EXIT_INTERRUPTED = 130  # what a shell reports for a process ended by Ctrl-C (128 + SIGINT)
 ENV_GPU = "FMNIST_GPU"  # in a `--jobs` worker pinned to one GPU: the host's id of it (its runs' tag fmnist.gpu)
 ENV_NODE = "FMNIST_RAY_NODE"  # in a Ray task (`--ray`): the id of the node it runs on (its runs' tag fmnist.ray_node)

@@ -299,7 +299,7 @@ def test_a_sweep_on_a_full_disk_is_one_line_and_its_resume_ends_the_stranded_run
     # stdout and stderr go to the test's own disk: the full one could not hold the message
     proc = subprocess.run(run, cwd=tiny_disk, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert proc.stderr.count("\n") == 1 and "its disk is full" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "its disk is full" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     # room again, the store as the failure left it: what a user does next
     subprocess.run(["mount", "-o", "remount,size=40m", str(tiny_disk)], check=True)
     # the same command again: the sweep resumes, its engine reaps the stranded child and retries its point

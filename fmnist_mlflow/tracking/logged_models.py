@@ -64,8 +64,12 @@ def log_model(model: torch.nn.Module, extra_metadata: Optional[dict] = None, *, 
     pixels. float32, not uint8: a served model casts the JSON it receives to the signature's dtype, and
     uint8 would turn [0, 1] floats into blank images. Output: MODEL_OUTPUT, classes in `class_names` order.
     """
+    import warnings
+
     metadata = {"class_names": list(CLASS_NAMES), "input": MODEL_INPUT, "output": MODEL_OUTPUT, **(extra_metadata or {})}
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        # MLflow's advice to log an input example, at every model: left out on purpose (below)
+        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
         program = os.path.join(folder, "model.pt2")
         torch.export.save(export(model), program)
         info = mlflow.pyfunc.log_model(

@@ -55,7 +55,8 @@ def _end(status: str, reason: Optional[str] = None) -> None:
             mlflow.set_tag(TAG_FAILURE, reason[:5000])
         mlflow.end_run(status)
     except store_errors() as exc:
-        log.warning("could not end run %s as %s: %s", mlflow.active_run() and mlflow.active_run().info.run_id,
+        # the command's own error line says the store failed and that such runs are ended by the next command
+        log.info("could not end run %s as %s: %s", mlflow.active_run() and mlflow.active_run().info.run_id,
                     status, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         if mlflow.active_run():
             with contextlib.suppress(*store_errors()):

@@ -27,7 +27,7 @@ class FashionClassifier(PythonModel):
         self.class_names = list(context.model_config["class_names"])
         self.program = torch.export.load(context.artifacts["program"]).module()
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: np.ndarray, params=None):  # (MLflow validates by the signature)
         output = (params or {}).get("output") or "label"
         if output not in OUTPUTS:
             raise ValueError(f"params output={output!r}: give one of {', '.join(OUTPUTS)}")
