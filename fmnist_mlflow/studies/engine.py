@@ -208,18 +208,12 @@ class SharedStudy:
                       timeout=timeout, hooks=hooks)
             return 1
         jobs = jobs if budget is None else min(jobs, budget)
-        shared_budget = None if budget is None else Budget(budget)
-        job_list = [Job(self.plan, self.storage_url, self.study_name, self.experiment_id, self.parent_id, data_dir,
-                        data.subset, i, shared_budget, timeout) for i in range(jobs)]
-        # this process owns the parent while its workers run: an interrupt (even before a worker has opened
-        # it) ends it KILLED here
-        with open_run(self.plan.name, kind=self.plan.kind, run_id=self.parent_id):
-            if hooks.on_workers is not None:
-                hooks.on_workers(len(job_list))
-            gpus = worker_gpus(self.plan.device, len(job_list))
-            codes = workers.run_workers(run_job, [(job,) for job in job_list], tracking_uri(), threads, gpus)
-            self.check_workers(codes, hooks)
-        return len(job_list)
+        shared = None if budget is None else Budget(budget)
+        gpus = worker_gpus(self.plan.device, jobs)
+        return self._start_workers(
+            [Job(self.plan, self.storage_url, self.study_name, self.experiment_id, self.parent_id, data_dir, data.subset,
+                 i, shared, timeout) for i in range(jobs)],
+            lambda args: workers.run_workers(run_job, args, tracking_uri(), threads, gpus), hooks)
 
     def _run_on_ray(self, data, jobs: int, threads: int, data_dir: Optional[str], budget: Optional[int],
                     timeout: Optional[float], hooks: Hooks) -> int:
@@ -230,14 +224,19 @@ class SharedStudy:
         slots = cluster.slots(self.plan.device, threads)
         jobs = max(1, min(min(jobs, slots) if jobs else slots, budget if budget is not None else waiting or 1))
         storage_url, uri = cluster.worker_urls(self.storage_url, tracking_uri())
-        shared_budget = None if budget is None else cluster.ClusterBudget(budget)
-        job_list = [Job(self.plan, storage_url, self.study_name, self.experiment_id, self.parent_id, data_dir,
-                        data.subset, i, shared_budget, timeout) for i in range(jobs)]
+        shared = None if budget is None else cluster.ClusterBudget(budget)
+        return self._start_workers(
+            [Job(self.plan, storage_url, self.study_name, self.experiment_id, self.parent_id, data_dir, data.subset,
+                 i, shared, timeout) for i in range(jobs)],
+            lambda args: cluster.run_tasks(run_job, args, uri, self.plan.device, threads), hooks)
+
+    def _start_workers(self, job_list: list, launch: Callable, hooks: Hooks) -> int:
+        """Run one worker per Job (`launch` starts them and returns their exit codes) while this process owns
+        the parent: an interrupt (even before a worker has opened it) ends it KILLED here."""
         with open_run(self.plan.name, kind=self.plan.kind, run_id=self.parent_id):
             if hooks.on_workers is not None:
                 hooks.on_workers(len(job_list))
-            codes = cluster.run_tasks(run_job, [(job,) for job in job_list], uri, self.plan.device, threads)
-            self.check_workers(codes, hooks)
+            self.check_workers(launch([(job,) for job in job_list]), hooks)
         return len(job_list)
 
     def check_workers(self, codes: list, hooks: Hooks) -> None:
