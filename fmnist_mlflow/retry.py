@@ -13,8 +13,9 @@ T = TypeVar("T")
 # ("table ... already exists", a UNIQUE constraint, a locked file, "duplicate column name" when a client we
 # did not start migrates a fresh MLflow store beside us), PostgreSQL ("duplicate key value", its catalog
 # with three workers starting together), alembic ("Online migration expected to match one row ... 0 found";
-# "No such constraint" or an _alembic_tmp_ table when another client's batch migration of sqlite ran between
-# its steps: seen with MLflow's own client opening the same fresh file, tests/test_fresh_store.py).
+# "No such constraint" or an _alembic_tmp_ table when another client's batch migration ran between its
+# steps). A new sqlite file is no longer migrated beside another client (tracking/fresh_sqlite.py); these
+# stay for a database server's store, where two clients' migrations can still meet.
 SCHEMA_RACES = ("already exists", "UNIQUE constraint", "duplicate key value", "expected to match one row",
                 "database is locked", "duplicate column name", "No such constraint", "_alembic_tmp_")
 

@@ -136,21 +136,31 @@ def _check_other_store(uri: str, scheme: str) -> None:
 
 
 def open_store(uri: str, lock: Optional[Path] = None) -> None:
-    """Create the store's schema (MLflow does it on first use) once, before any work: under a file lock for
-    a sqlite file, so that workers started together on a fresh store wait for the first instead of racing
-    its migrations; retried on a schema race (a database server, or a client we did not start migrating
-    the same sqlite file), where the loser finds the tables made."""
+    """Create the store's schema (MLflow does it on first use) once, before any work. For a sqlite file
+    (`lock`: its path), under a file lock, so that our workers started together on a fresh store wait for
+    the first instead of racing its migrations, and without ever migrating beside a client we did not start
+    (`fresh_sqlite`: a new file is made aside and linked into place; one another client is making is waited
+    for). Retried on a schema race (a database server), where the loser finds the tables made."""
     import contextlib
 
     from mlflow.tracking import MlflowClient
 
-    def create() -> None:
-        client = MlflowClient(uri)
+    from . import fresh_sqlite
+
+    def create(store: str) -> None:
+        client = MlflowClient(store)
         client.search_experiments(max_results=1)  # the tracking tables
         client.search_registered_models(max_results=1)  # the registry's, in the same database
 
     with _file_lock(lock) if lock is not None else contextlib.nullcontext():
-        on_race(create)
+        if lock is not None:
+            if not lock.exists() and fresh_sqlite.make_aside(lock, create):
+                return
+            try:
+                fresh_sqlite.wait_until_made(lock)
+            except TimeoutError as exc:
+                raise TrackingError(f"tracking store {uri}: {exc}; remove the file if that process died") from None
+        on_race(lambda: create(uri))
 
 
 def _file_lock(db_path: Path):
