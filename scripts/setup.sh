@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything fmnist-mlflow needs on a fresh Debian-like machine (Python 3.11, root or sudo):
 # the Fashion-MNIST files from Debian's dataset-fashion-mnist (when apt is available), PostgreSQL for the
-# multi-worker tests, and a virtual environment in .venv with the package and its dev extras.
+# multi-worker tests, a virtual environment in .venv with the package and its dev extras, and .venv-clean
+# with only torch and mlflow (a user's machine that loads the registered model).
 # Safe to run again: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,4 +20,14 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[dev]'
+
+# A second environment with nothing but torch and mlflow (the versions of .venv): where a user loads the
+# registered champion without this package (tests/test_registry.py runs MLflow's evaluate in it).
+versions=$(.venv/bin/python -c "from importlib.metadata import version as v; print(f'torch=={v(\"torch\")} mlflow=={v(\"mlflow\")}')")
+if [ "$(cat .venv-clean/versions 2>/dev/null)" != "$versions" ]; then
+  rm -rf .venv-clean
+  "$python" -m venv .venv-clean
+  .venv-clean/bin/python -m pip install -q $versions
+  echo "$versions" > .venv-clean/versions
+fi
 echo "setup done: activate with '. .venv/bin/activate'"

@@ -2,7 +2,7 @@
 
 import json
 import subprocess
-import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -77,7 +77,7 @@ def test_register_picks_best_by_validation_and_logs_the_test_evaluation(two_runs
     assert "uint8" not in version.description and "float32" in version.description
     assert run.info.status == "FINISHED"  # evaluating did not reopen the run
     assert f"{100 * evaluation.data.metrics['test_accuracy']:.2f}%" in result.output
-    assert f"view it: mlflow ui --backend-store-uri" in result.output and good.run_id in result.output
+    assert "view it: mlflow ui --backend-store-uri" in result.output and good.run_id in result.output
     again = invoke("register")  # evaluated once: a second register reuses the evaluation run
     assert again.exit_code == 0, again.output
     assert len(mlflow.search_runs(experiment_ids=[run.info.experiment_id], output_format="list",
@@ -133,7 +133,7 @@ def test_predict_png_and_npy_and_its_errors(two_runs, tmp_path):
     invoke("register")  # the default URI, the champion alias: the version it points at now is named
     result = CliRunner().invoke(cli.main, ["predict", str(tmp_path / "a.png")])
     assert result.exit_code == 0, result.output
-    assert result.output.startswith(f"model: fmnist-cnn version 1 (alias champion): logged model m-")
+    assert result.output.startswith("model: fmnist-cnn version 1 (alias champion): logged model m-")
     assert f"run {good.run_id}" in result.output.splitlines()[0]
 
     result = CliRunner().invoke(cli.main, ["predict", "--model-uri", good.model_uri, "--json", str(tmp_path / "a.png"),
@@ -149,9 +149,12 @@ def test_predict_png_and_npy_and_its_errors(two_runs, tmp_path):
     assert result.exit_code == 1 and "cannot load model models:/no-such-model/1" in result.output
 
 
+# A user's environment: only torch and mlflow (scripts/setup.sh makes it, with .venv's versions of both).
+CLEAN_PYTHON = Path(__file__).resolve().parents[1] / ".venv-clean" / "bin" / "python"
 LOAD_ELSEWHERE = """
 import sys
-sys.modules["fmnist_mlflow"] = None  # the training package must not be needed
+from pathlib import Path
+sys.modules["fmnist_mlflow"] = None  # the training package must not be needed (and is not installed there)
 import json, mlflow, numpy as np, pandas as pd
 model = mlflow.pyfunc.load_model("models:/fmnist-cnn@champion")
 x = np.load(sys.argv[1]).astype(np.float32) / 255  # floats in [0, 1], as torchvision holds images
@@ -168,7 +171,13 @@ print(json.dumps({"labels": model.predict(x).tolist(), "logits": model.predict(x
 """
 
 
-def test_champion_loads_in_a_fresh_process_without_the_package_or_pickle(two_runs, store, tmp_path):
+def test_champion_loads_in_a_clean_venv_without_the_package_or_pickle(two_runs, store, tmp_path):
+    """MLflow's classifier evaluation on the registered champion, in a venv with only torch and mlflow."""
+    if not CLEAN_PYTHON.exists():
+        pytest.fail(f"{CLEAN_PYTHON} is missing: run scripts/setup.sh (a venv with only torch and mlflow)")
+    installed = subprocess.run([str(CLEAN_PYTHON), "-m", "pip", "list", "--format", "freeze"], capture_output=True,
+                               text=True, check=True).stdout
+    assert "fmnist" not in installed.lower() and "optuna" not in installed.lower()
     good, _ = two_runs
     assert invoke("register").exit_code == 0
     test = data.load_test()
@@ -177,7 +186,7 @@ def test_champion_loads_in_a_fresh_process_without_the_package_or_pickle(two_run
     np.save(tmp_path / "y.npy", y)
     with torch.inference_mode():
         expected = good.model(x).numpy()  # the model as it left training
-    proc = subprocess.run([sys.executable, "-c", LOAD_ELSEWHERE, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+    proc = subprocess.run([str(CLEAN_PYTHON), "-c", LOAD_ELSEWHERE, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
                           capture_output=True,
                           text=True, timeout=300, cwd=tmp_path,
                           env=cli_env(MLFLOW_TRACKING_URI=store, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false"))
