@@ -121,7 +121,7 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     base = results[0]
     lines = ["| arm | --jobs (workers) | seeds | precision | wall time | runs | runs per hour | "
-             f"wall time vs arm 0 | throughput vs arm 0 | training seconds (sum over runs) | best val_accuracy |",
+             "wall time vs arm 0 | throughput vs arm 0 | training seconds (sum over runs) | best val_accuracy |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(results):
         lines.append(f"| {i} | {r['jobs']} ({r['workers']}) | {r['seeds']} | {r['precision']} -> {r['precision_used']} | "

@@ -292,7 +292,10 @@ def test_an_interrupt_says_which_runs_it_ended_and_no_more(store):
 def test_a_sweep_on_a_full_disk_is_one_line_and_its_resume_ends_the_stranded_runs(tiny_disk, tmp_path):
     """Optuna, failing to record the failed trial on the full disk, ends in its own AssertionError: the line
     names the store error behind it. (`fmnist train` on a full disk: tests/test_first_meet.py.)"""
-    command = ["sweep", "--seeds", "0", "--epochs", "1", "--jobs", "1", "--no-race"]
+    grid = tmp_path / "grid.yaml"  # four model3 configs: the store and its models (1 MB each) outgrow the 4 MB disk
+    grid.write_text(yaml.safe_dump({"name": "full", "models": ["model3"], "losses": ["ce", "bce"], "optimizers": ["adam", "sgd"],
+                                    "lr": {"adam": 0.001, "sgd": 0.05}, "batch_size": 64, "epochs": 1, "seeds": [0]}))
+    command = ["sweep", "--grid", str(grid), "--seeds", "0", "--epochs", "1", "--jobs", "1", "--no-race"]
     env = cli_env()
     env.pop("MLFLOW_TRACKING_URI", None)  # the default store, ./mlflow.db, on the full disk
     run = [sys.executable, "-m", "fmnist_mlflow", *command, "--subset", "600", "--device", "cpu"]
