@@ -51,18 +51,21 @@ def run_workers(target: Callable, arg_lists: list, tracking_uri: str, threads: i
     ctx = multiprocessing.get_context("spawn")
     threads = threads or threads_per_worker(len(arg_lists))
     procs = [ctx.Process(target=_main, args=(target, tracking_uri, threads, args)) for args in arg_lists]
-    for i, proc in enumerate(procs):
-        # a spawned process starts with this environment: its GPU is all CUDA shows it, from its first import
-        with process.variables({"CUDA_VISIBLE_DEVICES": gpus[i], process.ENV_GPU: gpus[i]} if gpus else {}):
-            proc.start()
     try:
+        for i, proc in enumerate(procs):
+            # a spawned process starts with this environment: its GPU is all CUDA shows it, from its first import
+            with process.variables({"CUDA_VISIBLE_DEVICES": gpus[i], process.ENV_GPU: gpus[i]} if gpus else {}):
+                proc.start()
         for proc in procs:
             proc.join()
     except KeyboardInterrupt:
-        for proc in procs:
+        # also while they are being started: a worker left reading its start-up data from a parent that is
+        # gone would die with a traceback ("EOFError: Ran out of input"), so each one started is ended first
+        started = [proc for proc in procs if proc.pid is not None]
+        for proc in started:
             if proc.is_alive():
                 proc.terminate()
-        for proc in procs:
+        for proc in started:
             proc.join()
         raise
     return [proc.exitcode for proc in procs]
