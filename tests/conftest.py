@@ -28,9 +28,11 @@ TINY = 600  # training images in the tiny subset (120 validation)
 
 # The longest tests, measured (seconds on this 2-core machine, `pytest --durations`): run first, so that the two
 # xdist workers start on them together instead of one finishing the suite alone with them at its end.
-LONGEST_FIRST = {"test_scale_out.py": 240, "test_readme.py::test_every": 230, "test_faults.py::test_a_tracking_server_dying": 80,
-                 "test_workers.py::test_three": 60, "test_readme.py::test_search": 56, "test_fresh_store.py::test_workers": 50,
-                 "test_race.py::test_two_workers": 42, "test_faults.py::test_a_search_worker": 42, "test_ray.py::test_a_two": 40}
+LONGEST_FIRST = {"test_readme.py::test_every": 260, "test_scale_out.py": 205, "test_faults.py::test_a_tracking_server_dying": 64,
+                 "test_faults.py::test_a_sweep_on_a_full": 52, "test_speed.py::test_bench_quick": 52,
+                 "test_workers.py::test_three": 43, "test_race.py::test_two_workers": 41, "test_first_meet.py::test_a_full": 32,
+                 "test_speed.py::test_jobs_2": 32, "test_faults.py::test_a_search_worker": 29, "test_readme.py::test_search": 28,
+                 "test_fresh_store.py::test_workers": 27, "test_ray.py::test_a_two": 26}  # seconds in the suite, 2026-12-05
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -36,7 +36,7 @@ def test_a_tracking_server_dying_mid_sweep_stops_it_with_one_line_and_resume_rea
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump({
         "name": "doomed", "models": ["model1"], "losses": ["ce"], "optimizers": ["adam", "sgd"],
-        "lr": {"adam": 0.001, "sgd": 0.05}, "batch_size": 64, "epochs": 20, "seeds": [0]}))
+        "lr": {"adam": 0.001, "sgd": 0.05}, "batch_size": 64, "epochs": 12, "seeds": [0]}))
     args = [sys.executable, "-m", "fmnist_mlflow", "sweep", "--grid", str(grid_file), "--subset", "1500",
             "--device", "cpu", "--threads", "1"]
     # no HTTP retries: each call to the dead server fails at once (the default bound on retries is
