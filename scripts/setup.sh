@@ -21,12 +21,13 @@ python=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[dev]'
 
-# A second environment with nothing but torch and mlflow (the versions of .venv): where a user loads the
-# registered champion without this package (tests/test_registry.py runs MLflow's evaluate in it).
+# A second environment with nothing but torch and mlflow (the versions of .venv; a second torch, several GB
+# where pip has no cached wheel): where a user loads the registered champion without this package
+# (tests/test_registry.py runs MLflow's evaluate in it). Made again when .venv's versions change.
 versions=$(.venv/bin/python -c "from importlib.metadata import version as v; print(f'torch=={v(\"torch\")} mlflow=={v(\"mlflow\")}')")
 if [ "$(cat .venv-clean/versions 2>/dev/null)" != "$versions" ]; then
   rm -rf .venv-clean
-  "$python" -m venv .venv-clean
+  .venv/bin/python -m venv .venv-clean
   .venv-clean/bin/python -m pip install -q $versions
   echo "$versions" > .venv-clean/versions
 fi

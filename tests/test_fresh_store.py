@@ -207,3 +207,47 @@ def test_sweep_workers_started_together_on_a_new_postgresql_storage_all_finish(t
     args[args.index("--storage") + 1] = postgres_url
     start_together(tmp_path, 3, args, uri)
     check_sweep(uri, postgres_url)
+
+
+def test_a_new_sqlite_file_is_made_aside_whatever_its_name_or_query_and_a_memory_store_makes_no_file(tmp_path, monkeypatch):
+    from fmnist_mlflow.tracking import connection, fresh_sqlite
+
+    folder = tmp_path / "a folder ?#%20"  # characters a file: URI must escape
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    assert not fresh_sqlite.made(folder / "mlflow.db")
+    connection.check_reachable("sqlite:///mlflow.db?timeout=30")  # relative, with a query: kept on the private file
+    assert fresh_sqlite.made(folder / "mlflow.db")
+    assert sorted(p.name for p in folder.iterdir()) == ["mlflow.db"]  # no private file, no journal left
+    connection.check_reachable("sqlite:///:memory:")
+    assert sorted(p.name for p in folder.iterdir()) == ["mlflow.db"]
+
+
+def test_an_old_journal_beside_an_absent_file_is_never_linked_under_and_the_store_is_made_in_place(tmp_path):
+    """Linking a new file under a name whose crashed journal lies beside it would replay that journal into
+    it: the store is then made in place, where SQLite discards a journal beside an empty file."""
+    from fmnist_mlflow.tracking import connection, fresh_sqlite
+
+    (tmp_path / "mlflow.db-journal").write_bytes(b"\xd9\xd5\x05\xf9\x20\xa1\x63\xd7" + bytes(504))
+    made = []
+    assert not fresh_sqlite.make_aside(tmp_path / "mlflow.db", str, made.append) and made == []
+    connection.check_reachable(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert fresh_sqlite.made(tmp_path / "mlflow.db")
+
+
+def test_waiting_for_another_client_ends_when_the_file_is_made_or_quiet(tmp_path, empty_store):
+    import shutil
+
+    from fmnist_mlflow.tracking import fresh_sqlite
+
+    whole = tmp_path / "whole.db"
+    shutil.copyfile(empty_store, whole)
+    assert fresh_sqlite.wait_until_made(whole, quiet_s=0.2, empty_quiet_s=0.4) is True
+    # quiet files nobody writes are given up on, each after its own wait (the other one, 60 s, would
+    # overrun the 2 s timeout: TimeoutError)
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    assert fresh_sqlite.wait_until_made(empty, quiet_s=60, empty_quiet_s=0.2, timeout_s=2) is False
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a database")
+    assert fresh_sqlite.wait_until_made(junk, quiet_s=0.2, empty_quiet_s=60, timeout_s=2) is False

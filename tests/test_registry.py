@@ -153,7 +153,6 @@ def test_predict_png_and_npy_and_its_errors(two_runs, tmp_path):
 CLEAN_PYTHON = Path(__file__).resolve().parents[1] / ".venv-clean" / "bin" / "python"
 LOAD_ELSEWHERE = """
 import sys
-from pathlib import Path
 sys.modules["fmnist_mlflow"] = None  # the training package must not be needed (and is not installed there)
 import json, mlflow, numpy as np, pandas as pd
 model = mlflow.pyfunc.load_model("models:/fmnist-cnn@champion")

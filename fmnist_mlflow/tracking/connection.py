@@ -50,11 +50,14 @@ def check_reachable(uri: Optional[str] = None, timeout: float = REACH_TIMEOUT_S)
         _check_database(uri)
         open_store(uri)
     elif scheme == "sqlite":
-        path = uri[len("sqlite:///"):]
-        folder = Path(path).parent if path else Path(".")
+        import sqlalchemy
+
+        path = sqlalchemy.engine.make_url(uri).database or ""  # (without a query such as ?timeout=30)
+        in_memory = path in ("", ":memory:") or path.startswith("file:")
+        folder = Path(path).parent if not in_memory else Path(".")
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise TrackingError(f"tracking store {uri}: folder {folder} does not exist or is not writable")
-        open_store(uri, lock=Path(path).resolve() if path else None)
+        open_store(uri, sqlite_file=None if in_memory else Path(path))
     elif scheme not in ("", "file") and len(scheme) > 1:  # (a one-letter scheme is a Windows drive)
         _check_other_store(uri, scheme)
     return uri
@@ -135,12 +138,12 @@ def _check_other_store(uri: str, scheme: str) -> None:
                             "postgresql://USER@HOST/DB or a folder") from None
 
 
-def open_store(uri: str, lock: Optional[Path] = None) -> None:
-    """Create the store's schema (MLflow does it on first use) once, before any work. For a sqlite file
-    (`lock`: its path), under a file lock, so that our workers started together on a fresh store wait for
-    the first instead of racing its migrations, and without ever migrating beside a client we did not start
-    (`fresh_sqlite`: a new file is made aside and linked into place; one another client is making is waited
-    for). Retried on a schema race (a database server), where the loser finds the tables made."""
+def open_store(uri: str, sqlite_file: Optional[Path] = None) -> None:
+    """Create the store's schema (MLflow does it on first use) once, before any work. For a sqlite file (its
+    path as the URI gives it), under a file lock, so that our workers started together on a fresh store wait
+    for the first instead of racing its migrations, and normally without migrating beside a client we did
+    not start (`fresh_sqlite`: a new file is made aside and linked into place; one another client is making
+    is waited for). Retried on a schema race (a database server), where the loser finds the tables made."""
     import contextlib
 
     from mlflow.tracking import MlflowClient
@@ -152,14 +155,20 @@ def open_store(uri: str, lock: Optional[Path] = None) -> None:
         client.search_experiments(max_results=1)  # the tracking tables
         client.search_registered_models(max_results=1)  # the registry's, in the same database
 
-    with _file_lock(lock) if lock is not None else contextlib.nullcontext():
-        if lock is not None:
-            if not lock.exists() and fresh_sqlite.make_aside(lock, create):
+    def beside(private: Path) -> str:  # the URI of a private file beside the store, with the URI's query
+        import sqlalchemy
+
+        return sqlalchemy.engine.make_url(uri).set(database=str(private)).render_as_string(hide_password=False)
+
+    with _file_lock(sqlite_file.resolve()) if sqlite_file is not None else contextlib.nullcontext():
+        if sqlite_file is not None:
+            if not sqlite_file.exists() and fresh_sqlite.make_aside(sqlite_file, beside, create):
                 return
             try:
-                fresh_sqlite.wait_until_made(lock)
+                if sqlite_file.exists():  # (absent still: no hard links here, or an old journal; made in place)
+                    fresh_sqlite.wait_until_made(sqlite_file)
             except TimeoutError as exc:
-                raise TrackingError(f"tracking store {uri}: {exc}; remove the file if that process died") from None
+                raise TrackingError(f"tracking store {uri}: {exc}; run the command again when it has finished") from None
         on_race(lambda: create(uri))
 
 
