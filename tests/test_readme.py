@@ -1,6 +1,8 @@
 """The README's commands as written: every `mlflow run` line of its bash blocks runs, in README order, in a
 fresh copy of the project (the stores land in it, as they do for a user), made tiny by `-P subset=...
--P epochs=1` and nothing else. A README command can no longer break without a red test."""
+-P epochs=1` (and `-P jobs=1` where an entry point starts workers: on a test's two cores, two worker
+processes per command only add their start-up; a command's own workers are tested in tests/test_workers.py
+and tests/test_search.py) and nothing else. A README command can no longer break without a red test."""
 
 import itertools
 import re
@@ -16,8 +18,9 @@ from conftest import VENV_BIN, cli_env
 from fmnist_mlflow import schema
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"subset": "300", "epochs": "1"}  # what makes a README command a test; nothing else is changed
+TINY = {"subset": "300", "epochs": "1"}  # what makes a README command a test; nothing else is changed...
 ENTRY_POINTS_WITH_DATA = ("main", "sweep", "train", "search")  # register reads runs, it trains nothing
+ENTRY_POINTS_WITH_WORKERS = ("main", "sweep", "search")  # ... but -P jobs=1 for these
 
 
 def readme_commands() -> list:
@@ -37,9 +40,10 @@ def tiny(command: str) -> list:
     args = shlex.split(command)
     entry = args[args.index("-e") + 1] if "-e" in args else "main"
     if entry in ENTRY_POINTS_WITH_DATA:
+        tiny = {**TINY, **({"jobs": "1"} if entry in ENTRY_POINTS_WITH_WORKERS else {})}
         args = [a for i, a in enumerate(args)
-                if not (a.split("=")[0] in TINY and args[i - 1] == "-P") and not (a == "-P" and args[i + 1].split("=")[0] in TINY)]
-        for key, value in TINY.items():
+                if not (a.split("=")[0] in tiny and args[i - 1] == "-P") and not (a == "-P" and args[i + 1].split("=")[0] in tiny)]
+        for key, value in tiny.items():
             args += ["-P", f"{key}={value}"]
     return [f"{VENV_BIN}/mlflow", *args[1:]]
 

@@ -7,7 +7,9 @@ confirm) and a third (register, predict). What is changed, and only that: the se
 free port; the other machines keep the README's `http://tracking-host:5000` and reach the server through
 `HTTP_PROXY` (a forwarding proxy on 127.0.0.1 that sends each request on unchanged), so that every request
 arrives with the README's `Host: tracking-host:5000` (the name `--allowed-hosts` lets in); the databases are the test's PostgreSQL server, the artifact folder is a temp
-folder, and the `fmnist` lines get tiny sizes appended.
+folder, and the `fmnist` lines get tiny sizes appended, with `--jobs 1` (on the test's two cores, two worker
+processes per command on each of two machines only add their start-up, 140 s against 96 alone; a
+command's own workers on a shared server and PostgreSQL are tested in tests/test_workers.py).
 """
 
 import http.client
@@ -59,9 +61,9 @@ def adapt(line: str, port: int, pg_port: int, artifacts: Path) -> str:
 def tiny(line: str, grid: Path, space: Path) -> str:
     """The README's `fmnist` line at a test's size."""
     if line.startswith("fmnist sweep"):
-        return f"{line} --grid {grid} --subset 300 --epochs 1 --threads 1"
+        return f"{line} --grid {grid} --subset 300 --epochs 1 --threads 1 --jobs 1"
     if line.startswith("fmnist search"):
-        return f"{line.replace('--trials 20', '--trials 2')} --space {space} --subset 300 --epochs 1 --threads 1 --pruner none"
+        return f"{line.replace('--trials 20', '--trials 2')} --space {space} --subset 300 --epochs 1 --threads 1 --pruner none --jobs 1"
     return line
 
 
