@@ -88,9 +88,10 @@ def wait_until_made(path: Path, quiet_s: float = QUIET_S, empty_quiet_s: float =
     while not made(path):
         now = time.monotonic()
         state = _state(path)
+        empty = state[0] is None or state[0][0] == 0  # (size 0, or gone again)
         if state != last:
             last, still_since = state, now
-        elif now - still_since >= (empty_quiet_s if not state[0] or not state[0][0] else quiet_s):
+        elif now - still_since >= (empty_quiet_s if empty else quiet_s):
             return False
         if now - started > timeout_s:
             raise TimeoutError(f"another process has been writing the MLflow store {path} for {timeout_s:.0f} s "
@@ -113,4 +114,3 @@ def _state(path: Path) -> tuple:
             return None
 
     return stat(path), *(stat(_beside(path, suffix)) for suffix in JOURNALS)
-
