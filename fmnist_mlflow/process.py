@@ -81,6 +81,27 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def interrupts_held():
+    """Ctrl-C and SIGTERM held for the block (a worker process being started: its start-up data written to
+    it), then raised as KeyboardInterrupt once it is through, so that nothing is left half-started. Outside
+    the main thread (where no handler can be set) the block runs as it is."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    held = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+    if any(held[sig] is not signal.SIG_IGN for sig in caught):
+        raise KeyboardInterrupt(f"signal {caught[0]}")
+
+
 def exit_now(code: int) -> None:
     """Exit after an interrupt without the interpreter's teardown: torch, MLflow and SQLAlchemy take seconds
     to tear down (5 s per process on a loaded 2-core machine, so a SIGTERM to a sweep of 2 workers took

@@ -9,7 +9,6 @@ KILLED (`process`). On a host with several GPUs each worker is pinned to one: it
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 from typing import Callable
 
@@ -56,7 +55,7 @@ def run_workers(target: Callable, arg_lists: list, tracking_uri: str, threads: i
         for i, proc in enumerate(procs):
             # a spawned process starts with this environment: its GPU is all CUDA shows it, from its first import
             with process.variables({"CUDA_VISIBLE_DEVICES": gpus[i], process.ENV_GPU: gpus[i]} if gpus else {}):
-                with _interrupts_held():
+                with process.interrupts_held():
                     proc.start()
         for proc in procs:
             proc.join()
@@ -71,27 +70,6 @@ def run_workers(target: Callable, arg_lists: list, tracking_uri: str, threads: i
             proc.join()
         raise
     return [proc.exitcode for proc in procs]
-
-
-@contextlib.contextmanager
-def _interrupts_held():
-    """Ctrl-C and SIGTERM held while a worker is being started (its start-up data written to it), then
-    raised as KeyboardInterrupt once it has: so that it is never left half-started."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    held = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in held.items():
-            signal.signal(sig, handler)
-    if any(held[sig] is not signal.SIG_IGN for sig in caught):
-        raise KeyboardInterrupt
 
 
 class Budget:

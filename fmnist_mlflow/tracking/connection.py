@@ -17,6 +17,7 @@ from typing import Optional
 from urllib.parse import urlparse
 
 import mlflow
+import sqlalchemy
 
 from ..errors import FULL_DISK_ADVICE, FmnistError
 from ..retry import on_race
@@ -50,8 +51,6 @@ def check_reachable(uri: Optional[str] = None, timeout: float = REACH_TIMEOUT_S)
         _check_database(uri)
         open_store(uri)
     elif scheme == "sqlite":
-        import sqlalchemy
-
         path = sqlalchemy.engine.make_url(uri).database or ""  # (without a query such as ?timeout=30)
         in_memory = path in ("", ":memory:") or path.startswith("file:")
         folder = Path(path).parent if not in_memory else Path(".")
@@ -156,19 +155,17 @@ def open_store(uri: str, sqlite_file: Optional[Path] = None) -> None:
         client.search_registered_models(max_results=1)  # the registry's, in the same database
 
     def beside(private: Path) -> str:  # the URI of a private file beside the store, with the URI's query
-        import sqlalchemy
-
         return sqlalchemy.engine.make_url(uri).set(database=str(private)).render_as_string(hide_password=False)
 
     with _file_lock(sqlite_file.resolve()) if sqlite_file is not None else contextlib.nullcontext():
         if sqlite_file is not None:
             if not sqlite_file.exists() and fresh_sqlite.make_aside(sqlite_file, beside, create):
                 return
-            try:
-                if sqlite_file.exists():  # (absent still: no hard links here, or an old journal; made in place)
+            if sqlite_file.exists():  # (absent still: no hard links here, or an old journal: made in place)
+                try:
                     fresh_sqlite.wait_until_made(sqlite_file)
-            except TimeoutError as exc:
-                raise TrackingError(f"tracking store {uri}: {exc}; run the command again when it has finished") from None
+                except TimeoutError as exc:
+                    raise TrackingError(f"tracking store {uri}: {exc}; run the command again when it has finished") from None
         on_race(lambda: create(uri))
 
 
@@ -185,8 +182,6 @@ def _file_lock(db_path: Path):
 
 def _check_database(uri: str) -> None:
     """A database tracking URI: connect once with a short timeout."""
-    import sqlalchemy
-
     try:
         engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 5})
         with engine.connect():
