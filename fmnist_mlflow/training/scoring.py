@@ -16,9 +16,10 @@ from .data import CLASS_NAMES, Split
 from .train import EVAL_BATCH, NUM_CLASSES, loss_fn
 
 
-
 def predict_logits(predict: Callable, x: torch.Tensor) -> torch.Tensor:
-    chunks = [torch.as_tensor(np.asarray(predict(x[i : i + EVAL_BATCH].numpy()))) for i in range(0, len(x), EVAL_BATCH)]
+    # torch.tensor copies: a loaded pyfunc can return a read-only array, which torch.as_tensor would share
+    # (with a UserWarning in the command's output)
+    chunks = [torch.tensor(np.asarray(predict(x[i : i + EVAL_BATCH].numpy()))) for i in range(0, len(x), EVAL_BATCH)]
     return torch.cat(chunks).float()
 
 
