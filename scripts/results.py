@@ -16,6 +16,10 @@ time a user waits for the README's search commands).
 A search run in a store of its own (no grid in it): `--grid-from <an earlier results.json>` takes the grid
 champion and the report's pick from that file, as measured there (its `source` kept under
 `source.grid_from`), and keeps that file's search champion as `previous_search_champion`.
+
+The same search commands timed again (another draw of the sampler, from another empty store):
+`--earlier-timed <the results.json of the earlier draw>` keeps that draw's champion, how its study ended and
+its comparison under `earlier_timed_searches` (a list, oldest first), beside this draw's figures.
 """
 
 from __future__ import annotations
@@ -57,10 +61,15 @@ def group_runs(parent_id: str, params: dict = {}, **tags) -> list:
             and all(r.data.params.get(k) == v for k, v in params.items())]
 
 
-def describe(runs: list, test) -> dict:
-    runs = sorted(runs, key=lambda r: int(r.data.params["seed"]))
+def on_test(runs: list, test) -> dict:
+    """Test accuracy over the seed runs (sorted by seed): each evaluated once, as `fmnist register` does."""
     tests = [registry.evaluate_once(r, test)["test_accuracy"] for r in runs]
     acc = stats.estimate(tests)
+    return {"mean": acc.mean, "std": acc.std, "ci95": list(acc.ci95) if acc.ci95 else None, "per_seed": tests}
+
+
+def describe(runs: list, test) -> dict:
+    runs = sorted(runs, key=lambda r: int(r.data.params["seed"]))
     val = stats.estimate([r.data.metrics["val_accuracy"] for r in runs])
     params = runs[0].data.params
     return {
@@ -68,17 +77,34 @@ def describe(runs: list, test) -> dict:
         "name": runs[0].data.tags.get(schema.TAG_CONFIG_NAME),
         "seeds": [int(r.data.params["seed"]) for r in runs],
         "run_ids": [r.info.run_id for r in runs],
-        "test_accuracy": {"mean": acc.mean, "std": acc.std, "ci95": list(acc.ci95) if acc.ci95 else None,
-                          "per_seed": tests},
+        "test_accuracy": on_test(runs, test),
         "val_accuracy": {"mean": val.mean, "std": val.std, "ci95": list(val.ci95) if val.ci95 else None},
         # the logged model as served (with its mirror when tta), one CPU thread: see `scoring.inference_cost`
         "cost": scoring.inference_cost(logged_models.network(logged_models.model_uri(runs[0].info.run_id))),
     }
 
 
-def search_study(parent) -> dict:
-    """How the search ended: trials by state, why it stopped, the confirm's contenders and marks, and the
-    minutes from its parent's start to the registered champion (the alias holder of fmnist-cnn)."""
+def contenders_on_test(parent, test) -> dict:
+    """Test accuracy over seeds of every confirm contender that got every seed, by config group: reported
+    beside the confirm's validation marks, after the selection (which saw validation only), to show whether
+    the contenders that validation cannot tell apart differ on test."""
+    tags = parent.data.tags
+    runs = [r for r in queries.child_runs(parent.info.run_id) if r.info.status == "FINISHED"
+            and r.data.tags.get(schema.TAG_KIND) == schema.KIND_CONFIRM
+            and r.data.tags.get(schema.TAG_CONFIRM_STUDY) == tags.get(schema.TAG_CONFIRM_STUDY)]
+    seeds = set(tags.get(schema.TAG_CONFIRM_SEEDS, "").split(","))
+    out = {}
+    for group in sorted({registry.group_of(r) for r in runs}):
+        mine = sorted((r for r in runs if registry.group_of(r) == group), key=lambda r: int(r.data.params["seed"]))
+        if {r.data.params["seed"] for r in mine} >= seeds:
+            out[group] = on_test(mine, test)
+    return out
+
+
+def search_study(parent, test) -> dict:
+    """How the search ended: trials by state, why it stopped, the confirm's contenders and marks (with their
+    test accuracy, where they got every seed), and the minutes from its parent's start to the registered
+    champion (the alias holder of fmnist-cnn)."""
     import csv
     import io
 
@@ -91,13 +117,15 @@ def search_study(parent) -> dict:
                                                                    schema.TAG_KIND: schema.KIND_EVALUATION})
                    for run_id in version.tags.get(schema.VERSION_SEED_RUNS, "").split(",") if run_id]
     ended = max([version.last_updated_timestamp] + [r.info.end_time or 0 for found in evaluations for r in found])
+    tested = contenders_on_test(parent, test)  # after `ended`: these evaluations are not part of a user's wait
     return {
         "trials": int(tags.get(schema.TAG_TRIALS, 0)), "trial_states": states,
         "stopped_because": tags.get(schema.TAG_STOPPED, ""),
         "confirm_seeds": tags.get(schema.TAG_CONFIRM_SEEDS, ""),
         "confirm": [{"group": r["group"], "rank": r["rank"], "n_seeds": int(r["n_seeds"]), "status": r["status"],
                      "val_accuracy_mean": float(r["val_accuracy_mean"]) if r["val_accuracy_mean"] else None,
-                     "p_vs_best": float(r["p_vs_best"]) if r["p_vs_best"] else None, "same_as_best": r["same_as_best"]}
+                     "p_vs_best": float(r["p_vs_best"]) if r["p_vs_best"] else None, "same_as_best": r["same_as_best"],
+                     **({"test_accuracy": tested[r["group"]]} if r["group"] in tested else {})}
                     for r in rows],
         "registered_version": version.version,
         "time_to_champion_min": (ended - parent.info.start_time) / 60000,
@@ -110,6 +138,7 @@ def main() -> None:
     parser.add_argument("--sweep-parent")
     parser.add_argument("--search-parent")
     parser.add_argument("--grid-from", help="an earlier results.json: its grid figures, for a store without a grid")
+    parser.add_argument("--earlier-timed", help="the results.json of an earlier draw of the same timed search commands")
     args = parser.parse_args()
     torch.set_num_threads(1)  # inference times per image on one core, comparable between machines' cores
     search_parent = args.search_parent or newest(schema.KIND_SEARCH, schema.TAG_CONFIRM_STUDY)
@@ -144,11 +173,18 @@ def main() -> None:
             "test_accuracy_gain_points": 100 * (search["mean"] - previous["mean"]),
             "welch_p": stats.welch_p(search["per_seed"], previous["per_seed"]),
         }
-    out["search_study"] = search_study(parent)
+    out["search_study"] = search_study(parent, test)
     out["source"] = {"sweep_parent_run_id": sweep_parent, "search_parent_run_id": search_parent,
-                     "commit": records.git_commit(), "test_images": len(test)}
+                     "commit": records.git_commit(), "test_images": len(test),
+                     "search_commit": parent.data.tags.get("mlflow.source.git.commit")}  # the code the search ran
     if args.grid_from:
         out["source"]["grid_from"] = earlier["source"]
+    if args.earlier_timed:
+        with open(args.earlier_timed) as fh:
+            draw = json.load(fh)
+        out["earlier_timed_searches"] = draw.get("earlier_timed_searches", []) + [{
+            key: draw[key] for key in ("search_champion", "search_study", "search_vs_previous_search") if key in draw}
+            | {"source": {k: v for k, v in draw["source"].items() if k in ("search_parent_run_id", "commit", "search_commit")}}]
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=2)
         fh.write("\n")
