@@ -62,7 +62,7 @@ def group_runs(parent_id: str, params: dict = {}, **tags) -> list:
 
 
 def on_test(runs: list, test) -> dict:
-    """Test accuracy over the seed runs (sorted by seed): each evaluated once, as `fmnist register` does."""
+    """Test accuracy over the seed runs, in their order: each evaluated once, as `fmnist register` does."""
     tests = [registry.evaluate_once(r, test)["test_accuracy"] for r in runs]
     acc = stats.estimate(tests)
     return {"mean": acc.mean, "std": acc.std, "ci95": list(acc.ci95) if acc.ci95 else None, "per_seed": tests}
@@ -92,11 +92,12 @@ def contenders_on_test(parent, test) -> dict:
     runs = [r for r in queries.child_runs(parent.info.run_id) if r.info.status == "FINISHED"
             and r.data.tags.get(schema.TAG_KIND) == schema.KIND_CONFIRM
             and r.data.tags.get(schema.TAG_CONFIRM_STUDY) == tags.get(schema.TAG_CONFIRM_STUDY)]
-    seeds = set(tags.get(schema.TAG_CONFIRM_SEEDS, "").split(","))
+    seeds = sorted(tags.get(schema.TAG_CONFIRM_SEEDS, "").split(","), key=int)
     out = {}
     for group in sorted({registry.group_of(r) for r in runs}):
-        mine = sorted((r for r in runs if registry.group_of(r) == group), key=lambda r: int(r.data.params["seed"]))
-        if {r.data.params["seed"] for r in mine} >= seeds:
+        mine = sorted((r for r in runs if registry.group_of(r) == group and r.data.params["seed"] in seeds),
+                      key=lambda r: int(r.data.params["seed"]))
+        if [r.data.params["seed"] for r in mine] == seeds:  # one finished run per confirm seed
             out[group] = on_test(mine, test)
     return out
 
@@ -117,7 +118,8 @@ def search_study(parent, test) -> dict:
                                                                    schema.TAG_KIND: schema.KIND_EVALUATION})
                    for run_id in version.tags.get(schema.VERSION_SEED_RUNS, "").split(",") if run_id]
     ended = max([version.last_updated_timestamp] + [r.info.end_time or 0 for found in evaluations for r in found])
-    tested = contenders_on_test(parent, test)  # after `ended`: these evaluations are not part of a user's wait
+    # `ended` counts the champion's evaluations only: the contenders' below are not part of a user's wait
+    tested = contenders_on_test(parent, test)
     return {
         "trials": int(tags.get(schema.TAG_TRIALS, 0)), "trial_states": states,
         "stopped_because": tags.get(schema.TAG_STOPPED, ""),
@@ -182,6 +184,8 @@ def main() -> None:
     if args.earlier_timed:
         with open(args.earlier_timed) as fh:
             draw = json.load(fh)
+        if draw["source"]["search_parent_run_id"] == search_parent:
+            sys.exit(f"--earlier-timed {args.earlier_timed}: that file is this search's ({search_parent}), not an earlier draw's")
         out["earlier_timed_searches"] = draw.get("earlier_timed_searches", []) + [{
             key: draw[key] for key in ("search_champion", "search_study", "search_vs_previous_search") if key in draw}
             | {"source": {k: v for k, v in draw["source"].items() if k in ("search_parent_run_id", "commit", "search_commit")}}]
