@@ -1,4 +1,5 @@
-"""`fmnist bench`: our trainer against the classic loop, fp32 against bf16, tracking overhead, `--jobs` scaling.
+"""`fmnist bench`: our trainer against the classic loop, fp32 against bf16, tracking overhead, `--jobs` scaling,
+and the served network's weight layout.
 
 Every comparison runs its contenders side by side in one process, alternating which goes first in each
 round, so that machine drift hits both; ratios are medians over rounds. The classic loop is the one the
@@ -36,11 +37,12 @@ class BenchPlan:
     tracked_subset: int = 0  # training images of the tracked-vs-untracked runs (0: all 50,000)
     monitor_seconds: float = 20.0  # length of each idle run of the system-metrics CPU comparison
     grid_points: int = 0  # configs of the report's grid in the --jobs comparison (0: all 18)
+    serve_images: int = 512  # test images per timed call of the served network in the serving comparison
 
 
 QUICK = BenchPlan(rounds=3, images={"model1": 10_000, "model3": 4_000}, tracked_epochs=2, grid_subset=2_000, jobs=2)
 FULL = BenchPlan(rounds=5, images={"model1": 50_000, "model3": 20_000}, tracked_epochs=10, grid_subset=10_000, jobs=2,
-                 monitor_seconds=60.0)
+                 monitor_seconds=60.0, serve_images=2048)
 
 
 def machine() -> str:
@@ -285,6 +287,31 @@ def grid_jobs(plan: BenchPlan, device: str, report) -> dict:
     return {"jobs_1_s": one, f"jobs_{plan.jobs}_s": many, "jobs_speedup": one / many, "jobs": plan.jobs}
 
 
+def serving(plan: BenchPlan, report) -> dict:
+    """The served network on the CPU (model3 1.5x wide with flip TTA, as the `torch.export` program a logged
+    model holds, fp32, untrained weights: the cost does not depend on them), one call on `serve_images` test
+    images: its weights as exported (NCHW) against channels_last, as `served_classifier` loads them."""
+    import copy
+
+    x = data_mod.load_test().x[: plan.serve_images].float()
+    net = models.FlipTTA(models.build("model3", 0.3, 1.5)).eval()
+    exported = [torch.export.export(copy.deepcopy(net), (x[:8],), dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
+                for _ in range(2)]
+    nchw, channels_last = exported[0], exported[1].to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        nchw(x[:64]), channels_last(x[:64])  # untimed: kernels and caches warm up
+        res = alternate(plan.rounds, {"nchw": lambda: _timed(lambda: nchw(x)),
+                                      "channels_last": lambda: _timed(lambda: channels_last(x))})
+    nchw_s, cl_s = statistics.median(res["nchw"]), statistics.median(res["channels_last"])
+    out = {"images": len(x), "nchw_ms_per_image": 1000 * nchw_s / len(x),
+           "channels_last_ms_per_image": 1000 * cl_s / len(x),
+           "speedup": statistics.median(n / c for n, c in zip(res["nchw"], res["channels_last"]))}
+    report(f"serving model3 1.5x + flip TTA on the CPU ({len(x)} images a call): NCHW weights "
+           f"{out['nchw_ms_per_image']:.2f} ms/image, channels_last {out['channels_last_ms_per_image']:.2f} ms/image, "
+           f"speedup {out['speedup']:.2f}x")
+    return out
+
+
 def _timed(fn) -> float:
     started = time.perf_counter()
     fn()
@@ -298,6 +325,7 @@ def run(plan: BenchPlan, device: str, report=print) -> dict:
     overhead = tracking_overhead(plan, device, report)
     monitor = system_metrics_cpu(plan, report)
     jobs = grid_jobs(plan, device, report)
+    serve = serving(plan, report)
     return {
         "speedup": speed["model1"]["speedup"], "speedup_model3": speed["model3"]["speedup"],
         "default_precision": prec["default_precision"],
@@ -305,8 +333,9 @@ def run(plan: BenchPlan, device: str, report=print) -> dict:
         "ours_vs_floor_model3": prec["model3"]["ours_vs_floor"],
         "tracking_overhead": overhead["overhead"], "system_metrics_overhead": overhead["system_metrics_overhead"],
         "system_metrics_core_share": monitor["core_share"],
-        "jobs_speedup": jobs["jobs_speedup"],
+        "jobs_speedup": jobs["jobs_speedup"], "serving_channels_last_speedup": serve["speedup"],
         "throughput": speed, "precision": prec, "tracking": overhead, "system_metrics": monitor, "grid": jobs,
+        "serving": serve,
         "machine": machine(),
         "device": device, "plan": "quick" if plan == QUICK else "full" if plan == FULL else "custom",
     }  # fmt: skip

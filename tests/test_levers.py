@@ -74,12 +74,14 @@ def test_model3_width_scales_its_convs_and_keeps_the_family():
 LOAD_ELSEWHERE = """
 import sys
 sys.modules["fmnist_mlflow"] = None  # the training package must not be needed
-import json, mlflow, numpy as np
+import json, mlflow, numpy as np, torch
 model = mlflow.pyfunc.load_model(sys.argv[1])
 x = np.load(sys.argv[2]).astype(np.float32) / 255
 logits = {"output": "logits"}
+convs = [p for p in model.unwrap_python_model().program.parameters() if p.dim() == 4]
 print(json.dumps({"logits": model.predict(x, params=logits).values.tolist(),
-                  "mirrored": model.predict(x[..., ::-1].copy(), params=logits).values.tolist()}))
+                  "mirrored": model.predict(x[..., ::-1].copy(), params=logits).values.tolist(),
+                  "channels_last": bool(convs) and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)}))
 """
 
 
@@ -100,6 +102,7 @@ def test_a_wide_model3_with_ema_and_tta_trains_logs_and_serves_the_averaged_mirr
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     logits, mirrored = np.array(out["logits"]), np.array(out["mirrored"])
+    assert out["channels_last"]  # the served convolutions run in the CPU's fast layout (`fmnist bench`: serving)
     untracked = train.fit(config, tiny_data)  # the same run without MLflow: same seed, same steps
     with torch.inference_mode():
         served = result.model(x).numpy()

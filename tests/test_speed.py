@@ -191,7 +191,7 @@ def test_bench_quick_through_the_cli_measures_every_comparison_side_by_side(stor
     fake_cpu(monkeypatch, "avx512_bf16")
     monkeypatch.setattr(bench, "QUICK", bench.BenchPlan(
         rounds=1, images={"model1": 256, "model3": 128}, tracked_epochs=1, grid_subset=100, jobs=2, tracked_subset=300,
-        monitor_seconds=0.5, grid_points=2))
+        monitor_seconds=0.5, grid_points=2, serve_images=64))
     result = CliRunner().invoke(cli.main, ["bench", "--quick", "--device", "cpu"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
@@ -209,6 +209,9 @@ def test_bench_quick_through_the_cli_measures_every_comparison_side_by_side(stor
     grid = out["grid"]
     assert out["jobs_speedup"] == pytest.approx(grid["jobs_1_s"] / grid["jobs_2_s"]) and grid["jobs"] == 2
     assert 0 <= out["system_metrics"]["cpu_seconds_on"] and out["system_metrics"]["seconds"] == 0.5
+    serve = out["serving"]
+    assert serve["images"] == 64 and out["serving_channels_last_speedup"] == pytest.approx(
+        serve["nchw_ms_per_image"] / serve["channels_last_ms_per_image"])  # one round
     assert any(line.startswith("model1 (fp32 both): classic") for line in lines)
     assert any(line.startswith("grid (2 configs, 1 epoch, 100 images): --jobs 1") for line in lines)
     assert mlflow.get_tracking_uri() == store  # the bench's temp stores did not leak
