@@ -69,10 +69,15 @@ def log_config(config, data) -> dict:
                      TAG_CONFIG_NAME: config.run_name, **environment_tags(config.device)})
     for context, split in (("training", data.train), ("validation", data.val)):
         dataset = _dataset(split, data.source, f"fashion-mnist-{context}", split_digest(context, data.subset))
-        # Runs that start together race to create the same dataset record: the loser links the winner's.
-        on_race(lambda: mlflow.log_input(dataset, context=context), attempts=3, wait_s=0.2)
+        _log_input(dataset, context)
         datasets[context] = dataset
     return datasets
+
+
+def _log_input(dataset, context: str, model=None) -> None:
+    """The dataset as an input of the active run. Runs that log the same dataset at one moment (workers
+    starting together, two `fmnist register`) race to create its record: the loser links the winner's."""
+    on_race(lambda: mlflow.log_input(dataset, context=context, model=model), attempts=3, wait_s=0.2)
 
 
 def _dataset(split, source: str, name: str, digest: str):
@@ -145,6 +150,6 @@ def log_evaluation(model_id: Optional[str], test, source: str, metrics: dict, te
     from mlflow.entities import LoggedModelInput
 
     dataset = _dataset(test, source, "fashion-mnist-test", split_digest("test", 0))
-    mlflow.log_input(dataset, context="testing", model=LoggedModelInput(model_id) if model_id else None)
+    _log_input(dataset, "testing", LoggedModelInput(model_id) if model_id else None)
     mlflow.log_metrics(metrics, model_id=model_id, dataset=dataset)
     log_report(texts=texts, figures=figures)
