@@ -291,13 +291,11 @@ def serving(plan: BenchPlan, report) -> dict:
     """The served network on the CPU (model3 1.5x wide with flip TTA, as the `torch.export` program a logged
     model holds, fp32, untrained weights: the cost does not depend on them), one call on `serve_images` test
     images: its weights as exported (NCHW) against channels_last, as `served_classifier` loads them."""
-    import copy
+    from .tracking.logged_models import export  # what `log_model` saves (each call exports a copy)
 
     x = data_mod.load_test().x[: plan.serve_images].float()
-    net = models.FlipTTA(models.build("model3", 0.3, 1.5)).eval()
-    exported = [torch.export.export(copy.deepcopy(net), (x[:8],), dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
-                for _ in range(2)]
-    nchw, channels_last = exported[0], exported[1].to(memory_format=torch.channels_last)
+    net = models.FlipTTA(models.build("model3", 0.3, 1.5))
+    nchw, channels_last = export(net).module(), export(net).module().to(memory_format=torch.channels_last)
     with torch.inference_mode():
         nchw(x[:64]), channels_last(x[:64])  # untimed: kernels and caches warm up
         res = alternate(plan.rounds, {"nchw": lambda: _timed(lambda: nchw(x)),

@@ -88,11 +88,8 @@ def contenders_on_test(parent, test) -> dict:
     """Test accuracy over seeds of every confirm contender that got every seed, by config group: reported
     beside the confirm's validation marks, after the selection (which saw validation only), to show whether
     the contenders that validation cannot tell apart differ on test."""
-    tags = parent.data.tags
-    runs = [r for r in queries.child_runs(parent.info.run_id) if r.info.status == "FINISHED"
-            and r.data.tags.get(schema.TAG_KIND) == schema.KIND_CONFIRM
-            and r.data.tags.get(schema.TAG_CONFIRM_STUDY) == tags.get(schema.TAG_CONFIRM_STUDY)]
-    seeds = sorted(tags.get(schema.TAG_CONFIRM_SEEDS, "").split(","), key=int)
+    runs = registry.confirm_runs(parent)
+    seeds = sorted(parent.data.tags.get(schema.TAG_CONFIRM_SEEDS, "").split(","), key=int)
     out = {}
     for group in sorted({registry.group_of(r) for r in runs}):
         mine = sorted((r for r in runs if registry.group_of(r) == group and r.data.params["seed"] in seeds),

@@ -181,6 +181,13 @@ def choose(runs: list, select: str) -> Selection:
                      f"the best seed mean of {select} among {len(groups)} comparable config(s)")
 
 
+def confirm_runs(parent: Run) -> list:
+    """The FINISHED runs of the newest confirm of a search (`parent`): every contender's seed runs."""
+    study = parent.data.tags.get(TAG_CONFIRM_STUDY)
+    return [r for r in child_runs(parent.info.run_id) if r.info.status == "FINISHED"
+            and r.data.tags.get(TAG_KIND) == KIND_CONFIRM and r.data.tags.get(TAG_CONFIRM_STUDY) == study]
+
+
 def confirmed(parent: Run, select: str) -> Optional[Selection]:
     """The champion a search's confirm named (`studies.confirm`), as its seed runs, or None when `parent` holds
     no finished confirm. The statistics are the confirm's: its seeds, its ranking."""
@@ -188,8 +195,7 @@ def confirmed(parent: Run, select: str) -> Optional[Selection]:
     group, study = tags.get(TAG_CHAMPION_GROUP), tags.get(TAG_CONFIRM_STUDY)
     if not group or not study or select != run_params(parent).get("metric", "val_accuracy"):
         return None  # no finished confirm, or one that ranked on another metric: compare the runs by `select`
-    runs = [r for r in child_runs(parent.info.run_id) if r.info.status == "FINISHED"
-            and r.data.tags.get(TAG_KIND) == KIND_CONFIRM and r.data.tags.get(TAG_CONFIRM_STUDY) == study]
+    runs = confirm_runs(parent)
     chosen = [r for r in runs if group_of(r) == group and _finite(r, select)]
     if not chosen:
         raise RegistryError(f"search run {parent.info.run_id} names a champion (config {group}) whose confirm runs "
